@@ -1,0 +1,29 @@
+"""Fold per-channel affine corrections back into the conv/linear layer before them.
+
+In: a state dict, the ``weight``/``bias`` keys of a layer and an eval-mode BatchNorm that
+acts on its output channels. Out: the state dict with that layer's weight rows scaled and
+bias shifted, so the model keeps the endpoints' architecture and keys. The arithmetic is
+torch's own (``torch.nn.utils.fusion``); our correctors always normalise over the layer's
+output-channel axis, so the Linear-on-(N, L, C) trap of those helpers does not arise.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
+
+
+def fold_batchnorm(
+    state_dict: dict[str, torch.Tensor], weight_key: str, bias_key: str, norm: _BatchNorm
+) -> None:
+    """Replace ``state_dict[weight_key]``/``[bias_key]`` by the layer fused with ``norm``."""
+    weight, bias = state_dict[weight_key], state_dict[bias_key]
+    args = (norm.running_mean, norm.running_var, norm.eps, norm.weight, norm.bias)
+    with torch.no_grad():
+        if weight.dim() > 2:
+            fused_w, fused_b = fuse_conv_bn_weights(weight, bias, *args)
+        else:
+            fused_w, fused_b = fuse_linear_bn_weights(weight, bias, *args)
+    state_dict[weight_key] = fused_w.detach().to(weight.dtype)
+    state_dict[bias_key] = fused_b.detach().to(bias.dtype)

@@ -1,0 +1,185 @@
+"""``merge``: the stages wired together, for ``nn.Module`` endpoints and iterables of batches.
+
+load (caller) -> discover spec -> collect statistics -> match -> permute (checked) ->
+interpolate -> repair -> fuse -> evaluate. Each stage is a function of its own module;
+this one only passes their plain outputs along and times them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .discovery import discover_spec
+from .evaluate import barriers_of, curve, evaluate, variance_ratios
+from .interpolate import interpolate
+from .matching import match_permutations, matching_sites, mean_matched_correlation
+from .repair import METHODS, correction_sites, repair
+from .spec import PermutationSpec, check_function_preserved, permute_state_dict, with_state_dict
+from .statistics import collect_moments, collect_statistics, iter_inputs
+
+CURVES = ("naive", "aligned", "repaired")
+
+
+class MergeError(ValueError):
+    """Endpoints or inputs that cannot be merged; the message names the problem."""
+
+
+@dataclass
+class MergeResult:
+    """Every number a merge measured; ``to_dict`` is what ``merge_results.json`` holds."""
+
+    alpha: float
+    method: str
+    match_at: str
+    calibration_examples: int
+    groups: dict[str, int]
+    permuted_max_abs_diff: float
+    matched_correlation: dict[str, float]
+    unaligned_correlation: dict[str, float]
+    merged: dict[str, dict] = field(default_factory=dict)
+    endpoints: dict[str, dict] = field(default_factory=dict)
+    alphas: list[float] = field(default_factory=list)
+    curves: dict[str, dict] = field(default_factory=dict)
+    barriers: dict[str, dict] = field(default_factory=dict)
+    variance_ratio: dict[str, dict] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_endpoints(model_a: nn.Module, model_b: nn.Module) -> None:
+    """Same architecture, same state_dict keys and shapes, finite weights."""
+    if type(model_a) is not type(model_b):
+        raise MergeError(f"endpoints have different architectures: {type(model_a).__name__} vs {type(model_b).__name__}")
+    state_a, state_b = model_a.state_dict(), model_b.state_dict()
+    if state_a.keys() != state_b.keys():
+        only = sorted(set(state_a) ^ set(state_b))
+        raise MergeError(f"endpoints have different parameters (e.g. {only[0]!r})")
+    for key, value in state_a.items():
+        if value.shape != state_b[key].shape:
+            raise MergeError(f"endpoints differ in shape at {key}: {tuple(value.shape)} vs {tuple(state_b[key].shape)}")
+    for name, state in (("A", state_a), ("B", state_b)):
+        for key, value in state.items():
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise MergeError(f"endpoint {name} has non-finite values in {key}")
+
+
+@contextmanager
+def _timed(seconds: dict, stage: str):
+    start = time.perf_counter()
+    yield
+    seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
+def merge(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    calibration: Iterable,
+    evaluation: dict[str, Iterable] | None = None,
+    *,
+    alpha: float = 0.5,
+    method: str = "repair",
+    match_at: str = "activation",
+    spec: PermutationSpec | None = None,
+    num_samples: int | None = None,
+    grid: int = 11,
+    eval_samples: int | None = None,
+) -> tuple[nn.Module, MergeResult]:
+    """Align ``model_b`` to ``model_a``, interpolate at ``alpha``, REPAIR and fuse.
+
+    ``calibration`` yields input tensors or ``(inputs, labels)`` batches and must be
+    re-iterable (a list or a DataLoader); ``num_samples`` caps the examples used.
+    ``evaluation`` maps names (e.g. ``"test"``, ``"train"``) to labelled batches; when given,
+    the naive / aligned / repaired curves over ``grid`` alphas and their barriers are
+    measured. Returns the merged model (A's class, fused weights) and a :class:`MergeResult`.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise MergeError(f"alpha must be in [0, 1], got {alpha}")
+    if method not in METHODS:
+        raise MergeError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
+    check_endpoints(model_a, model_b)
+    model_a.eval()
+    model_b.eval()
+    seconds: dict[str, float] = {}
+    example = next(iter_inputs(calibration, 8, "example"))
+    example = example.to(next(model_a.parameters()).device)
+
+    with _timed(seconds, "discover"):
+        spec = spec or discover_spec(model_a, example)
+    # Matching needs C x C cross-products at its sites; REPAIR needs moments at the layers
+    # it corrects (and the matched cross-covariance there for the closed form).
+    match_modules = {m for g in spec.groups for m in matching_sites(spec, g, match_at)}
+    repair_modules = {s.module for s in correction_sites(spec)} if method in ("repair", "closed-form") else set()
+    cross_modules = match_modules | (repair_modules if method == "closed-form" else set())
+    sites = [s for s in spec.sites if s.module in match_modules | repair_modules]
+    with _timed(seconds, "statistics"):
+        stats = collect_statistics(model_a, model_b, sites, calibration, num_samples, cross_modules)
+    with _timed(seconds, "match"):
+        perms = match_permutations(spec, stats, match_at)
+    with _timed(seconds, "permute"):
+        state_a, state_b = model_a.state_dict(), model_b.state_dict()
+        state_b_aligned = permute_state_dict(state_b, spec, perms)
+        permuted_diff = check_function_preserved(model_b, state_b_aligned, example)
+
+    def build(alpha_: float, aligned: bool = True, method_: str = method) -> dict:
+        target = state_b_aligned if aligned else state_b
+        return repair(model_a, interpolate(state_a, target, alpha_), spec, stats, perms, alpha_,
+                      method_, calibration, num_samples)
+
+    with _timed(seconds, "interpolate+repair"):
+        merged_state = build(alpha)
+    merged = with_state_dict(model_a, merged_state).eval()
+    identity = {name: torch.arange(g.size) for name, g in spec.groups.items()}
+    result = MergeResult(
+        alpha=alpha, method=method, match_at=match_at, calibration_examples=stats.examples,
+        groups={name: g.size for name, g in spec.groups.items()},
+        permuted_max_abs_diff=permuted_diff,
+        matched_correlation=mean_matched_correlation(spec, stats, perms, match_at),
+        unaligned_correlation=mean_matched_correlation(spec, stats, identity, match_at),
+    )
+
+    with _timed(seconds, "variance"):
+        sites = [s for s in spec.sites if s.module in match_modules]
+        aligned_net = with_state_dict(model_a, interpolate(state_a, state_b_aligned, alpha))
+        endpoints = {name: stats.pairs[name] for name in (s.module for s in sites)}
+        result.variance_ratio = {
+            label: variance_ratios(
+                collect_moments(net, sites, calibration, num_samples),
+                {k: p.a for k, p in endpoints.items()}, {k: p.b for k, p in endpoints.items()},
+            )
+            for label, net in (("aligned", aligned_net), ("repaired", merged))
+        }
+
+    if evaluation:
+        with _timed(seconds, "evaluate"):
+            result.merged = {name: evaluate(merged, b, eval_samples).to_dict() for name, b in evaluation.items()}
+            result.endpoints = {
+                "A": {name: evaluate(model_a, b, eval_samples).to_dict() for name, b in evaluation.items()},
+                "B": {name: evaluate(model_b, b, eval_samples).to_dict() for name, b in evaluation.items()},
+            }
+            alphas = [i / (grid - 1) for i in range(grid)]
+            inner = alphas[1:-1]
+            builders = {
+                "naive": lambda a: with_state_dict(model_a, interpolate(state_a, state_b, a)),
+                "aligned": lambda a: with_state_dict(model_a, interpolate(state_a, state_b_aligned, a)),
+                "repaired": lambda a: with_state_dict(model_a, build(a)),
+            }
+            result.alphas = alphas
+            for label, make in builders.items():
+                inner_points = curve(make, inner, evaluation, eval_samples, desc=label)
+                result.curves[label] = {
+                    name: [result.endpoints["A"][name], *inner_points[name], result.endpoints["B"][name]]
+                    for name in evaluation
+                }
+                result.barriers[label] = {
+                    name: barriers_of(alphas, points) for name, points in result.curves[label].items()
+                }
+    result.seconds = seconds
+    return merged, result

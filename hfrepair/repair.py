@@ -1,0 +1,160 @@
+"""REPAIR: restore the activation statistics that interpolation collapses (paper Section 4).
+
+In: the interpolated state dict, the endpoints' :class:`~hfrepair.statistics.Statistics`,
+the permutations, ``alpha`` and (exact variant) calibration batches. Out: a state dict with
+the endpoints' keys whose conv/linear outputs have mean ``(1-a) mu_A + a mu_B`` and
+standard deviation ``(1-a) s_A + a s_B`` per channel.
+
+One BatchNorm does every job (paper appendix B.2): a :class:`ChannelBatchNorm` with affine
+``(std_goal, mean_goal)`` is added after each corrected layer. In train mode with
+cumulative statistics it measures the interpolated network (``repair``); with analytic
+running statistics it is the closed-form correction (``closed-form``); in eval mode it is
+an affine map that :mod:`hfrepair.fuse` folds into the layer. Layers already followed by a
+BatchNorm are corrected by that BatchNorm: its statistics are re-estimated (``reset``).
+
+Methods:
+
+* ``repair``: exact; one pass of calibration batches through the interpolated network.
+* ``closed-form``: no forward pass in the merged network; exact for the first layer only.
+* ``reset``: re-estimate the existing BatchNorm statistics only.
+* ``none``: plain interpolation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .fuse import fold_batchnorm
+from .spec import ActivationSite, PermutationSpec, with_state_dict
+from .statistics import Statistics, iter_inputs
+
+METHODS = ("repair", "closed-form", "reset", "none")
+BN_EPS = 1e-5
+
+
+class ChannelBatchNorm(nn.BatchNorm1d):
+    """BatchNorm over the units on ``axis`` of any tensor (conv: 1, linear: -1)."""
+
+    def __init__(self, channels: int, axis: int) -> None:
+        super().__init__(channels, eps=BN_EPS, momentum=None)
+        self.axis = axis
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        moved = x.movedim(self.axis, -1)
+        out = super().forward(moved.reshape(-1, moved.shape[-1]).float()).to(x.dtype)
+        return out.reshape(moved.shape).movedim(-1, self.axis)
+
+
+@dataclass
+class Goal:
+    """Target and predicted statistics of one site in the interpolated network."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    predicted_var: torch.Tensor | None  # closed form (Eq. 5); needs cross-products
+
+
+def site_goal(stats: Statistics, site: ActivationSite, perm: torch.Tensor, alpha: float) -> Goal:
+    pair = stats.pairs[site.module]
+    perm = perm.to(pair.a.mean.device)
+    mean_a, std_a = pair.a.mean, pair.a.std
+    mean_b, std_b = pair.b.mean[perm], pair.b.std[perm]
+    var = None
+    if pair.cross is not None:
+        cov = pair.covariance()[torch.arange(len(perm)), perm]
+        var = ((1 - alpha) ** 2 * std_a**2 + alpha**2 * std_b**2 + 2 * alpha * (1 - alpha) * cov).clamp_min(0)
+    return Goal(mean=(1 - alpha) * mean_a + alpha * mean_b, std=(1 - alpha) * std_a + alpha * std_b, predicted_var=var)
+
+
+def correction_sites(spec: PermutationSpec) -> list[ActivationSite]:
+    """Conv/linear outputs REPAIR can correct and fold: hidden units with a bias or a BN."""
+    return [s for s in spec.sites if s.kind == "linear" and (s.batchnorm or s.bias)]
+
+
+@torch.no_grad()
+def repair(
+    model: nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    spec: PermutationSpec,
+    stats: Statistics,
+    perms: dict[str, torch.Tensor],
+    alpha: float,
+    method: str = "repair",
+    batches: Iterable | None = None,
+    max_examples: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """The corrected, fused state dict of the interpolated network ``state_dict``.
+
+    ``model`` only supplies the architecture; it is not modified.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, not {method!r}")
+    if method == "none":
+        return dict(state_dict)
+    if method in ("repair", "reset") and batches is None:
+        raise ValueError(f"method {method!r} needs calibration batches for its forward pass")
+    net = with_state_dict(model, state_dict).eval()
+    modules = dict(net.named_modules())
+    sites = correction_sites(spec) if method != "reset" else []
+    added: dict[str, ChannelBatchNorm] = {}
+    reset: list[_BatchNorm] = []
+    for site in sites:
+        if site.batchnorm and method == "repair":
+            continue  # corrected by re-estimating that BatchNorm below
+        goal = site_goal(stats, site, perms[site.group], alpha)
+        if site.batchnorm:
+            if method == "closed-form":
+                norm = modules[site.batchnorm]
+                norm.running_mean.copy_(goal.mean)
+                norm.running_var.copy_(goal.predicted_var)
+            continue
+        corrector = ChannelBatchNorm(len(goal.mean), site.axis).to(goal.mean.device)
+        corrector.weight.copy_(goal.std)
+        corrector.bias.copy_(goal.mean)
+        if method == "closed-form":
+            corrector.running_mean.copy_(goal.mean)
+            corrector.running_var.copy_(goal.predicted_var)
+        added[site.module] = corrector
+    if method in ("repair", "reset"):
+        reset = [m for m in net.modules() if isinstance(m, _BatchNorm)]
+        _estimate(net, modules, added, reset, batches, max_examples)
+    merged = net.state_dict()
+    for name, corrector in added.items():
+        corrector.to(merged[f"{name}.weight"].device).eval()
+        site = next(s for s in sites if s.module == name)
+        fold_batchnorm(merged, site.weight, site.bias, corrector)
+    return merged
+
+
+def _estimate(net, modules, added, reset, batches, max_examples) -> None:
+    """Forward pass with correctors and existing BatchNorms measuring cumulative statistics.
+
+    The correctors normalise with batch statistics during the pass, so each layer already
+    sees corrected inputs, as in the paper's exact variant.
+    """
+    device = next(net.parameters()).device
+    momenta = {}
+    for norm in reset:
+        momenta[norm] = norm.momentum
+        norm.reset_running_stats()
+        norm.momentum = None
+        norm.train()
+    handles = []
+    for name, corrector in added.items():
+        corrector.to(device).train()
+        handles.append(modules[name].register_forward_hook(lambda _m, _i, out, c=corrector: c(out)))
+    try:
+        for inputs in iter_inputs(batches, max_examples, "REPAIR pass"):
+            net(inputs.to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for norm, momentum in momenta.items():
+            norm.momentum = momentum
+            norm.eval()
+

@@ -1,0 +1,185 @@
+"""The permutation spec: which weight axes share one permutation, as plain data.
+
+A :class:`PermutationSpec` is what every later stage works from. It holds
+
+* ``groups``: name -> :class:`PermutationGroup`, the set of ``(state_dict key, axis)``
+  that must be permuted together (e.g. a conv's output rows, the next BatchNorm's
+  parameters and buffers, and the next conv's input columns);
+* ``fixed``: ``(key, axis) -> reason`` for every axis that must not move;
+* ``sites``: :class:`ActivationSite` s, module outputs whose channel axis belongs to a
+  group, where activations are measured (matching) and corrected (REPAIR).
+
+Specs are discovered from the model's graph (:func:`hfrepair.discovery.discover_spec`),
+can be written or edited by hand, and round-trip through JSON. Permutations are index
+tensors ``perm`` with the convention ``new[i] = old[perm[i]]``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+@dataclass
+class PermutationGroup:
+    """Axes that share one permutation of ``size`` units."""
+
+    name: str
+    size: int
+    members: list[tuple[str, int]]
+
+
+@dataclass
+class ActivationSite:
+    """A module output whose ``axis`` carries the units of ``group``.
+
+    ``kind`` is ``linear`` (conv/linear output), ``batchnorm``, ``norm`` (other norms) or
+    ``activation``. ``batchnorm`` names the BatchNorm module that consumes a linear site's
+    output and nothing else (REPAIR then resets it instead of adding a corrector).
+    ``weight``/``bias`` are the state_dict keys of a linear site's parameters.
+    """
+
+    module: str
+    axis: int
+    group: str
+    kind: str
+    batchnorm: str | None = None
+    weight: str | None = None
+    bias: str | None = None
+
+
+@dataclass
+class PermutationSpec:
+    groups: dict[str, PermutationGroup]
+    fixed: dict[tuple[str, int], str] = field(default_factory=dict)
+    sites: list[ActivationSite] = field(default_factory=list)
+
+    def sites_of(self, group: str, kinds: tuple[str, ...] | None = None) -> list[ActivationSite]:
+        return [s for s in self.sites if s.group == group and (kinds is None or s.kind in kinds)]
+
+    def to_dict(self) -> dict:
+        return {
+            "groups": [asdict(g) for g in self.groups.values()],
+            "fixed": [{"key": k, "axis": a, "reason": r} for (k, a), r in self.fixed.items()],
+            "sites": [asdict(s) for s in self.sites],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PermutationSpec":
+        groups = {
+            g["name"]: PermutationGroup(g["name"], g["size"], [tuple(m) for m in g["members"]])
+            for g in data["groups"]
+        }
+        fixed = {(f["key"], f["axis"]): f["reason"] for f in data.get("fixed", [])}
+        sites = [ActivationSite(**s) for s in data.get("sites", [])]
+        return cls(groups, fixed, sites)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PermutationSpec":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def summary(self) -> str:
+        lines = [f"{len(self.groups)} permutation groups, {len(self.sites)} activation sites"]
+        for group in self.groups.values():
+            lines.append(f"  {group.name}: {group.size} units, {len(group.members)} tied axes")
+        return "\n".join(lines)
+
+
+def permute_state_dict(
+    state_dict: dict[str, torch.Tensor], spec: PermutationSpec, perms: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Apply one permutation per group to every tied axis (BatchNorm buffers included)."""
+    permuted = dict(state_dict)
+    for name, perm in perms.items():
+        for key, axis in spec.groups[name].members:
+            permuted[key] = permuted[key].index_select(axis, perm.to(permuted[key].device))
+    return permuted
+
+
+def random_permutations(spec: PermutationSpec, generator: torch.Generator | None = None) -> dict:
+    return {name: torch.randperm(g.size, generator=generator) for name, g in spec.groups.items()}
+
+
+def model_outputs(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """The logits of a plain module or of a transformers model (``.logits``)."""
+    out = model(inputs)
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out
+
+
+def with_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Module:
+    """A deep copy of ``model`` carrying ``state_dict`` (all keys required)."""
+    clone = copy.deepcopy(model)
+    clone.load_state_dict(state_dict, strict=True)
+    return clone
+
+
+class SpecError(RuntimeError):
+    """A permutation spec that does not preserve the model's function."""
+
+
+@torch.no_grad()
+def check_function_preserved(
+    model: nn.Module,
+    permuted_state_dict: dict[str, torch.Tensor],
+    inputs: torch.Tensor,
+    atol: float = 1e-5,
+) -> float:
+    """Max abs difference between the outputs of ``model`` and of its permuted weights.
+
+    Raises :class:`SpecError` above ``atol`` (relative to the logits' scale, at least 1).
+    """
+    model.eval()
+    reference = model_outputs(model, inputs).float()
+    permuted = with_state_dict(model, permuted_state_dict).eval()
+    diff = (model_outputs(permuted, inputs).float() - reference).abs().max().item()
+    scale = max(1.0, reference.abs().max().item())
+    if not diff <= atol * scale:
+        raise SpecError(
+            f"permuted model changed its outputs (max abs diff {diff:.3g} > {atol * scale:.3g}); "
+            "the permutation spec is wrong for this model: pass a corrected spec by hand"
+        )
+    return diff
+
+
+@torch.no_grad()
+def verify_spec(
+    model: nn.Module, spec: PermutationSpec, inputs: torch.Tensor, atol: float = 1e-5, seed: int = 0
+) -> dict[str, float]:
+    """Check that ``spec`` is right for ``model``.
+
+    A random permutation per group must leave outputs unchanged (``max_abs_diff``), and
+    permuting only part of one group must change them (``inconsistent_diff``: a control
+    that the check can fail). Raises :class:`SpecError` otherwise.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    state = model.state_dict()
+    perms = random_permutations(spec, generator)
+    diff = check_function_preserved(model, permute_state_dict(state, spec, perms), inputs, atol)
+    # Control: permuting one tensor of a group alone must change the outputs. Some groups
+    # barely matter at random init (ConvNeXt's layer scale starts at 1e-6), so try the
+    # largest groups first until one shows.
+    reference = model_outputs(model.eval(), inputs)
+    control = 0.0
+    for group in sorted(spec.groups.values(), key=lambda g: -g.size * len(g.members)):
+        member = max(group.members, key=lambda m: state[m[0]].float().std().item())
+        partial = PermutationSpec({group.name: PermutationGroup(group.name, group.size, [member])})
+        shift = torch.roll(torch.arange(group.size), 1)
+        broken = with_state_dict(model, permute_state_dict(state, partial, {group.name: shift})).eval()
+        control = (model_outputs(broken, inputs) - reference).abs().max().item()
+        if control > atol:
+            break
+    if spec.groups and control <= atol:
+        raise SpecError("no group changed the outputs when permuted inconsistently")
+    return {"max_abs_diff": diff, "inconsistent_diff": control}

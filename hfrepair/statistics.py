@@ -1,0 +1,193 @@
+"""Activation statistics of the endpoints at every activation site, in one streamed pass.
+
+In: two models, a spec's sites, an iterable of input batches. Out: :class:`Statistics`,
+per site float64 sums ``n, sum x, sum x^2`` for each model and ``sum x_A x_B^T`` across
+them. Every position of a conv feature map counts as a sample. Memory is one batch of
+activations plus C x C per site, whatever the number of batches.
+
+Permutations do not change activations, so one pass serves every group: matching, REPAIR
+goals, the closed-form variant and the variance-collapse ratios all read these sums.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .spec import ActivationSite
+
+EPS = 1e-12
+
+
+def channels_last(output: torch.Tensor, axis: int) -> torch.Tensor:
+    """(samples, channels) view of a module output whose units live on ``axis``."""
+    return output.movedim(axis, -1).reshape(-1, output.shape[axis])
+
+
+@dataclass
+class Moments:
+    """Float64 running sums of one model's activations at one site."""
+
+    n: int = 0
+    total: torch.Tensor | None = None
+    squares: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.double()
+        if self.total is None:
+            self.total = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+            self.squares = torch.zeros_like(self.total)
+        self.n += x.shape[0]
+        self.total += x.sum(0)
+        self.squares += (x * x).sum(0)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.total / self.n
+
+    @property
+    def var(self) -> torch.Tensor:
+        return (self.squares / self.n - self.mean**2).clamp_min(0)
+
+    @property
+    def std(self) -> torch.Tensor:
+        return self.var.sqrt()
+
+
+@dataclass
+class PairMoments:
+    """Moments of A and B at one site and their cross-products ``sum x_A x_B^T``."""
+
+    a: Moments = field(default_factory=Moments)
+    b: Moments = field(default_factory=Moments)
+    cross: torch.Tensor | None = None
+    with_cross: bool = True
+
+    def add(self, xa: torch.Tensor, xb: torch.Tensor) -> None:
+        self.a.add(xa)
+        self.b.add(xb)
+        if self.with_cross:
+            # The C x C float64 product dominates the pass: only sites that need it pay.
+            product = xa.double().T @ xb.double()
+            self.cross = product if self.cross is None else self.cross + product
+
+    def covariance(self) -> torch.Tensor:
+        """Cov(A_i, B_j) for every pair of units."""
+        if self.cross is None:
+            raise ValueError("cross-products were not collected at this site")
+        return self.cross / self.a.n - torch.outer(self.a.mean, self.b.mean)
+
+    def correlation(self) -> torch.Tensor:
+        """Corr(A_i, B_j); dead units (zero variance) correlate 0 with everything."""
+        denominator = torch.outer(self.a.std, self.b.std)
+        corr = self.covariance() / denominator.clamp_min(EPS)
+        return torch.where(denominator > EPS, corr, torch.zeros_like(corr))
+
+
+@dataclass
+class Statistics:
+    """Per-site sums of the endpoints; keys are the sites' module names."""
+
+    sites: dict[str, ActivationSite]
+    pairs: dict[str, PairMoments]
+    examples: int = 0
+
+
+def iter_inputs(batches: Iterable, limit: int | None, desc: str):
+    """Input tensors of ``batches`` (tensors or (inputs, labels)), at most ``limit`` rows."""
+    seen = 0
+    for batch in tqdm(batches, desc=desc, leave=False, unit="batch"):
+        inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if limit is not None:
+            if seen >= limit:
+                break
+            inputs = inputs[: limit - seen]
+        seen += inputs.shape[0]
+        yield inputs
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def collect_statistics(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    sites: list[ActivationSite],
+    batches: Iterable,
+    max_examples: int | None = None,
+    cross_sites: set[str] | None = None,
+) -> Statistics:
+    """One pass of ``batches`` through both endpoints, accumulating sums at ``sites``.
+
+    ``batches`` yields input tensors or ``(inputs, labels)`` pairs; at most
+    ``max_examples`` inputs are used. Cross-products are collected at the modules named in
+    ``cross_sites`` (default: every site).
+    """
+    by_module = {site.module: site for site in sites}
+    pairs = {
+        name: PairMoments(with_cross=cross_sites is None or name in cross_sites) for name in by_module
+    }
+    pending: dict[str, torch.Tensor] = {}
+
+    def hook_a(name):
+        def hook(_module, _inputs, output):
+            # Flatten now: later in-place ops (e.g. ``x += residual``) must not reach it.
+            flat = channels_last(output, by_module[name].axis)
+            pending[name] = flat.clone() if flat.data_ptr() == output.data_ptr() else flat
+        return hook
+
+    def hook_b(name):
+        def hook(_module, _inputs, output):
+            pairs[name].add(pending.pop(name), channels_last(output, by_module[name].axis))
+        return hook
+
+    handles = []
+    for model, make in ((model_a, hook_a), (model_b, hook_b)):
+        modules = dict(model.named_modules())
+        handles += [modules[name].register_forward_hook(make(name)) for name in by_module]
+    model_a.eval()
+    model_b.eval()
+    device = _device(model_a)
+    examples = 0
+    try:
+        for inputs in iter_inputs(batches, max_examples, "statistics"):
+            inputs = inputs.to(device)
+            model_a(inputs)
+            model_b(inputs)
+            examples += inputs.shape[0]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return Statistics(by_module, pairs, examples)
+
+
+@torch.no_grad()
+def collect_moments(
+    model: nn.Module, sites: list[ActivationSite], batches: Iterable, max_examples: int | None = None
+) -> dict[str, Moments]:
+    """Per-site moments of one model (used for the variance-collapse ratios)."""
+    by_module = {site.module: site for site in sites}
+    moments = {name: Moments() for name in by_module}
+    modules = dict(model.named_modules())
+
+    def make(name):
+        def hook(_module, _inputs, output):
+            moments[name].add(channels_last(output, by_module[name].axis))
+        return hook
+
+    handles = [modules[name].register_forward_hook(make(name)) for name in by_module]
+    model.eval()
+    device = _device(model)
+    try:
+        for inputs in iter_inputs(batches, max_examples, "moments"):
+            model(inputs.to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return moments

@@ -1,0 +1,48 @@
+"""Train small endpoint classifiers (demo, tests, examples): SGD with a one-cycle schedule.
+
+hfrepair merges networks; it does not train them. This exists so that the built-in demo
+and the tests can make two independently trained endpoints offline in seconds.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .spec import model_outputs
+
+
+def train_classifier(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    epochs: int = 5,
+    batch_size: int = 128,
+    lr: float = 0.1,
+    weight_decay: float = 5e-4,
+    seed: int = 0,
+) -> nn.Module:
+    """Train ``model`` in place on preprocessed ``images`` and return it in eval mode.
+
+    The seed fixes initialisation-independent randomness (batch order); seed the model's
+    construction separately for different endpoints.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
+    steps = epochs * ((len(images) + batch_size - 1) // batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.25)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(images), generator=generator)
+        for start in range(0, len(images), batch_size):
+            index = order[start : start + batch_size]
+            if len(index) < 2:
+                continue
+            loss = F.cross_entropy(model_outputs(model, images[index]), labels[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    return model.eval()
