@@ -23,7 +23,9 @@ from .repair import METHODS, correction_sites, repair
 from .spec import PermutationSpec, check_function_preserved, permute_state_dict, with_state_dict
 from .statistics import collect_moments, collect_statistics, iter_inputs
 
-CURVES = ("naive", "aligned", "repaired")
+# Interpolations the evaluation can trace; "naive-repaired" is REPAIR without alignment.
+CURVES = ("naive", "naive-repaired", "aligned", "repaired")
+DEFAULT_CURVES = ("naive", "aligned", "repaired")
 
 
 class MergeError(ValueError):
@@ -91,6 +93,7 @@ def merge(
     num_samples: int | None = None,
     grid: int = 11,
     eval_samples: int | None = None,
+    curves: tuple[str, ...] = DEFAULT_CURVES,
 ) -> tuple[nn.Module, MergeResult]:
     """Align ``model_b`` to ``model_a``, interpolate at ``alpha``, REPAIR and fuse.
 
@@ -98,12 +101,17 @@ def merge(
     re-iterable (a list or a DataLoader); ``num_samples`` caps the examples used.
     ``evaluation`` maps names (e.g. ``"test"``, ``"train"``) to labelled batches; when given,
     the naive / aligned / repaired curves over ``grid`` alphas and their barriers are
-    measured. Returns the merged model (A's class, fused weights) and a :class:`MergeResult`.
+    measured (``curves`` picks them from :data:`CURVES`). Returns the merged model (A's class, fused weights) and a :class:`MergeResult`.
     """
     if not 0.0 <= alpha <= 1.0:
         raise MergeError(f"alpha must be in [0, 1], got {alpha}")
     if method not in METHODS:
         raise MergeError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
+    if grid < 3:
+        raise MergeError(f"the alpha grid needs at least 3 points (0, 0.5, 1), got {grid}")
+    unknown = set(curves) - set(CURVES)
+    if unknown:
+        raise MergeError(f"unknown curves {sorted(unknown)}; choose from {', '.join(CURVES)}")
     check_endpoints(model_a, model_b)
     model_a.eval()
     model_b.eval()
@@ -128,15 +136,17 @@ def merge(
         state_b_aligned = permute_state_dict(state_b, spec, perms)
         permuted_diff = check_function_preserved(model_b, state_b_aligned, example)
 
-    def build(alpha_: float, aligned: bool = True, method_: str = method) -> dict:
-        target = state_b_aligned if aligned else state_b
-        return repair(model_a, interpolate(state_a, target, alpha_), spec, stats, perms, alpha_,
-                      method_, calibration, num_samples)
+    identity = {name: torch.arange(g.size) for name, g in spec.groups.items()}
+
+    def build(alpha_: float, aligned: bool = True) -> dict:
+        """REPAIRed interpolation; unaligned B keeps its own unit order (identity)."""
+        target, order = (state_b_aligned, perms) if aligned else (state_b, identity)
+        return repair(model_a, interpolate(state_a, target, alpha_), spec, stats, order, alpha_,
+                      method, calibration, num_samples)
 
     with _timed(seconds, "interpolate+repair"):
         merged_state = build(alpha)
     merged = with_state_dict(model_a, merged_state).eval()
-    identity = {name: torch.arange(g.size) for name, g in spec.groups.items()}
     result = MergeResult(
         alpha=alpha, method=method, match_at=match_at, calibration_examples=stats.examples,
         groups={name: g.size for name, g in spec.groups.items()},
@@ -168,11 +178,13 @@ def merge(
             inner = alphas[1:-1]
             builders = {
                 "naive": lambda a: with_state_dict(model_a, interpolate(state_a, state_b, a)),
+                "naive-repaired": lambda a: with_state_dict(model_a, build(a, aligned=False)),
                 "aligned": lambda a: with_state_dict(model_a, interpolate(state_a, state_b_aligned, a)),
                 "repaired": lambda a: with_state_dict(model_a, build(a)),
             }
             result.alphas = alphas
-            for label, make in builders.items():
+            for label in curves:
+                make = builders[label]
                 inner_points = curve(make, inner, evaluation, eval_samples, desc=label)
                 result.curves[label] = {
                     name: [result.endpoints["A"][name], *inner_points[name], result.endpoints["B"][name]]

@@ -1,0 +1,70 @@
+"""Shared fixtures: the MNIST digits as a Hub-style parquet dataset, and trained endpoints.
+
+Endpoints are trained once per test run (session scope), from different seeds, with one
+torch thread so that runs are deterministic.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hfrepair.demo import load_tensors, write_mnist_dataset
+from hfrepair.models import MLP, VGG, ResNet
+from hfrepair.training import train_classifier
+
+torch.set_num_threads(1)
+
+SMALL = dict(image_size=14)  # 14x14 digits keep conv endpoints trainable in seconds
+
+
+@pytest.fixture(scope="session")
+def mnist_folder(tmp_path_factory):
+    return write_mnist_dataset(tmp_path_factory.mktemp("mnist"))
+
+
+@pytest.fixture(scope="session")
+def mnist(mnist_folder):
+    """Preprocessed tensors per image size: {size: (train_x, train_y, test_x, test_y)}."""
+    cache = {}
+
+    def get(size: int):
+        if size not in cache:
+            config = {"image_size": size, "in_channels": 1, "mean": [0.1307], "std": [0.3081]}
+            cache[size] = (*load_tensors(mnist_folder, "train", config), *load_tensors(mnist_folder, "test", config))
+        return cache[size]
+
+    return get
+
+
+def batches(x, y, size=500):
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
+
+
+def train_pair(factory, data, fold=False, **training):
+    train_x, train_y = data[0], data[1]
+    pair = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model = train_classifier(factory(), train_x, train_y, seed=seed, **training)
+        pair.append(model.fold_batchnorm() if fold else model)
+    return pair
+
+
+@pytest.fixture(scope="session")
+def resnet_pair(mnist):
+    factory = lambda: ResNet(width=1, blocks_per_stage=1, normalization="batchnorm", **SMALL)  # noqa: E731
+    return train_pair(factory, mnist(14), epochs=4, lr=0.1)
+
+
+@pytest.fixture(scope="session")
+def deep_mlp_pair(mnist):
+    """Width 128, 20 hidden layers: trained with BatchNorm, folded to a plain MLP."""
+    factory = lambda: MLP(depth=20, width=128, normalization="batchnorm")  # noqa: E731
+    return train_pair(factory, mnist(28), fold=True, epochs=15, lr=0.1)
+
+
+@pytest.fixture(scope="session")
+def vgg_pair(mnist):
+    factory = lambda: VGG(widths=(16, 32, 64), layers_per_stage=2, **SMALL)  # noqa: E731
+    return train_pair(factory, mnist(14), epochs=5, lr=0.01, batch_size=64)

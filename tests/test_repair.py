@@ -1,0 +1,114 @@
+"""REPAIR sets the corrected layers' statistics to their goals, and folds exactly."""
+
+import pytest
+import torch
+from torch import nn
+
+from hfrepair.discovery import discover_spec
+from hfrepair.fuse import fold_batchnorm
+from hfrepair.interpolate import interpolate
+from hfrepair.matching import match_permutations
+from hfrepair.models import VGG, ResNet
+from hfrepair.repair import ChannelBatchNorm, correction_sites, repair, site_goal
+from hfrepair.spec import permute_state_dict, with_state_dict
+from hfrepair.statistics import collect_moments, collect_statistics
+
+
+def endpoints(factory):
+    torch.manual_seed(0)
+    a = factory().eval()
+    torch.manual_seed(1)
+    b = factory().eval()
+    return a, b
+
+
+def prepare(a, b, inputs):
+    spec = discover_spec(a, inputs[:2])
+    stats = collect_statistics(a, b, spec.sites, [inputs])
+    perms = match_permutations(spec, stats)
+    mixed = interpolate(a.state_dict(), permute_state_dict(b.state_dict(), spec, perms), 0.5)
+    return spec, stats, perms, mixed
+
+
+def test_exact_repair_meets_the_goal_statistics_and_keeps_the_architecture():
+    a, b = endpoints(lambda: VGG(widths=(6, 8), layers_per_stage=2, image_size=8))
+    inputs = torch.randn(64, 1, 8, 8)
+    spec, stats, perms, mixed = prepare(a, b, inputs)
+    repaired = repair(a, mixed, spec, stats, perms, 0.5, "repair", [inputs])
+    assert repaired.keys() == a.state_dict().keys()
+    assert all(repaired[k].shape == v.shape for k, v in a.state_dict().items())
+    sites = correction_sites(spec)
+    assert len(sites) == 4
+    measured = collect_moments(with_state_dict(a, repaired), sites, [inputs])
+    before = collect_moments(with_state_dict(a, mixed), sites, [inputs])
+    for site in sites:
+        goal = site_goal(stats, site, perms[site.group], 0.5)
+        torch.testing.assert_close(measured[site.module].mean, goal.mean, atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(measured[site.module].std, goal.std, atol=1e-3, rtol=1e-3)
+    # The last layer had collapsed before REPAIR.
+    last = sites[-1].module
+    assert before[last].std.mean() < 0.9 * measured[last].std.mean()
+
+
+def test_closed_form_is_exact_for_the_first_layer_only():
+    a, b = endpoints(lambda: VGG(widths=(6, 8), layers_per_stage=2, image_size=8))
+    inputs = torch.randn(64, 1, 8, 8)
+    spec, stats, perms, mixed = prepare(a, b, inputs)
+    repaired = repair(a, mixed, spec, stats, perms, 0.5, "closed-form")
+    sites = correction_sites(spec)
+    measured = collect_moments(with_state_dict(a, repaired), sites, [inputs])
+    first = sites[0]
+    goal = site_goal(stats, first, perms[first.group], 0.5)
+    torch.testing.assert_close(measured[first.module].std, goal.std, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(measured[first.module].mean, goal.mean, atol=1e-4, rtol=1e-4)
+    deep = sites[-1]
+    deep_goal = site_goal(stats, deep, perms[deep.group], 0.5)
+    assert not torch.allclose(measured[deep.module].std, deep_goal.std, rtol=1e-3)
+
+
+def test_repair_of_batchnorm_networks_resets_their_statistics():
+    a, b = endpoints(lambda: ResNet(blocks_per_stage=1, base_channels=4, image_size=8))
+    inputs = torch.randn(64, 1, 8, 8)
+    spec, stats, perms, mixed = prepare(a, b, inputs)
+    for method in ("repair", "reset"):
+        repaired = repair(a, mixed, spec, stats, perms, 0.5, method, [inputs])
+        net = with_state_dict(a, repaired)
+        conv_out = {}
+        net.conv.register_forward_hook(lambda m, i, o: conv_out.setdefault("stem", o))
+        net(inputs)
+        flat = conv_out["stem"].transpose(0, 1).reshape(4, -1)
+        torch.testing.assert_close(net.norm.running_mean, flat.mean(1), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(net.norm.running_var, flat.var(1), atol=1e-4, rtol=1e-4)
+        assert repaired.keys() == a.state_dict().keys()
+
+
+def test_unknown_method_and_missing_batches_are_refused():
+    a, b = endpoints(lambda: VGG(widths=(4,), layers_per_stage=1, image_size=8))
+    inputs = torch.randn(8, 1, 8, 8)
+    spec, stats, perms, mixed = prepare(a, b, inputs)
+    with pytest.raises(ValueError, match="method must be one of"):
+        repair(a, mixed, spec, stats, perms, 0.5, "magic", [inputs])
+    with pytest.raises(ValueError, match="needs calibration batches"):
+        repair(a, mixed, spec, stats, perms, 0.5, "repair")
+
+
+@pytest.mark.parametrize("layer, shape, axis", [
+    (nn.Conv2d(3, 5, 3), (4, 3, 9, 9), 1),
+    (nn.Linear(6, 5), (4, 6), -1),
+    (nn.Linear(6, 5), (4, 7, 6), -1),  # channels-last sequence: the fusion trap of BatchNorm1d
+])
+def test_fold_matches_layer_followed_by_corrector(layer, shape, axis):
+    torch.manual_seed(0)
+    corrector = ChannelBatchNorm(5, axis)
+    with torch.no_grad():
+        corrector.running_mean.normal_()
+        corrector.running_var.uniform_(0.5, 2)
+        corrector.weight.normal_()
+        corrector.bias.normal_()
+    corrector.eval()
+    x = torch.randn(*shape)
+    expected = corrector(layer(x))
+    state = {"weight": layer.weight.detach().clone(), "bias": layer.bias.detach().clone()}
+    fold_batchnorm(state, "weight", "bias", corrector)
+    layer.load_state_dict(state)
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)

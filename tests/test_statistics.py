@@ -1,0 +1,67 @@
+"""One streamed pass gives exact float64 moments and cross-products at every site."""
+
+import torch
+
+from hfrepair.discovery import discover_spec
+from hfrepair.models import VGG
+from hfrepair.statistics import collect_moments, collect_statistics
+
+
+def small_vgg(seed):
+    torch.manual_seed(seed)
+    return VGG(widths=(4, 6), layers_per_stage=1, image_size=8).eval()
+
+
+def test_sums_match_a_direct_float64_computation():
+    a, b = small_vgg(0), small_vgg(1)
+    x = torch.randn(10, 1, 8, 8)
+    spec = discover_spec(a, x[:2])
+    site = next(s for s in spec.sites if s.module == "features.1")  # first ReLU
+    stats = collect_statistics(a, b, [site], [x[:4], x[4:7], x[7:]])
+    pair = stats.pairs["features.1"]
+    fa = a.features[:2](x).double().permute(0, 2, 3, 1).reshape(-1, 4)
+    fb = b.features[:2](x).double().permute(0, 2, 3, 1).reshape(-1, 4)
+    assert stats.examples == 10
+    assert pair.a.n == 10 * 8 * 8  # every spatial position is a sample
+    assert pair.cross.dtype == torch.float64
+    torch.testing.assert_close(pair.a.total, fa.sum(0))
+    torch.testing.assert_close(pair.b.squares, (fb * fb).sum(0))
+    torch.testing.assert_close(pair.cross, fa.T @ fb)
+    expected = torch.corrcoef(torch.cat([fa, fb], 1).T)[:4, 4:]
+    torch.testing.assert_close(pair.correlation(), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_max_examples_counts_exactly_and_memory_does_not_grow():
+    a, b = small_vgg(0), small_vgg(1)
+    spec = discover_spec(a, torch.randn(2, 1, 8, 8))
+    batches = [torch.randn(7, 1, 8, 8) for _ in range(6)]
+    few = collect_statistics(a, b, spec.sites, batches, max_examples=7)
+    capped = collect_statistics(a, b, spec.sites, batches, max_examples=30)
+    assert capped.examples == 30
+    # The state kept is per-site sums: the same tensors whatever the number of examples.
+    for name, pair in capped.pairs.items():
+        assert pair.cross.shape == few.pairs[name].cross.shape
+        assert pair.a.total.shape == few.pairs[name].a.total.shape
+
+
+def test_dead_units_correlate_zero_not_nan():
+    a, b = small_vgg(0), small_vgg(1)
+    with torch.no_grad():
+        a.features[0].weight[0].zero_()
+        a.features[0].bias[0] = -1.0  # unit 0 is always 0 after ReLU
+    spec = discover_spec(a, torch.randn(2, 1, 8, 8))
+    site = next(s for s in spec.sites if s.module == "features.1")
+    stats = collect_statistics(a, b, [site], [torch.randn(16, 1, 8, 8)])
+    corr = stats.pairs["features.1"].correlation()
+    assert torch.isfinite(corr).all()
+    assert (corr[0] == 0).all()
+
+
+def test_moments_of_one_model_match_the_pair_pass():
+    a, b = small_vgg(0), small_vgg(1)
+    spec = discover_spec(a, torch.randn(2, 1, 8, 8))
+    batches = [torch.randn(5, 1, 8, 8) for _ in range(3)]
+    pairs = collect_statistics(a, b, spec.sites, batches).pairs
+    single = collect_moments(b, spec.sites, batches)
+    for name, moments in single.items():
+        torch.testing.assert_close(moments.var, pairs[name].b.var)
