@@ -1,1 +1,39 @@
-"""hfrepair."""
+"""hfrepair: merge independently trained networks with neuron alignment and REPAIR.
+
+The pipeline is a chain of small stages, each usable on its own::
+
+    spec = discover_spec(model_a, example)                     # which axes permute together
+    stats = collect_statistics(model_a, model_b, spec.sites, batches)
+    perms = match_permutations(spec, stats)                    # Hungarian on correlations
+    aligned_b = permute_state_dict(model_b.state_dict(), spec, perms)
+    mixed = interpolate(model_a.state_dict(), aligned_b, 0.5)
+    merged = repair(model_a, mixed, spec, stats, perms, 0.5, "repair", batches)  # fused
+
+or all at once with :func:`merge`.
+"""
+
+from .discovery import ExportError, discover_spec
+from .evaluate import Metrics, barrier, evaluate
+from .interpolate import interpolate
+from .io import load_model, save_merged
+from .matching import match_permutations
+from .pipeline import MergeError, MergeResult, merge
+from .repair import METHODS, repair
+from .spec import (
+    ActivationSite,
+    PermutationGroup,
+    PermutationSpec,
+    SpecError,
+    permute_state_dict,
+    verify_spec,
+)
+from .statistics import Statistics, collect_statistics
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS", "ActivationSite", "ExportError", "MergeError", "MergeResult", "Metrics", "PermutationGroup",
+    "PermutationSpec", "SpecError", "Statistics", "barrier", "collect_statistics", "discover_spec", "evaluate",
+    "interpolate", "load_model", "match_permutations", "merge", "permute_state_dict", "repair", "save_merged",
+    "verify_spec",
+]

@@ -57,11 +57,18 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, like every other hfrepair error."""
+
+    def error(self, message: str):
+        self.exit(2, f"hfrepair: error: {message} (see hfrepair {self.prog.split()[-1]} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hfrepair", description=(
+    parser = _Parser(prog="hfrepair", description=(
         "Merge two independently trained networks: align B's units to A's by activation "
         "correlation, interpolate, REPAIR the collapsed statistics, fuse, and measure the barrier."))
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     m = commands.add_parser("merge", help="merge two model folders", description=(
         "Merge MODEL_A and MODEL_B (folders with config.json + safetensors) using calibration data "

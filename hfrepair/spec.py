@@ -70,7 +70,7 @@ class PermutationSpec:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "PermutationSpec":
+    def from_dict(cls, data: dict) -> PermutationSpec:
         groups = {
             g["name"]: PermutationGroup(g["name"], g["size"], [tuple(m) for m in g["members"]])
             for g in data["groups"]
@@ -83,7 +83,7 @@ class PermutationSpec:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
 
     @classmethod
-    def load(cls, path: str | Path) -> "PermutationSpec":
+    def load(cls, path: str | Path) -> PermutationSpec:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     def summary(self) -> str:

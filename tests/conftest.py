@@ -53,18 +53,18 @@ def train_pair(factory, data, fold=False, **training):
 
 @pytest.fixture(scope="session")
 def resnet_pair(mnist):
-    factory = lambda: ResNet(width=1, blocks_per_stage=1, normalization="batchnorm", **SMALL)  # noqa: E731
+    factory = lambda: ResNet(width=1, blocks_per_stage=1, normalization="batchnorm", **SMALL)
     return train_pair(factory, mnist(14), epochs=4, lr=0.1)
 
 
 @pytest.fixture(scope="session")
 def deep_mlp_pair(mnist):
     """Width 128, 20 hidden layers: trained with BatchNorm, folded to a plain MLP."""
-    factory = lambda: MLP(depth=20, width=128, normalization="batchnorm")  # noqa: E731
+    factory = lambda: MLP(depth=20, width=128, normalization="batchnorm")
     return train_pair(factory, mnist(28), fold=True, epochs=15, lr=0.1)
 
 
 @pytest.fixture(scope="session")
 def vgg_pair(mnist):
-    factory = lambda: VGG(widths=(16, 32, 64), layers_per_stage=2, **SMALL)  # noqa: E731
+    factory = lambda: VGG(widths=(16, 32, 64), layers_per_stage=2, **SMALL)
     return train_pair(factory, mnist(14), epochs=5, lr=0.01, batch_size=64)

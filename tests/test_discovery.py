@@ -3,11 +3,22 @@
 import pytest
 import torch
 from torch import nn
-from transformers import ConvNextConfig, ConvNextForImageClassification, ResNetConfig, ResNetForImageClassification
+from transformers import (
+    ConvNextConfig,
+    ConvNextForImageClassification,
+    ResNetConfig,
+    ResNetForImageClassification,
+)
 
 from hfrepair.discovery import ExportError, discover_spec
 from hfrepair.models import MLP, VGG, ResNet
-from hfrepair.spec import PermutationSpec, SpecError, check_function_preserved, permute_state_dict, verify_spec
+from hfrepair.spec import (
+    PermutationSpec,
+    SpecError,
+    check_function_preserved,
+    permute_state_dict,
+    verify_spec,
+)
 
 
 def randomise(model: nn.Module) -> nn.Module:

@@ -7,4 +7,4 @@ from .vgg import VGG
 
 BUILTIN_MODELS: dict[str, type[BuiltinModel]] = {cls.model_type: cls for cls in (MLP, VGG, ResNet)}
 
-__all__ = ["BUILTIN_MODELS", "BuiltinModel", "MLP", "ResNet", "VGG"]
+__all__ = ["BUILTIN_MODELS", "MLP", "VGG", "BuiltinModel", "ResNet"]

@@ -29,7 +29,7 @@ class BuiltinModel(nn.Module, PyTorchModelHubMixin, library_name="hfrepair", tag
         self._hub_mixin_config["model_type"] = self.model_type
 
     @classmethod
-    def from_folder(cls, folder: str | Path) -> "BuiltinModel":
+    def from_folder(cls, folder: str | Path) -> BuiltinModel:
         """Load a saved folder strictly (the mixin's loader ignores missing keys by default)."""
         config = json.loads((Path(folder) / "config.json").read_text())
         config.pop("model_type", None)

@@ -52,7 +52,7 @@ class MLP(BuiltinModel):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.layers(pixel_values)
 
-    def fold_batchnorm(self) -> "MLP":
+    def fold_batchnorm(self) -> MLP:
         """A plain (``normalization="none"``) MLP computing the same function in eval mode."""
         plain = MLP(**{**self.config, "normalization": "none"})
         linears = [m for m in self.layers if isinstance(m, nn.Linear)]

@@ -1,0 +1,146 @@
+"""``hfrepair merge`` on model and dataset folders: outputs, reloading, and bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import datasets
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from hfrepair.cli import main
+from hfrepair.data import builtin_transform
+from hfrepair.io import load_model, save_merged
+from hfrepair.models import MLP, ResNet
+from hfrepair.pipeline import merge
+
+from .conftest import batches
+
+FAST = ["--grid", "3", "--num-samples", "1000", "--eval-samples", "500", "--batch-size", "500"]
+ENV = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def endpoint_folders(resnet_pair, tmp_path_factory):
+    root = tmp_path_factory.mktemp("endpoints")
+    for name, model in zip("ab", resnet_pair):
+        model.save_pretrained(str(root / name))
+    return root / "a", root / "b"
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "hfrepair.cli", *map(str, args)],
+                          capture_output=True, text=True, env=ENV, timeout=600)
+
+
+RELOAD = """
+import json, sys, torch
+from hfrepair.io import load_model
+from hfrepair.data import image_batches, model_transform
+from hfrepair.evaluate import evaluate
+folder, dataset, limit = sys.argv[1], sys.argv[2], int(sys.argv[3])
+model = load_model(folder)
+metrics = evaluate(model, image_batches(dataset, "test", model_transform(folder), limit=limit, batch_size=500))
+print(json.dumps(metrics.to_dict()))
+"""
+
+
+def test_merge_command_writes_a_model_that_reloads_with_the_reported_accuracy(endpoint_folders, mnist_folder, tmp_path):
+    a, b = endpoint_folders
+    out = tmp_path / "merged"
+    done = run_cli("merge", a, b, "--dataset", mnist_folder, "--output", out, *FAST)
+    assert done.returncode == 0, done.stderr
+    assert "repaired" in done.stdout and "acc barrier" in done.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "merge_results.json", "model.safetensors"]
+    results = json.loads((out / "merge_results.json").read_text())
+    assert results["calibration_examples"] == 1000 and results["method"] == "repair"
+    assert load_file(out / "model.safetensors").keys() == load_file(a / "model.safetensors").keys()
+    assert type(load_model(out)) is ResNet
+    # A fresh process evaluating the saved weights sees exactly the reported accuracy.
+    fresh = subprocess.run([sys.executable, "-c", RELOAD, str(out), str(mnist_folder), "500"],
+                           capture_output=True, text=True, env=ENV, check=True)
+    reloaded = json.loads(fresh.stdout.strip().splitlines()[-1])
+    assert reloaded["accuracy"] == results["merged"]["test"]["accuracy"]
+    assert reloaded["loss"] == pytest.approx(results["merged"]["test"]["loss"], rel=1e-6)
+    assert results["merged"]["test"]["accuracy"] > results["curves"]["aligned"]["test"][1]["accuracy"]
+
+
+def test_saved_model_gives_the_in_memory_logits_in_a_fresh_process(resnet_pair, mnist, endpoint_folders, tmp_path):
+    train_x, train_y, test_x, _ = mnist(14)
+    merged, _ = merge(*resnet_pair, batches(train_x[:1000], train_y[:1000]))
+    save_merged(merged.state_dict(), tmp_path / "m", endpoint_folders[0])
+    torch.save(test_x[:64], tmp_path / "x.pt")
+    script = ("import sys, torch; from hfrepair.io import load_model; m = load_model(sys.argv[1]);"
+              "torch.save(m(torch.load(sys.argv[2])), sys.argv[3])")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "m"), str(tmp_path / "x.pt"),
+                    str(tmp_path / "y.pt")], check=True, env=ENV)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "y.pt"), merged(test_x[:64]), rtol=0, atol=0)
+
+
+def expect_error(capsys, argv, message):
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("hfrepair: error:"), err
+    assert message in err, err
+
+
+def test_bad_input_gives_one_line_errors_and_no_output(endpoint_folders, mnist_folder, tmp_path, capsys):
+    a, b = endpoint_folders
+    out = tmp_path / "out"
+    base = ["--dataset", mnist_folder, "--output", out, *FAST]
+
+    other = tmp_path / "wider"
+    ResNet(width=2, blocks_per_stage=1, image_size=14).save_pretrained(str(other))
+    expect_error(capsys, ["merge", a, other, *base], "config field 'width'")
+
+    mlp = tmp_path / "mlp"
+    MLP(depth=2, width=16, image_size=14).save_pretrained(str(mlp))
+    expect_error(capsys, ["merge", a, mlp, *base], "different architectures")
+
+    broken = tmp_path / "nan"
+    broken.mkdir()
+    (broken / "config.json").write_text((b / "config.json").read_text())
+    weights = load_file(b / "model.safetensors")
+    weights["conv.weight"][0, 0, 0, 0] = float("nan")
+    save_file(weights, broken / "model.safetensors")
+    expect_error(capsys, ["merge", a, broken, *base], "non-finite values in conv.weight")
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["merge", str(a), str(b), "--alpha", "1.5", "--dataset", str(mnist_folder), "--output", str(out)])
+    assert exit_info.value.code == 2
+    assert "alpha must be in [0, 1]" in capsys.readouterr().err
+
+    too_many = ["merge", a, b, "--dataset", mnist_folder, "--output", out, "--num-samples", "4001"]
+    expect_error(capsys, too_many, "exceeds the 4000 examples of split 'train'")
+
+    unlabelled = tmp_path / "unlabelled"
+    unlabelled.mkdir()
+    for split in ("train", "test"):
+        data = datasets.load_dataset(str(mnist_folder), split=split).remove_columns("label").rename_column("image", "picture")
+        data.to_parquet(str(unlabelled / f"{split}.parquet"))
+    expect_error(capsys, ["merge", a, b, "--dataset", unlabelled, "--output", out, *FAST], "no label column")
+    expect_error(capsys, ["merge", a, b, "--dataset", unlabelled, "--output", out, "--image-column", "img", *FAST],
+                 "no image column 'img'")
+    expect_error(capsys, ["merge", a, b, *base, "--split", "validation"], "no split 'validation'")
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((b / "config.json").read_text())
+    torch.save(load_file(b / "model.safetensors"), pickled / "pytorch_model.bin")
+    expect_error(capsys, ["merge", a, pickled, *base], "only pickle weights")
+
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no staging left behind
+
+    out.mkdir()
+    expect_error(capsys, ["merge", a, b, *base], "already exists")
+
+
+def test_builtin_transform_matches_training_preprocessing(mnist_folder, mnist):
+    data = datasets.load_dataset(str(mnist_folder), split="test")
+    config = {"image_size": 14, "in_channels": 1, "mean": [0.1307], "std": [0.3081]}
+    torch.testing.assert_close(builtin_transform(config)(data["image"][:5]), mnist(14)[2][:5])
