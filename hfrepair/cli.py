@@ -55,6 +55,12 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grid", type=_positive, default=11, help="alphas evaluated for the barrier (default 11)")
     parser.add_argument("--batch-size", type=_positive, default=256)
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    parser.add_argument("--unaligned", action="store_true",
+                        help="also measure REPAIR without alignment (curve naive-repaired)")
+    parser.add_argument("--block-outputs", action="store_true",
+                        help="also measure REPAIR with residual-block output corrections (curve "
+                             "repaired+blocks); they cannot be folded into the weights, so they are "
+                             "reported beside the saved model, never saved")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -117,8 +123,11 @@ def run_merge(args: argparse.Namespace, argv: list[str]) -> MergeResult:
         "train": calibration,
     }
     spec = PermutationSpec.load(args.spec) if getattr(args, "spec", None) else None
+    curves = ("naive", *(("naive-repaired",) if args.unaligned else ()), "aligned", "repaired",
+              *(("repaired+blocks",) if args.block_outputs else ()))
     merged, result = merge(model_a, model_b, calibration, evaluation, alpha=args.alpha, method=args.method,
-                           match_at=args.match_at, spec=spec, grid=args.grid, eval_samples=args.eval_samples)
+                           match_at=args.match_at, spec=spec, grid=args.grid, eval_samples=args.eval_samples,
+                           curves=curves)
     record = {
         "command": "hfrepair " + " ".join(shlex.quote(a) for a in argv),
         "model_a": str(args.model_a), "model_b": str(args.model_b), "dataset": str(args.dataset),
@@ -144,7 +153,7 @@ def format_table(result: MergeResult) -> str:
     """Barrier table: midpoint accuracy, accuracy barrier, test and train loss barriers."""
     if not result.curves:
         return "(no evaluation data: barriers not measured)"
-    header = (f"{'interpolation':<14}{'mid acc':>9}{'acc barrier':>13}{'test loss barrier':>19}"
+    header = (f"{'interpolation':<16}{'mid acc':>9}{'acc barrier':>13}{'test loss barrier':>19}"
               f"{'train loss barrier':>20}")
     rows = [f"alpha={result.alpha}, method={result.method}, {result.calibration_examples} calibration examples, "
             f"{len(result.groups)} permutation groups", header, "-" * len(header)]
@@ -152,13 +161,14 @@ def format_table(result: MergeResult) -> str:
     for label, curves in result.curves.items():
         barriers = result.barriers[label]
         train = f"{barriers['train']['loss']['max']:>20.3f}" if "train" in barriers else f"{'-':>20}"
-        rows.append(f"{label:<14}{100 * curves['test'][mid]['accuracy']:>8.1f}%"
+        rows.append(f"{label:<16}{100 * curves['test'][mid]['accuracy']:>8.1f}%"
                     f"{100 * barriers['test']['accuracy']['max']:>12.1f}%"
                     f"{barriers['test']['loss']['max']:>19.3f}{train}")
     a, b = result.endpoints["A"]["test"]["accuracy"], result.endpoints["B"]["test"]["accuracy"]
     rows.append(f"endpoints: {100 * a:.1f}% / {100 * b:.1f}%; saved model at alpha={result.alpha}: "
                 f"{100 * result.merged['test']['accuracy']:.1f}% test accuracy")
     rows.append("barriers: max over alpha of the gap to the endpoints' line (paper Eq. 1)")
+    rows += [f"note: {note}" for note in result.notes]
     return "\n".join(rows)
 
 

@@ -19,12 +19,17 @@ from .discovery import discover_spec
 from .evaluate import barriers_of, curve, evaluate, variance_ratios
 from .interpolate import interpolate
 from .matching import match_permutations, matching_sites, mean_matched_correlation
-from .repair import METHODS, correction_sites, repair
+from .repair import METHODS, block_output_sites, correction_sites, repair, repair_block_outputs
 from .spec import PermutationSpec, check_function_preserved, permute_state_dict, with_state_dict
 from .statistics import collect_moments, collect_statistics, iter_inputs
 
 # Interpolations the evaluation can trace; "naive-repaired" is REPAIR without alignment.
-CURVES = ("naive", "naive-repaired", "aligned", "repaired")
+CURVES = ("naive", "naive-repaired", "aligned", "repaired", "repaired+blocks")
+# What the "repaired+blocks" curve is, in every result that has it.
+BLOCK_OUTPUT_NOTE = (
+    "repaired+blocks also corrects residual-block outputs; those corrections cannot be folded "
+    "into the weights of this architecture, so it is measured in memory only and never saved"
+)
 DEFAULT_CURVES = ("naive", "aligned", "repaired")
 
 
@@ -51,6 +56,7 @@ class MergeResult:
     barriers: dict[str, dict] = field(default_factory=dict)
     variance_ratio: dict[str, dict] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -112,6 +118,8 @@ def merge(
     unknown = set(curves) - set(CURVES)
     if unknown:
         raise MergeError(f"unknown curves {sorted(unknown)}; choose from {', '.join(CURVES)}")
+    if "repaired+blocks" in curves and method != "repair":
+        raise MergeError("block-output corrections need the exact method (method='repair')")
     check_endpoints(model_a, model_b)
     model_a.eval()
     model_b.eval()
@@ -125,6 +133,8 @@ def merge(
     # it corrects (and the matched cross-covariance there for the closed form).
     match_modules = {m for g in spec.groups for m in matching_sites(spec, g, match_at)}
     repair_modules = {s.module for s in correction_sites(spec)} if method in ("repair", "closed-form") else set()
+    if "repaired+blocks" in curves:
+        repair_modules |= {s.module for s in block_output_sites(spec)}
     cross_modules = match_modules | (repair_modules if method == "closed-form" else set())
     sites = [s for s in spec.sites if s.module in match_modules | repair_modules]
     with _timed(seconds, "statistics"):
@@ -181,6 +191,9 @@ def merge(
                 "naive-repaired": lambda a: with_state_dict(model_a, build(a, aligned=False)),
                 "aligned": lambda a: with_state_dict(model_a, interpolate(state_a, state_b_aligned, a)),
                 "repaired": lambda a: with_state_dict(model_a, build(a)),
+                "repaired+blocks": lambda a: repair_block_outputs(
+                    model_a, interpolate(state_a, state_b_aligned, a), spec, stats, perms, a, calibration,
+                    num_samples),
             }
             result.alphas = alphas
             for label in curves:
@@ -193,5 +206,7 @@ def merge(
                 result.barriers[label] = {
                     name: barriers_of(alphas, points) for name, points in result.curves[label].items()
                 }
+    if "repaired+blocks" in curves:
+        result.notes.append(BLOCK_OUTPUT_NOTE)
     result.seconds = seconds
     return merged, result

@@ -76,6 +76,12 @@ def correction_sites(spec: PermutationSpec) -> list[ActivationSite]:
     return [s for s in spec.sites if s.kind == "linear" and (s.batchnorm or s.bias)]
 
 
+def block_output_sites(spec: PermutationSpec) -> list[ActivationSite]:
+    """Activations on a residual stream (a group written by several layers): block outputs."""
+    streams = {name for name in spec.groups if len(spec.sites_of(name, ("linear",))) > 1}
+    return [s for s in spec.sites if s.kind == "activation" and s.group in streams]
+
+
 @torch.no_grad()
 def repair(
     model: nn.Module,
@@ -96,13 +102,47 @@ def repair(
         raise ValueError(f"method must be one of {METHODS}, not {method!r}")
     if method == "none":
         return dict(state_dict)
+    sites = correction_sites(spec) if method != "reset" else []
+    net, added = _corrected_network(model, state_dict, sites, stats, perms, alpha, method, batches, max_examples)
+    return _fold(net.state_dict(), sites, added)
+
+
+@torch.no_grad()
+def repair_block_outputs(
+    model: nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    spec: PermutationSpec,
+    stats: Statistics,
+    perms: dict[str, torch.Tensor],
+    alpha: float,
+    batches: Iterable,
+    max_examples: int | None = None,
+) -> nn.Module:
+    """Exact REPAIR that also corrects residual-block outputs (after add and activation).
+
+    The identity path carries a block-output correction into every later block, so in a
+    plain ResNet it cannot be folded into the weights: the returned module keeps those
+    correctors as forward hooks. Use it to measure what they add; it is never saved.
+    """
+    layer_sites = correction_sites(spec)
+    blocks = block_output_sites(spec)
+    net, added = _corrected_network(model, state_dict, layer_sites + blocks, stats, perms, alpha, "repair",
+                                    batches, max_examples)
+    net.load_state_dict(_fold(net.state_dict(), layer_sites, added))
+    modules = dict(net.named_modules())
+    for site in blocks:
+        corrector = added[site.module].eval()
+        modules[site.module].register_forward_hook(lambda _m, _i, out, c=corrector: c(out))
+    return net
+
+
+def _corrected_network(model, state_dict, sites, stats, perms, alpha, method, batches, max_examples):
+    """The interpolated network with its BatchNorms and added correctors set for ``method``."""
     if method in ("repair", "reset") and batches is None:
         raise ValueError(f"method {method!r} needs calibration batches for its forward pass")
     net = with_state_dict(model, state_dict).eval()
     modules = dict(net.named_modules())
-    sites = correction_sites(spec) if method != "reset" else []
     added: dict[str, ChannelBatchNorm] = {}
-    reset: list[_BatchNorm] = []
     for site in sites:
         if site.batchnorm and method == "repair":
             continue  # corrected by re-estimating that BatchNorm below
@@ -123,12 +163,17 @@ def repair(
     if method in ("repair", "reset"):
         reset = [m for m in net.modules() if isinstance(m, _BatchNorm)]
         _estimate(net, modules, added, reset, batches, max_examples)
-    merged = net.state_dict()
-    for name, corrector in added.items():
-        corrector.to(merged[f"{name}.weight"].device).eval()
-        site = next(s for s in sites if s.module == name)
-        fold_batchnorm(merged, site.weight, site.bias, corrector)
-    return merged
+    return net, added
+
+
+def _fold(state: dict, sites: list[ActivationSite], added: dict) -> dict:
+    """Fold every added corrector of a conv/linear site into that layer's weights."""
+    for site in sites:
+        if site.module in added and site.kind == "linear":
+            corrector = added[site.module]
+            corrector.to(state[site.weight].device).eval()
+            fold_batchnorm(state, site.weight, site.bias, corrector)
+    return state
 
 
 def _estimate(net, modules, added, reset, batches, max_examples) -> None:

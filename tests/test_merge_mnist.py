@@ -35,7 +35,8 @@ def run(pair, data, **kwargs):
 
 @pytest.fixture(scope="module")
 def resnet_result(resnet_pair, mnist):
-    return run(resnet_pair, mnist(14), curves=("naive", "naive-repaired", "aligned", "repaired"))
+    return run(resnet_pair, mnist(14),
+               curves=("naive", "naive-repaired", "aligned", "repaired", "repaired+blocks"))
 
 
 def test_bn_resnet_repair_recovers_most_of_the_midpoint(resnet_result):
@@ -53,6 +54,21 @@ def test_bn_resnet_repair_recovers_most_of_the_midpoint(resnet_result):
     # The returned model is the one measured at alpha = 0.5.
     assert result.merged["test"]["accuracy"] == midpoint(result, "repaired")
     assert result.calibration_examples == 4000
+
+
+def test_block_output_corrections_are_reported_beside_never_instead(resnet_result):
+    merged, result = resnet_result
+    assert "repaired+blocks" in result.curves
+    assert any("never saved" in note for note in result.notes)
+    # The saved model is the fused one: same keys as the endpoints, and its accuracy is
+    # the "repaired" curve's, whatever the block-output curve says.
+    assert set(merged.state_dict()) == set(result_keys(merged))
+    assert result.merged["test"]["accuracy"] == midpoint(result, "repaired")
+    assert midpoint(result, "repaired+blocks") > midpoint(result, "aligned") + 0.2
+
+
+def result_keys(model):
+    return type(model)(**{k: v for k, v in model._hub_mixin_config.items() if k != "model_type"}).state_dict()
 
 
 def test_bn_resnet_variance_collapse_is_undone(resnet_result):

@@ -9,7 +9,14 @@ from hfrepair.fuse import fold_batchnorm
 from hfrepair.interpolate import interpolate
 from hfrepair.matching import match_permutations
 from hfrepair.models import VGG, ResNet
-from hfrepair.repair import ChannelBatchNorm, correction_sites, repair, site_goal
+from hfrepair.repair import (
+    ChannelBatchNorm,
+    block_output_sites,
+    correction_sites,
+    repair,
+    repair_block_outputs,
+    site_goal,
+)
 from hfrepair.spec import permute_state_dict, with_state_dict
 from hfrepair.statistics import collect_moments, collect_statistics
 
@@ -110,3 +117,19 @@ def test_fold_matches_layer_followed_by_corrector(layer, shape, axis):
     fold_batchnorm(state, "weight", "bias", corrector)
     layer.load_state_dict(state)
     torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_block_output_correction_meets_goals_and_stays_in_memory():
+    a, b = endpoints(lambda: ResNet(blocks_per_stage=2, base_channels=4, image_size=8))
+    inputs = torch.randn(64, 1, 8, 8)
+    spec, stats, perms, mixed = prepare(a, b, inputs)
+    blocks = block_output_sites(spec)
+    assert [s.module for s in blocks] == ["relu"] + [f"blocks.{i}.relu2" for i in range(6)]
+    net = repair_block_outputs(a, mixed, spec, stats, perms, 0.5, [inputs])
+    assert net.state_dict().keys() == a.state_dict().keys()  # correctors are hooks, not weights
+    measured = collect_moments(net, blocks, [inputs])
+    for site in blocks:
+        goal = site_goal(stats, site, perms[site.group], 0.5)
+        torch.testing.assert_close(measured[site.module].std, goal.std, atol=1e-2, rtol=5e-3)
+    fused_only = with_state_dict(a, net.state_dict())
+    assert not torch.allclose(fused_only(inputs), net(inputs))  # the hooks matter
