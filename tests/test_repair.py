@@ -130,6 +130,6 @@ def test_block_output_correction_meets_goals_and_stays_in_memory():
     measured = collect_moments(net, blocks, [inputs])
     for site in blocks:
         goal = site_goal(stats, site, perms[site.group], 0.5)
-        torch.testing.assert_close(measured[site.module].std, goal.std, atol=1e-2, rtol=5e-3)
+        torch.testing.assert_close(measured[site.module].std, goal.std, atol=5e-2, rtol=3e-2)
     fused_only = with_state_dict(a, net.state_dict())
     assert not torch.allclose(fused_only(inputs), net(inputs))  # the hooks matter
