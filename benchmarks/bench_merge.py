@@ -56,8 +56,9 @@ def timed(fn):
 def stages(examples: int) -> dict:
     from hfrepair.discovery import discover_spec
     from hfrepair.interpolate import interpolate
-    from hfrepair.matching import match_permutations, matching_sites
-    from hfrepair.repair import correction_sites, repair
+    from hfrepair.matching import match_permutations
+    from hfrepair.pipeline import statistics_plan
+    from hfrepair.repair import repair
     from hfrepair.spec import permute_state_dict, with_state_dict
     from hfrepair.statistics import collect_statistics
 
@@ -65,9 +66,8 @@ def stages(examples: int) -> dict:
     batches = CyclingBatches(torch.randn(2000, 1, 28, 28), examples)
     seconds = {}
     spec, seconds["discover"] = timed(lambda: discover_spec(a, torch.randn(2, 1, 28, 28)))
-    match = {m for g in spec.groups for m in matching_sites(spec, g, "activation")}
-    sites = [s for s in spec.sites if s.module in match | {c.module for c in correction_sites(spec)}]
-    stats, seconds["statistics"] = timed(lambda: collect_statistics(a, b, sites, batches, cross_sites=match))
+    sites, cross = statistics_plan(spec, "repair", "activation")
+    stats, seconds["statistics"] = timed(lambda: collect_statistics(a, b, sites, batches, cross_sites=cross))
     perms, seconds["match"] = timed(lambda: match_permutations(spec, stats))
     aligned, seconds["permute"] = timed(lambda: permute_state_dict(b.state_dict(), spec, perms))
     mixed, seconds["interpolate"] = timed(lambda: interpolate(a.state_dict(), aligned, 0.5))

@@ -79,6 +79,26 @@ def check_endpoints(model_a: nn.Module, model_b: nn.Module) -> None:
                 raise MergeError(f"endpoint {name} has non-finite values in {key}")
 
 
+def statistics_plan(
+    spec: PermutationSpec, method: str, match_at: str, curves: tuple[str, ...] = DEFAULT_CURVES
+) -> tuple[list, set[str]]:
+    """The sites the statistics pass must visit, and those that need C x C cross-products.
+
+    Matching needs cross-products at its sites; REPAIR needs moments at the layers it
+    corrects with goals (the closed form also their matched cross-covariance). The exact
+    variant corrects BN-followed layers by re-estimating the BN, so needs nothing there.
+    """
+    match_modules = {m for g in spec.groups for m in matching_sites(spec, g, match_at)}
+    repair_modules = {
+        s.module for s in correction_sites(spec)
+        if method == "closed-form" or (method == "repair" and not s.batchnorm)
+    }
+    if "repaired+blocks" in curves:
+        repair_modules |= {s.module for s in block_output_sites(spec)}
+    cross_modules = match_modules | (repair_modules if method == "closed-form" else set())
+    return [s for s in spec.sites if s.module in match_modules | repair_modules], cross_modules
+
+
 @contextmanager
 def _timed(seconds: dict, stage: str):
     start = time.perf_counter()
@@ -129,14 +149,7 @@ def merge(
 
     with _timed(seconds, "discover"):
         spec = spec or discover_spec(model_a, example)
-    # Matching needs C x C cross-products at its sites; REPAIR needs moments at the layers
-    # it corrects (and the matched cross-covariance there for the closed form).
-    match_modules = {m for g in spec.groups for m in matching_sites(spec, g, match_at)}
-    repair_modules = {s.module for s in correction_sites(spec)} if method in ("repair", "closed-form") else set()
-    if "repaired+blocks" in curves:
-        repair_modules |= {s.module for s in block_output_sites(spec)}
-    cross_modules = match_modules | (repair_modules if method == "closed-form" else set())
-    sites = [s for s in spec.sites if s.module in match_modules | repair_modules]
+    sites, cross_modules = statistics_plan(spec, method, match_at, curves)
     with _timed(seconds, "statistics"):
         stats = collect_statistics(model_a, model_b, sites, calibration, num_samples, cross_modules)
     with _timed(seconds, "match"):
@@ -166,7 +179,9 @@ def merge(
     )
 
     with _timed(seconds, "variance"):
-        sites = [s for s in spec.sites if s.module in match_modules]
+        # Figure 2's ratio, at the sites where units were matched (post-activation by default).
+        matched = {m for g in spec.groups for m in matching_sites(spec, g, match_at)}
+        sites = [s for s in spec.sites if s.module in matched]
         aligned_net = with_state_dict(model_a, interpolate(state_a, state_b_aligned, alpha))
         endpoints = {name: stats.pairs[name] for name in (s.module for s in sites)}
         result.variance_ratio = {

@@ -23,9 +23,13 @@ from .spec import ActivationSite
 EPS = 1e-12
 
 
-def channels_last(output: torch.Tensor, axis: int) -> torch.Tensor:
-    """(samples, channels) view of a module output whose units live on ``axis``."""
-    return output.movedim(axis, -1).reshape(-1, output.shape[axis])
+def units_first(output: torch.Tensor, axis: int) -> torch.Tensor:
+    """(units, samples) float64 copy of a module output whose units live on ``axis``.
+
+    Units-first rows make the C x C product ``x @ y.T`` a contiguous GEMM, several times
+    faster on CPU than the (samples, units) layout for the same float64 result.
+    """
+    return output.movedim(axis, 0).reshape(output.shape[axis], -1).double()
 
 
 @dataclass
@@ -37,13 +41,13 @@ class Moments:
     squares: torch.Tensor | None = None
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.double()
+        """Add samples given units-first, as :func:`units_first` returns them."""
         if self.total is None:
-            self.total = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+            self.total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
             self.squares = torch.zeros_like(self.total)
-        self.n += x.shape[0]
-        self.total += x.sum(0)
-        self.squares += (x * x).sum(0)
+        self.n += x.shape[1]
+        self.total += x.sum(1)
+        self.squares += (x * x).sum(1)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -72,7 +76,7 @@ class PairMoments:
         self.b.add(xb)
         if self.with_cross:
             # The C x C float64 product dominates the pass: only sites that need it pay.
-            product = xa.double().T @ xb.double()
+            product = xa @ xb.T
             self.cross = product if self.cross is None else self.cross + product
 
     def covariance(self) -> torch.Tensor:
@@ -137,14 +141,13 @@ def collect_statistics(
 
     def hook_a(name):
         def hook(_module, _inputs, output):
-            # Flatten now: later in-place ops (e.g. ``x += residual``) must not reach it.
-            flat = channels_last(output, by_module[name].axis)
-            pending[name] = flat.clone() if flat.data_ptr() == output.data_ptr() else flat
+            # A float64 copy now: later in-place ops (e.g. ``x += residual``) cannot reach it.
+            pending[name] = units_first(output, by_module[name].axis)
         return hook
 
     def hook_b(name):
         def hook(_module, _inputs, output):
-            pairs[name].add(pending.pop(name), channels_last(output, by_module[name].axis))
+            pairs[name].add(pending.pop(name), units_first(output, by_module[name].axis))
         return hook
 
     handles = []
@@ -178,7 +181,7 @@ def collect_moments(
 
     def make(name):
         def hook(_module, _inputs, output):
-            moments[name].add(channels_last(output, by_module[name].axis))
+            moments[name].add(units_first(output, by_module[name].axis))
         return hook
 
     handles = [modules[name].register_forward_hook(make(name)) for name in by_module]

@@ -1,0 +1,54 @@
+"""Merge two models from Python, stage by stage, and print what each stage produced.
+
+    python examples/merge_api.py [--cache DIR]
+
+Uses the demo's MNIST dataset and endpoints (trained and cached on first use, as
+``hfrepair demo`` does), then runs the pipeline one public function at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+import hfrepair
+from hfrepair.data import image_batches, model_transform
+from hfrepair.demo import DEMO_ENDPOINT, DEMO_TRAINING, default_cache, train_endpoint, write_mnist_dataset
+from hfrepair.models import ResNet
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", default=None)
+    args = parser.parse_args()
+    cache = default_cache() if args.cache is None else Path(args.cache)
+    dataset = write_mnist_dataset(cache / "mnist")
+    folders = [train_endpoint(lambda: ResNet(**DEMO_ENDPOINT), dataset, seed, cache / name, **DEMO_TRAINING)
+               for name, seed in (("resnet-a", 1), ("resnet-b", 2))]
+    model_a, model_b = (hfrepair.load_model(f) for f in folders)
+    transform = model_transform(folders[0])
+    calibration = image_batches(str(dataset), "train", transform, batch_size=500)
+    test = image_batches(str(dataset), "test", transform, batch_size=500)
+
+    example = next(iter(calibration))[0][:4]
+    spec = hfrepair.discover_spec(model_a, example)
+    print(spec.summary())
+    print("verification:", hfrepair.verify_spec(model_a, spec, example))
+
+    stats = hfrepair.collect_statistics(model_a, model_b, spec.sites, calibration)
+    perms = hfrepair.match_permutations(spec, stats)
+    aligned_b = hfrepair.permute_state_dict(model_b.state_dict(), spec, perms)
+    mixed = hfrepair.interpolate(model_a.state_dict(), aligned_b, 0.5)
+    for method in ("none", "closed-form", "repair"):
+        state = hfrepair.repair(model_a, mixed, spec, stats, perms, 0.5, method, calibration)
+        merged = ResNet(**DEMO_ENDPOINT)
+        merged.load_state_dict(state)
+        print(f"{method:>12}: {hfrepair.evaluate(merged, test)}")
+    with torch.no_grad():
+        print("endpoint A:", hfrepair.evaluate(model_a, test), "endpoint B:", hfrepair.evaluate(model_b, test))
+
+
+if __name__ == "__main__":
+    main()
