@@ -22,12 +22,14 @@ def train_classifier(
     batch_size: int = 128,
     lr: float = 0.1,
     weight_decay: float = 5e-4,
+    translate: int = 0,
     seed: int = 0,
 ) -> nn.Module:
     """Train ``model`` in place on preprocessed ``images`` and return it in eval mode.
 
-    The seed fixes initialisation-independent randomness (batch order); seed the model's
-    construction separately for different endpoints.
+    ``translate`` shifts each training image by up to that many pixels (the paper's MNIST
+    augmentation). The seed fixes batch order and shifts; seed the model's construction
+    separately for different endpoints.
     """
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
@@ -40,9 +42,24 @@ def train_classifier(
             index = order[start : start + batch_size]
             if len(index) < 2:
                 continue
-            loss = F.cross_entropy(model_outputs(model, images[index]), labels[index])
+            batch = images[index]
+            if translate:
+                batch = _translate(batch, translate, generator)
+            loss = F.cross_entropy(model_outputs(model, batch), labels[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
     return model.eval()
+
+
+def _translate(images: torch.Tensor, pixels: int, generator: torch.Generator) -> torch.Tensor:
+    """Shift each image by a random whole number of pixels in [-pixels, pixels], per axis."""
+    n, _, height, width = images.shape
+    shifts = torch.randint(-pixels, pixels + 1, (n, 2), generator=generator).float()
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    theta[:, 0, 2] = 2 * shifts[:, 0] / width
+    theta[:, 1, 2] = 2 * shifts[:, 1] / height
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="nearest", padding_mode="border", align_corners=False)

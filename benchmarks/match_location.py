@@ -1,0 +1,44 @@
+"""Which matching location works best? Midpoint accuracy per ``match_at``, on the demo pair.
+
+    python benchmarks/match_location.py [--cache DIR] [--method repair]
+
+Uses the demo's endpoints and MNIST split (trained and cached on first use, like
+``hfrepair demo``); prints aligned-only and REPAIRed midpoint test accuracy for each
+location. The figures behind the default are recorded in benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import hfrepair
+from hfrepair.data import image_batches, model_transform
+from hfrepair.demo import DEMO_ENDPOINT, DEMO_TRAINING, default_cache, train_endpoint, write_mnist_dataset
+from hfrepair.matching import MATCH_LOCATIONS
+from hfrepair.models import ResNet
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", default=None)
+    parser.add_argument("--method", default="repair", choices=hfrepair.METHODS)
+    args = parser.parse_args()
+    cache = default_cache() if args.cache is None else Path(args.cache)
+    dataset = write_mnist_dataset(cache / "mnist")
+    folders = [train_endpoint(lambda: ResNet(**DEMO_ENDPOINT), dataset, seed, cache / name, **DEMO_TRAINING)
+               for name, seed in (("resnet-a", 1), ("resnet-b", 2))]
+    model_a, model_b = (hfrepair.load_model(f) for f in folders)
+    transform = model_transform(folders[0])
+    calibration = image_batches(str(dataset), "train", transform, batch_size=500)
+    test = image_batches(str(dataset), "test", transform, batch_size=500)
+    print(f"{'match_at':<15}{'aligned':>10}{'repaired':>10}")
+    for location in MATCH_LOCATIONS:
+        _, result = hfrepair.merge(model_a, model_b, calibration, {"test": test}, grid=3, match_at=location,
+                                   method=args.method, curves=("aligned", "repaired"))
+        aligned, repaired = (result.curves[c]["test"][1]["accuracy"] for c in ("aligned", "repaired"))
+        print(f"{location:<15}{100 * aligned:>9.1f}%{100 * repaired:>9.1f}%", flush=True)
+
+
+if __name__ == "__main__":
+    main()
