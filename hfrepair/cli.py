@@ -18,13 +18,14 @@ import torch
 
 from .data import DataError, image_batches, model_transform
 from .discovery import ExportError
+from .evaluate import EvaluationError
 from .io import ModelLoadError, config_differences, load_model, read_config, save_merged
 from .matching import MATCH_LOCATIONS, MatchingError
 from .pipeline import MergeError, MergeResult, merge
 from .repair import METHODS
 from .spec import PermutationSpec, SpecError
 
-USER_ERRORS = (DataError, ExportError, MatchingError, MergeError, ModelLoadError, SpecError)
+USER_ERRORS = (DataError, EvaluationError, ExportError, MatchingError, MergeError, ModelLoadError, SpecError)
 DEFAULT_NUM_SAMPLES = 5000
 
 
@@ -101,10 +102,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_output(output: Path, inputs: list[str], overwrite: bool) -> None:
+    """Refuse, before any work, an OUTPUT that would clobber an input or cannot be a folder."""
+    resolved = output.resolve()
+    for source in inputs:
+        path = Path(source).resolve()
+        if resolved == path or path in resolved.parents or resolved in path.parents:
+            raise MergeError(f"output {output} overlaps the input {source}")
+    if output.exists() and not output.is_dir():
+        raise MergeError(f"output {output} exists and is not a folder")
+    if output.exists() and not overwrite:
+        raise MergeError(f"output {output} already exists (pass --overwrite to replace it)")
+
+
+def load_spec(path: str) -> PermutationSpec:
+    try:
+        return PermutationSpec.load(path)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise SpecError(f"cannot read the permutation spec {path}: {error}") from error
+
+
 def run_merge(args: argparse.Namespace, argv: list[str]) -> MergeResult:
     output = Path(args.output)
-    if output.exists() and not args.overwrite:
-        raise MergeError(f"output {output} already exists (pass --overwrite to replace it)")
+    check_output(output, [args.model_a, args.model_b, args.dataset], args.overwrite)
     config_a, config_b = read_config(args.model_a), read_config(args.model_b)
     differences = config_differences(config_a, config_b)
     if differences:
@@ -122,7 +142,7 @@ def run_merge(args: argparse.Namespace, argv: list[str]) -> MergeResult:
                               limit=args.eval_samples, **columns),
         "train": calibration,
     }
-    spec = PermutationSpec.load(args.spec) if getattr(args, "spec", None) else None
+    spec = load_spec(args.spec) if getattr(args, "spec", None) else None
     curves = ("naive", *(("naive-repaired",) if args.unaligned else ()), "aligned", "repaired",
               *(("repaired+blocks",) if args.block_outputs else ()))
     merged, result = merge(model_a, model_b, calibration, evaluation, alpha=args.alpha, method=args.method,
@@ -134,19 +154,37 @@ def run_merge(args: argparse.Namespace, argv: list[str]) -> MergeResult:
         "split": args.split, "eval_split": args.eval_split, "torch": torch.__version__,
         **result.to_dict(),
     }
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
-        save_merged(merged.state_dict(), staging, args.model_a)
-        (staging / "merge_results.json").write_text(json.dumps(record, indent=2))
-        if output.exists():
-            shutil.rmtree(output)
-        staging.rename(output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    def write(folder: Path) -> None:
+        save_merged(merged.state_dict(), folder, args.model_a)
+        (folder / "merge_results.json").write_text(json.dumps(record, indent=2))
+
+    write_atomically(output, write)
     print(format_table(result))
     print(f"merged model written to {output}")
     return result
+
+
+def write_atomically(output: Path, write) -> None:
+    """``write(folder)`` into a staging folder, then swap it in; an old OUTPUT is moved aside
+    first and deleted only once the new one is in place."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    previous = None
+    try:
+        write(staging)
+        if output.exists():
+            previous = Path(tempfile.mkdtemp(prefix=f".{output.name}.old.", dir=output.parent))
+            output.rename(previous / output.name)
+        staging.rename(output)
+    except BaseException:
+        if previous is not None and not output.exists():
+            (previous / output.name).rename(output)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if previous is not None:
+            shutil.rmtree(previous, ignore_errors=True)
 
 
 def format_table(result: MergeResult) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import datasets
 import numpy as np
 import torch
 from PIL import Image
@@ -24,8 +25,6 @@ class DataError(ValueError):
 
 
 def load_split(dataset: str, split: str):
-    import datasets
-
     try:
         return datasets.load_dataset(dataset, split=split)
     except ValueError as error:
@@ -38,8 +37,6 @@ def load_split(dataset: str, split: str):
 
 def detect_columns(features, image_column: str | None = None, label_column: str | None = None) -> tuple[str, str]:
     """The image and label columns: given names, else by feature type, else by usual names."""
-    import datasets
-
     names = list(features)
 
     def pick(given, kind, usual, types):
@@ -86,7 +83,11 @@ def model_transform(folder: str | Path):
         from transformers import AutoImageProcessor
 
         processor = AutoImageProcessor.from_pretrained(str(folder))
-        return lambda images: processor(images=[i.convert("RGB") for i in images], return_tensors="pt")["pixel_values"]
+        def transform(images: list) -> torch.Tensor:
+            images = [i if isinstance(i, Image.Image) else Image.fromarray(np.asarray(i, dtype=np.uint8)) for i in images]
+            return processor(images=[i.convert("RGB") for i in images], return_tensors="pt")["pixel_values"]
+
+        return transform
     config = json.loads((folder / "config.json").read_text())
     if "image_size" not in config and "num_channels" in config:
         config = {"in_channels": config["num_channels"], "image_size": config.get("image_size", 224)}
@@ -94,10 +95,16 @@ def model_transform(folder: str | Path):
 
 
 class ImageBatches:
-    """Re-iterable ``(pixel_values, labels)`` batches over the first ``limit`` examples."""
+    """Re-iterable ``(pixel_values, labels)`` batches over ``limit`` examples.
+
+    With a ``seed`` the examples are a seeded shuffle of the split, so a capped calibration
+    set is not just the first (possibly label-sorted) rows.
+    """
 
     def __init__(self, dataset, transform, image_column: str, label_column: str,
-                 batch_size: int = 256, limit: int | None = None) -> None:
+                 batch_size: int = 256, limit: int | None = None, seed: int | None = None) -> None:
+        if seed is not None:
+            dataset = dataset.shuffle(seed=seed)
         self.dataset = dataset
         self.transform = transform
         self.image_column = image_column
@@ -116,10 +123,15 @@ class ImageBatches:
 
 def image_batches(dataset: str, split: str, transform, *, limit: int | None = None, batch_size: int = 256,
                   image_column: str | None = None, label_column: str | None = None,
-                  strict_limit: bool = False) -> ImageBatches:
+                  strict_limit: bool = False, seed: int | None = None) -> ImageBatches:
     """Batches of ``split``; with ``strict_limit`` a ``limit`` above the split's size is an error."""
     data = load_split(dataset, split)
+    if len(data) == 0:
+        raise DataError(f"split {split!r} of dataset {dataset!r} is empty")
     if strict_limit and limit is not None and limit > len(data):
         raise DataError(f"--num-samples {limit} exceeds the {len(data)} examples of split {split!r}")
     image, label = detect_columns(data.features, image_column, label_column)
-    return ImageBatches(data, transform, image, label, batch_size, limit)
+    feature = data.features[label]
+    if not isinstance(feature, datasets.ClassLabel) and not str(getattr(feature, "dtype", "")).startswith(("int", "uint")):
+        raise DataError(f"label column {label!r} holds {getattr(feature, 'dtype', feature)}, not class indices")
+    return ImageBatches(data, transform, image, label, batch_size, limit, seed)

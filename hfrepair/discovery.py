@@ -138,13 +138,18 @@ def _op_name(node: torch.fx.Node) -> str:
 
 
 def _outputs(g: _GraphAxes, node) -> list:
-    return [t for t in ((node.name, i) for i in range(8)) if t in g.shapes]
+    outputs = []
+    while (node.name, len(outputs)) in g.shapes:
+        outputs.append((node.name, len(outputs)))
+    return outputs
 
 
 def _rule_unary(g: _GraphAxes, node) -> None:
     out = g.tensor(node)
     src = g.tensor(node.args[0]) if node.args else None
-    if out is None or src is None or g.shapes[src] != g.shapes[out]:
+    others = [a for a in list(node.args[1:]) + list(node.kwargs.values()) if g.tensor(a) is not None]
+    if out is None or src is None or others or g.shapes[src] != g.shapes[out]:
+        # A second tensor operand (clamp(min=t), pow(x, t)) broadcasts like a binary op.
         _rule_broadcast(g, node)
         return
     for axis in range(g.rank(out)):
@@ -157,7 +162,7 @@ def _rule_broadcast(g: _GraphAxes, node) -> None:
     if out is None:
         _rule_unknown(g, node)
         return
-    for arg in node.args:
+    for arg in list(node.args) + list(node.kwargs.values()):
         src = g.tensor(arg)
         if src is None:
             continue
@@ -235,7 +240,7 @@ def _rule_conv(g: _GraphAxes, node) -> None:
 
 def _rule_linear(g: _GraphAxes, node) -> None:
     src, weight, out = g.tensor(node.args[0]), g.tensor(node.args[1]), g.tensor(node)
-    bias = g.tensor(node.args[2]) if len(node.args) > 2 else None
+    bias = g.tensor(node.args[2]) if len(node.args) > 2 else g.tensor(node.kwargs.get("bias"))
     for axis in range(g.rank(src) - 1):
         g.tie(src, axis, out, axis)
     g.tie(src, -1, weight, 1)
@@ -333,6 +338,9 @@ def _rule_permute(g: _GraphAxes, node) -> None:
     src, out = g.tensor(node.args[0]), g.tensor(node)
     rank = g.rank(src)
     name = _op_name(node)
+    if rank < 2:
+        _rule_unary(g, node)
+        return
     if name == "permute":
         order = [d % rank for d in node.args[1]]
     else:
@@ -440,6 +448,8 @@ def discover_spec(model: nn.Module, example_inputs: torch.Tensor) -> Permutation
                 g.fix_all(g.tensor(node), "model input or constant")
             elif key not in state_keys:
                 g.fix_all(g.tensor(node), "not in the state_dict (non-persistent buffer)")
+            elif not node.users:
+                g.fix_all(g.tensor(node), "not used by the forward pass")
         elif node.op == "output":
             for leaf in torch.utils._pytree.tree_leaves(node.args):
                 g.fix_all(g.tensor(leaf), "model output")
@@ -550,8 +560,12 @@ def _find_sites(model, graph, g: _GraphAxes, group_of_class, groups) -> list[Act
             site.bias = f"{path}.bias" if getattr(module, "bias", None) is not None else None
             users = list(exits[-1].users)
             if len(users) == 1 and _leaf(users[0]) is not None:
-                consumer = modules.get(_leaf(users[0])[0])
-                if isinstance(consumer, nn.modules.batchnorm._BatchNorm):
-                    site.batchnorm = _leaf(users[0])[0]
+                path_bn = _leaf(users[0])[0]
+                consumer = modules.get(path_bn)
+                # Only a BatchNorm over this layer's own units (the same group) corrects it.
+                if isinstance(consumer, nn.modules.batchnorm._BatchNorm) and consumer.affine and (
+                    (f"{path_bn}.weight", 0) in groups[group].members
+                ):
+                    site.batchnorm = path_bn
         sites.append(site)
     return sites

@@ -19,6 +19,10 @@ from tqdm.auto import tqdm
 from .spec import model_outputs
 
 
+class EvaluationError(ValueError):
+    """Labels that do not fit the model's outputs, or no data."""
+
+
 @dataclass
 class Metrics:
     loss: float
@@ -42,11 +46,14 @@ def evaluate(model: nn.Module, batches: Iterable, max_examples: int | None = Non
             inputs, labels = inputs[: max_examples - seen], labels[: max_examples - seen]
         logits = model_outputs(model, inputs.to(device)).float()
         labels = labels.to(device)
+        if labels.min() < 0 or labels.max() >= logits.shape[-1]:
+            raise EvaluationError(f"labels range over [{labels.min().item()}, {labels.max().item()}] but the "
+                                  f"model has {logits.shape[-1]} outputs")
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
         correct += (logits.argmax(-1) == labels).sum().item()
         seen += len(labels)
     if seen == 0:
-        raise ValueError("evaluation data is empty")
+        raise EvaluationError("evaluation data is empty")
     return Metrics(loss_sum / seen, correct / seen, seen)
 
 

@@ -30,7 +30,10 @@ def read_config(folder: str | Path) -> dict:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise ModelLoadError(f"{folder}: no config.json (expected a model folder as saved on the Hub)")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ModelLoadError(f"{path}: not valid JSON ({error})") from error
 
 
 def load_model(folder: str | Path) -> nn.Module:
@@ -45,12 +48,15 @@ def load_model(folder: str | Path) -> nn.Module:
         raise ModelLoadError(f"{folder}: no safetensors weights{hint}")
     model_type = config.get("model_type")
     if model_type in BUILTIN_MODELS:
-        return BUILTIN_MODELS[model_type].from_folder(str(folder)).eval()
+        try:
+            return BUILTIN_MODELS[model_type].from_folder(str(folder)).eval()
+        except (TypeError, RuntimeError, FileNotFoundError) as error:
+            raise ModelLoadError(f"{folder}: cannot load {model_type}: {str(error).splitlines()[0]}") from error
     from transformers import AutoModelForImageClassification
 
     try:
         model = AutoModelForImageClassification.from_pretrained(str(folder), use_safetensors=True)
-    except (ValueError, KeyError, OSError) as error:
+    except (ValueError, KeyError, OSError, RuntimeError) as error:
         raise ModelLoadError(f"{folder}: cannot load model_type {model_type!r}: {str(error).splitlines()[0]}") from error
     return model.eval()
 

@@ -20,7 +20,7 @@ from .evaluate import barriers_of, curve, evaluate, variance_ratios
 from .interpolate import interpolate
 from .matching import match_permutations, matching_sites, mean_matched_correlation
 from .repair import METHODS, block_output_sites, correction_sites, repair, repair_block_outputs
-from .spec import PermutationSpec, check_function_preserved, permute_state_dict, with_state_dict
+from .spec import PermutationSpec, check_function_preserved, permute_state_dict, verify_spec, with_state_dict
 from .statistics import collect_moments, collect_statistics, iter_inputs
 
 # Interpolations the evaluation can trace; "naive-repaired" is REPAIR without alignment.
@@ -144,11 +144,15 @@ def merge(
     model_a.eval()
     model_b.eval()
     seconds: dict[str, float] = {}
-    example = next(iter_inputs(calibration, 8, "example"))
+    example = next(iter_inputs(calibration, 8, "example"), None)
+    if example is None:
+        raise MergeError("the calibration data is empty")
     example = example.to(next(model_a.parameters()).device)
 
     with _timed(seconds, "discover"):
         spec = spec or discover_spec(model_a, example)
+        # Every spec, discovered or by hand, must pass the random-permutation check.
+        verify_spec(model_a, spec, example)
     sites, cross_modules = statistics_plan(spec, method, match_at, curves)
     with _timed(seconds, "statistics"):
         stats = collect_statistics(model_a, model_b, sites, calibration, num_samples, cross_modules)

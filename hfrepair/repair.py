@@ -147,6 +147,9 @@ def _corrected_network(model, state_dict, sites, stats, perms, alpha, method, ba
         if site.batchnorm and method == "repair":
             continue  # corrected by re-estimating that BatchNorm below
         goal = site_goal(stats, site, perms[site.group], alpha)
+        if method == "closed-form" and goal.predicted_var is None:
+            raise ValueError(f"closed-form REPAIR needs cross-products at {site.module}: "
+                             "collect statistics with it in cross_sites")
         if site.batchnorm:
             if method == "closed-form":
                 norm = modules[site.batchnorm]

@@ -2,8 +2,9 @@
 
 In: two models, a spec's sites, an iterable of input batches. Out: :class:`Statistics`,
 per site float64 sums ``n, sum x, sum x^2`` for each model and ``sum x_A x_B^T`` across
-them. Every position of a conv feature map counts as a sample. Memory is one batch of
-activations plus C x C per site, whatever the number of batches.
+them. Every position of a conv feature map counts as a sample. Memory is A's activations
+of one batch at the measured sites (float64) plus C x C per site, whatever the number of
+batches.
 
 Permutations do not change activations, so one pass serves every group: matching, REPAIR
 goals, the closed-form variant and the variance-collapse ratios all read these sums.
@@ -29,7 +30,9 @@ def units_first(output: torch.Tensor, axis: int) -> torch.Tensor:
     Units-first rows make the C x C product ``x @ y.T`` a contiguous GEMM, several times
     faster on CPU than the (samples, units) layout for the same float64 result.
     """
-    return output.movedim(axis, 0).reshape(output.shape[axis], -1).double()
+    flat = output.movedim(axis, 0).reshape(output.shape[axis], -1).double()
+    # float64 outputs with units already first come back as a view: copy them too.
+    return flat.clone() if flat.data_ptr() == output.data_ptr() else flat
 
 
 @dataclass

@@ -148,3 +148,38 @@ class Unexportable(nn.Module):
 def test_unexportable_model_says_what_to_do():
     with pytest.raises(ExportError, match="spec by hand"):
         discover_spec(Unexportable(), torch.randn(2, 4))
+
+
+class Tricky(nn.Module):
+    """Patterns that once produced wrong groups: many chunks, a tensor clamp bound, an
+    unused layer, and a BatchNorm over the sequence axis of a channels-last Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, 24)
+        self.heads = nn.ModuleList(nn.Linear(2, 3) for _ in range(12))
+        self.low = nn.Parameter(torch.zeros(36))
+        self.unused = nn.Linear(5, 5)
+        self.seq = nn.Linear(36, 6)
+        self.bn = nn.BatchNorm1d(5)
+        self.out = nn.Linear(6, 2)
+
+    def forward(self, x):  # x: (N, 5, 4)
+        parts = self.inp(x).chunk(12, dim=-1)
+        h = torch.cat([head(p) for head, p in zip(self.heads, parts)], dim=-1)
+        h = torch.clamp(h, min=self.low)
+        return self.out(self.bn(self.seq(h)))
+
+
+def test_tricky_patterns_give_only_valid_groups():
+    model = randomise(Tricky())
+    inputs = torch.randn(3, 5, 4)
+    spec = discover_spec(model, inputs)
+    verify_spec(model, spec, inputs)
+    keys = {key for group in spec.groups.values() for key, _ in group.members}
+    assert not any(key.startswith("unused.") for key in keys)
+    assert "low" not in keys
+    assert ("unused.weight", 0) in spec.fixed and "not used" in spec.fixed[("unused.weight", 0)]
+    # The BatchNorm normalises the sequence axis, not seq's output units: no BN-reset site.
+    seq = next(site for site in spec.sites if site.module == "seq")
+    assert seq.axis == 2 and seq.batchnorm is None
