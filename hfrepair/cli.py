@@ -55,6 +55,8 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-samples", type=_positive, default=None, help="cap on evaluation examples")
     parser.add_argument("--grid", type=_positive, default=11, help="alphas evaluated for the barrier (default 11)")
     parser.add_argument("--batch-size", type=_positive, default=256)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the shuffle that picks capped calibration/evaluation examples")
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     parser.add_argument("--unaligned", action="store_true",
                         help="also measure REPAIR without alignment (curve naive-repaired)")
@@ -135,11 +137,11 @@ def run_merge(args: argparse.Namespace, argv: list[str]) -> MergeResult:
     transform = model_transform(args.model_a)
     columns = dict(image_column=getattr(args, "image_column", None), label_column=getattr(args, "label_column", None))
     calibration = image_batches(args.dataset, args.split, transform, batch_size=args.batch_size,
-                                limit=args.num_samples or DEFAULT_NUM_SAMPLES,
+                                limit=args.num_samples or DEFAULT_NUM_SAMPLES, seed=args.seed,
                                 strict_limit=args.num_samples is not None, **columns)
     evaluation = {
         "test": image_batches(args.dataset, args.eval_split, transform, batch_size=args.batch_size,
-                              limit=args.eval_samples, **columns),
+                              limit=args.eval_samples, seed=args.seed, **columns),
         "train": calibration,
     }
     spec = load_spec(args.spec) if getattr(args, "spec", None) else None

@@ -19,7 +19,7 @@ from .models import ResNet
 from .training import train_classifier
 
 DEMO_ENDPOINT = dict(width=2, blocks_per_stage=1, normalization="batchnorm")
-DEMO_TRAINING = dict(epochs=8, lr=0.1, batch_size=128)
+DEMO_TRAINING = dict(epochs=12, lr=0.2, batch_size=128, translate=2)
 
 
 def default_cache() -> Path:

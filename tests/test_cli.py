@@ -42,7 +42,8 @@ from hfrepair.data import image_batches, model_transform
 from hfrepair.evaluate import evaluate
 folder, dataset, limit = sys.argv[1], sys.argv[2], int(sys.argv[3])
 model = load_model(folder)
-metrics = evaluate(model, image_batches(dataset, "test", model_transform(folder), limit=limit, batch_size=500))
+test = image_batches(dataset, "test", model_transform(folder), limit=limit, batch_size=500, seed=0)
+metrics = evaluate(model, test)
 print(json.dumps(metrics.to_dict()))
 """
 
@@ -132,6 +133,12 @@ def test_bad_input_gives_one_line_errors_and_no_output(endpoint_folders, mnist_f
     (pickled / "config.json").write_text((b / "config.json").read_text())
     torch.save(load_file(b / "model.safetensors"), pickled / "pytorch_model.bin")
     expect_error(capsys, ["merge", a, pickled, *base], "only pickle weights")
+
+    bad_spec = tmp_path / "spec.json"
+    bad_spec.write_text("{not json")
+    expect_error(capsys, ["merge", a, b, *base, "--spec", bad_spec], "cannot read the permutation spec")
+    expect_error(capsys, ["merge", a, b, "--dataset", mnist_folder, "--output", a, "--overwrite", *FAST],
+                 "overlaps the input")
 
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no staging left behind

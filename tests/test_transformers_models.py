@@ -31,7 +31,7 @@ def save_with_processor(model, folder):
     processor.save_pretrained(str(folder))
 
 
-def train_hf_pair(factory, mnist_folder, root, epochs):
+def train_hf_pair(factory, mnist_folder, root, epochs, lr=0.05):
     """Two endpoints trained on images preprocessed by their own saved image processor."""
     folders = []
     for seed in (1, 2):
@@ -41,7 +41,7 @@ def train_hf_pair(factory, mnist_folder, root, epochs):
         save_with_processor(model, folder)
         data = image_batches(str(mnist_folder), "train", model_transform(folder), batch_size=4000)
         images, labels = next(iter(data))
-        train_classifier(model, images, labels, epochs=epochs, lr=0.05, seed=seed)
+        train_classifier(model, images, labels, epochs=epochs, lr=lr, seed=seed)
         model.save_pretrained(str(folder))
         folders.append(folder)
     return folders
@@ -77,7 +77,7 @@ def test_convnext_merges_and_repair_helps(mnist_folder, tmp_path):
                                 num_labels=10, layer_scale_init_value=1.0)
         return ConvNextForImageClassification(config)
 
-    a, b = train_hf_pair(factory, mnist_folder, tmp_path, epochs=4)
+    a, b = train_hf_pair(factory, mnist_folder, tmp_path, epochs=6, lr=0.1)
     model_a, model_b = load_model(a), load_model(b)
     assert isinstance(model_a, ConvNextForImageClassification)
     transform = model_transform(a)
@@ -88,6 +88,7 @@ def test_convnext_merges_and_repair_helps(mnist_folder, tmp_path):
     assert result.permuted_max_abs_diff <= 1e-4
     aligned = result.curves["aligned"]["test"][1]["accuracy"]
     repaired = result.curves["repaired"]["test"][1]["accuracy"]
-    assert min(result.endpoints[k]["test"]["accuracy"] for k in "AB") > 0.85
-    assert repaired > aligned
+    # Measured here: endpoints 87.8% / 85.9%, aligned 67.2%, REPAIR 79.7%.
+    assert min(result.endpoints[k]["test"]["accuracy"] for k in "AB") > 0.8
+    assert repaired > aligned + 0.05
     assert repaired == pytest.approx(result.merged["test"]["accuracy"])
