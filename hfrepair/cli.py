@@ -19,6 +19,8 @@ import torch
 from .data import DataError, image_batches, model_transform
 from .discovery import ExportError
 from .evaluate import EvaluationError
+from .card import write_card
+from .hub import dataset_source, push_folder, read_license, resolve_model
 from .io import ModelLoadError, config_differences, load_model, read_config, save_merged
 from .matching import MATCH_LOCATIONS, MatchingError
 from .pipeline import MergeError, MergeResult, merge
@@ -58,6 +60,10 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the shuffle that picks capped calibration/evaluation examples")
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    parser.add_argument("--push-to-hub", metavar="REPO", default=None,
+                        help="after writing OUTPUT, upload it to this Hub repo in one commit")
+    parser.add_argument("--private", action="store_true", help="create the pushed repo as private")
+    parser.add_argument("--revision", default=None, help="branch to push to (created if needed)")
     parser.add_argument("--unaligned", action="store_true",
                         help="also measure REPAIR without alignment (curve naive-repaired)")
     parser.add_argument("--block-outputs", action="store_true",
@@ -83,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Merge MODEL_A and MODEL_B (folders with config.json + safetensors) using calibration data "
         "from DATASET (a folder of split-named parquet files, or anything datasets.load_dataset "
         "reads). OUTPUT receives the merged model and merge_results.json."))
-    m.add_argument("model_a")
-    m.add_argument("model_b")
+    m.add_argument("model_a", help="local folder, or Hub repo id with optional @revision")
+    m.add_argument("model_b", help="local folder, or Hub repo id with optional @revision")
     m.add_argument("--dataset", required=True, help="calibration/evaluation dataset folder or id")
     m.add_argument("--output", required=True, help="folder to create for the merged model")
     m.add_argument("--split", default="train", help="calibration split (default train)")
@@ -101,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--output", default="hfrepair-demo", help="folder for the merged model (default hfrepair-demo)")
     d.add_argument("--cache", default=None, help="where endpoints and data are cached (default ~/.cache/hfrepair/demo)")
     add_merge_arguments(d)
+
+    p = commands.add_parser("push", help="publish an existing merge output folder to the Hub", description=(
+        "Upload OUTPUT (as written by hfrepair merge) to REPO in one commit, creating the repo if needed."))
+    p.add_argument("output")
+    p.add_argument("repo")
+    p.add_argument("--private", action="store_true", help="create the repo as private")
+    p.add_argument("--revision", default=None, help="branch to push to (created if needed)")
     return parser
 
 
@@ -127,14 +140,16 @@ def load_spec(path: str) -> PermutationSpec:
 def run_merge(args: argparse.Namespace, argv: list[str]) -> MergeResult:
     output = Path(args.output)
     check_output(output, [args.model_a, args.model_b, args.dataset], args.overwrite)
-    config_a, config_b = read_config(args.model_a), read_config(args.model_b)
+    source_a, source_b = resolve_model(args.model_a), resolve_model(args.model_b)
+    folder_a, folder_b = source_a.folder, source_b.folder
+    config_a, config_b = read_config(folder_a), read_config(folder_b)
     differences = config_differences(config_a, config_b)
     if differences:
         field = differences[0]
         raise MergeError(f"endpoints have different architectures: config field {field!r} is "
                          f"{config_a.get(field)!r} in A and {config_b.get(field)!r} in B")
-    model_a, model_b = load_model(args.model_a), load_model(args.model_b)
-    transform = model_transform(args.model_a)
+    model_a, model_b = load_model(folder_a), load_model(folder_b)
+    transform = model_transform(folder_a)
     columns = dict(image_column=getattr(args, "image_column", None), label_column=getattr(args, "label_column", None))
     calibration = image_batches(args.dataset, args.split, transform, batch_size=args.batch_size,
                                 limit=args.num_samples or DEFAULT_NUM_SAMPLES, seed=args.seed,
@@ -152,18 +167,23 @@ def run_merge(args: argparse.Namespace, argv: list[str]) -> MergeResult:
                            curves=curves)
     record = {
         "command": "hfrepair " + " ".join(shlex.quote(a) for a in argv),
-        "model_a": str(args.model_a), "model_b": str(args.model_b), "dataset": str(args.dataset),
+        "sources": {"model_a": source_a.to_dict(), "model_b": source_b.to_dict(),
+                    "dataset": dataset_source(str(args.dataset))},
         "split": args.split, "eval_split": args.eval_split, "torch": torch.__version__,
         **result.to_dict(),
     }
 
     def write(folder: Path) -> None:
-        save_merged(merged.state_dict(), folder, args.model_a)
+        save_merged(merged.state_dict(), folder, folder_a)
         (folder / "merge_results.json").write_text(json.dumps(record, indent=2))
+        write_card(folder, record, (config_a, config_b), (read_license(folder_a), read_license(folder_b)))
 
     write_atomically(output, write)
     print(format_table(result))
     print(f"merged model written to {output}")
+    if args.push_to_hub:
+        url = push_folder(output, args.push_to_hub, private=args.private, revision=args.revision)
+        print(f"pushed to {url}")
     return result
 
 
@@ -218,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "merge":
             run_merge(args, argv)
+        elif args.command == "push":
+            if not (Path(args.output) / "merge_results.json").is_file():
+                raise MergeError(f"{args.output} is not an hfrepair output folder (no merge_results.json)")
+            print(f"pushed to {push_folder(args.output, args.repo, private=args.private, revision=args.revision)}")
         else:
             from .demo import run_demo
 

@@ -1,0 +1,149 @@
+"""The model card and plots of a merge, from ``merge_results.json``'s record.
+
+In: the record a merge wrote (every number measured on the saved weights) and where the
+endpoints came from. Out: ``README.md`` rendered from ``model_cards/merged_model.md`` with
+huggingface_hub's ``ModelCard``/``ModelCardData`` (metadata: ``base_model``, tags,
+``datasets``, ``library_name``, license when both endpoints agree, and a ``model-index``
+of the measured barriers and accuracies), plus ``barrier_curve.png`` and
+``variance_ratio.png``. Nothing here computes a number: it only presents the record.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "merged_model.md"
+CURVE_STYLES = {"naive": ":", "naive-repaired": "-.", "aligned": "--", "repaired": "-", "repaired+blocks": "-"}
+
+
+def plot_barrier(record: dict, path: Path) -> None:
+    """Test accuracy and loss over alpha for every measured interpolation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for label, curves in record["curves"].items():
+        points = curves["test"]
+        for axis, metric in zip(axes, ("accuracy", "loss")):
+            axis.plot(record["alphas"], [p[metric] for p in points], CURVE_STYLES.get(label, "-"), marker="o",
+                      markersize=3, label=label)
+    for axis, metric in zip(axes, ("test accuracy", "test loss")):
+        axis.set_xlabel("alpha (0 = A, 1 = B)")
+        axis.set_ylabel(metric)
+        axis.grid(alpha=0.3)
+    axes[0].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_variance(record: dict, path: Path) -> None:
+    """Per-layer variance ratio to the endpoints (paper Fig. 2), before and after REPAIR."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 3.8))
+    for label, ratios in record["variance_ratio"].items():
+        axis.plot(range(len(ratios)), list(ratios.values()), marker="o", label=label)
+    axis.axhline(1.0, color="gray", linewidth=0.8)
+    axis.set_xlabel("layer (matched activation sites, input to output)")
+    axis.set_ylabel("variance / endpoints' variance")
+    axis.set_title(f"alpha = {record['alpha']}")
+    axis.legend()
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def barrier_table(record: dict) -> str:
+    mid = min(range(len(record["alphas"])), key=lambda i: abs(record["alphas"][i] - 0.5))
+    rows = ["| interpolation | midpoint accuracy | accuracy barrier | test-loss barrier | train-loss barrier |",
+            "|---|---|---|---|---|"]
+    for label, curves in record["curves"].items():
+        barriers = record["barriers"][label]
+        train = f"{barriers['train']['loss']['max']:.3f}" if "train" in barriers else "-"
+        rows.append(f"| {label} | {_percent(curves['test'][mid]['accuracy'])} | "
+                    f"{_percent(barriers['test']['accuracy']['max'])} | {barriers['test']['loss']['max']:.3f} | {train} |")
+    return "\n".join(rows)
+
+
+def _versions() -> str:
+    import datasets
+    import huggingface_hub
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return (f"hfrepair {__version__}, torch {torch.__version__}, transformers {transformers.__version__}, "
+            f"huggingface_hub {huggingface_hub.__version__}, datasets {datasets.__version__}, "
+            f"Python {platform.python_version()}")
+
+
+def model_card(record: dict, configs: tuple[dict, dict], licenses: tuple[str | None, str | None]) -> ModelCard:
+    """The card of a merge; ``configs`` are the endpoints' config.json, ``licenses`` theirs."""
+    a, b = record["sources"]["model_a"], record["sources"]["model_b"]
+    name_a, name_b = a["repo_id"] or a["reference"], b["repo_id"] or b["reference"]
+    dataset = record["sources"]["dataset"]
+    hub_dataset = dataset["repo_id"]
+    split = record["eval_split"]
+    metrics = [
+        ("accuracy", "Merged model accuracy", record["merged"]["test"]["accuracy"]),
+        ("loss", "Merged model loss", record["merged"]["test"]["loss"]),
+        ("accuracy_barrier", "Accuracy barrier (REPAIR)", record["barriers"]["repaired"]["test"]["accuracy"]["max"]),
+        ("loss_barrier", "Loss barrier (REPAIR)", record["barriers"]["repaired"]["test"]["loss"]["max"]),
+        ("accuracy_barrier_aligned", "Accuracy barrier (aligned only)",
+         record["barriers"]["aligned"]["test"]["accuracy"]["max"]),
+    ]
+    eval_results = [
+        EvalResult(task_type="image-classification", dataset_type=hub_dataset or dataset["reference"],
+                   dataset_name=hub_dataset or dataset["reference"], dataset_split=split,
+                   metric_type=metric, metric_name=label, metric_value=round(value, 6))
+        for metric, label, value in metrics
+    ]
+    is_transformers = "architectures" in configs[0]
+    card_data = ModelCardData(
+        base_model=[n for n in (a["repo_id"], b["repo_id"]) if n] or None,
+        tags=["merge", "hfrepair", "repair"],
+        datasets=[hub_dataset] if hub_dataset else None,
+        library_name="transformers" if is_transformers else "hfrepair",
+        license=licenses[0] if licenses[0] and licenses[0] == licenses[1] else None,
+        model_name=record.get("title", "merged"),
+        eval_results=eval_results,
+        base_model_revisions={n: r for n, r in ((a["repo_id"], a["revision"]), (b["repo_id"], b["revision"])) if n},
+    )
+    endpoints = record["endpoints"]
+    return ModelCard.from_template(
+        card_data, template_path=str(TEMPLATE),
+        title=record.get("title", f"Merge of {name_a} and {name_b}"),
+        model_a=name_a, model_b=name_b,
+        model_a_url=f"https://huggingface.co/{name_a}" if a["repo_id"] else name_a,
+        model_b_url=f"https://huggingface.co/{name_b}" if b["repo_id"] else name_b,
+        revision_a=a["revision"] or "local", revision_b=b["revision"] or "local",
+        alpha=record["alpha"], method=record["method"], match_at=record["match_at"],
+        calibration_examples=record["calibration_examples"], dataset=hub_dataset or dataset["reference"],
+        split=record["split"], eval_split=split, num_groups=len(record["groups"]), grid=len(record["alphas"]),
+        table=barrier_table(record), merged_accuracy=_percent(record["merged"]["test"]["accuracy"]),
+        merged_loss=f"{record['merged']['test']['loss']:.4f}",
+        accuracy_a=_percent(endpoints["A"]["test"]["accuracy"]), accuracy_b=_percent(endpoints["B"]["test"]["accuracy"]),
+        notes=record.get("notes", []), command=record["command"], versions=_versions(),
+    )
+
+
+def write_card(folder: Path, record: dict, configs: tuple[dict, dict], licenses: tuple) -> None:
+    """README.md and the two plots into ``folder``."""
+    plot_barrier(record, folder / "barrier_curve.png")
+    plot_variance(record, folder / "variance_ratio.png")
+    model_card(record, configs, licenses).save(folder / "README.md")
