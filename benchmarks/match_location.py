@@ -10,13 +10,11 @@ location. The figures behind the default are recorded in benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import hfrepair
 from hfrepair.data import image_batches, model_transform
-from hfrepair.demo import DEMO_ENDPOINT, DEMO_TRAINING, default_cache, train_endpoint, write_mnist_dataset
+from hfrepair.demo import demo_endpoints
 from hfrepair.matching import MATCH_LOCATIONS
-from hfrepair.models import ResNet
 
 
 def main() -> None:
@@ -24,10 +22,7 @@ def main() -> None:
     parser.add_argument("--cache", default=None)
     parser.add_argument("--method", default="repair", choices=hfrepair.METHODS)
     args = parser.parse_args()
-    cache = default_cache() if args.cache is None else Path(args.cache)
-    dataset = write_mnist_dataset(cache / "mnist")
-    folders = [train_endpoint(lambda: ResNet(**DEMO_ENDPOINT), dataset, seed, cache / name, **DEMO_TRAINING)
-               for name, seed in (("resnet-a", 1), ("resnet-b", 2))]
+    dataset, folders = demo_endpoints(args.cache)
     model_a, model_b = (hfrepair.load_model(f) for f in folders)
     transform = model_transform(folders[0])
     calibration = image_batches(str(dataset), "train", transform, batch_size=500)

@@ -9,13 +9,10 @@ Uses the demo's MNIST dataset and endpoints (trained and cached on first use, as
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
-import torch
 
 import hfrepair
 from hfrepair.data import image_batches, model_transform
-from hfrepair.demo import DEMO_ENDPOINT, DEMO_TRAINING, default_cache, train_endpoint, write_mnist_dataset
+from hfrepair.demo import DEMO_ENDPOINT, demo_endpoints
 from hfrepair.models import ResNet
 
 
@@ -23,10 +20,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", default=None)
     args = parser.parse_args()
-    cache = default_cache() if args.cache is None else Path(args.cache)
-    dataset = write_mnist_dataset(cache / "mnist")
-    folders = [train_endpoint(lambda: ResNet(**DEMO_ENDPOINT), dataset, seed, cache / name, **DEMO_TRAINING)
-               for name, seed in (("resnet-a", 1), ("resnet-b", 2))]
+    dataset, folders = demo_endpoints(args.cache)
     model_a, model_b = (hfrepair.load_model(f) for f in folders)
     transform = model_transform(folders[0])
     calibration = image_batches(str(dataset), "train", transform, batch_size=500)
@@ -46,8 +40,7 @@ def main() -> None:
         merged = ResNet(**DEMO_ENDPOINT)
         merged.load_state_dict(state)
         print(f"{method:>12}: {hfrepair.evaluate(merged, test)}")
-    with torch.no_grad():
-        print("endpoint A:", hfrepair.evaluate(model_a, test), "endpoint B:", hfrepair.evaluate(model_b, test))
+    print("endpoint A:", hfrepair.evaluate(model_a, test), "endpoint B:", hfrepair.evaluate(model_b, test))
 
 
 if __name__ == "__main__":

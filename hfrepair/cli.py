@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
+from .card import write_card
 from .data import DataError, image_batches, model_transform
 from .discovery import ExportError
 from .evaluate import EvaluationError
-from .card import write_card
 from .hub import dataset_source, push_folder, read_license, resolve_model
 from .io import ModelLoadError, config_differences, load_model, read_config, save_merged
 from .matching import MATCH_LOCATIONS, MatchingError

@@ -68,15 +68,22 @@ def train_endpoint(model_factory, dataset: str | Path, seed: int, folder: str | 
     return folder
 
 
-def run_demo(args: argparse.Namespace, argv: list[str]) -> None:
-    from .cli import run_merge
-
-    cache = Path(args.cache) if args.cache else default_cache()
+def demo_endpoints(cache: str | Path | None = None) -> tuple[Path, list[Path]]:
+    """The demo's dataset folder and its two endpoint folders, made on first use."""
+    cache = Path(cache) if cache else default_cache()
     dataset = write_mnist_dataset(cache / "mnist")
     endpoints = []
     for name, seed in (("resnet-a", 1), ("resnet-b", 2)):
-        print(f"endpoint {name}: {'cached' if (cache / name / 'model.safetensors').is_file() else 'training'}")
+        print(f"endpoint {name}: {'cached' if (cache / name / 'model.safetensors').is_file() else 'training'}",
+              flush=True)
         endpoints.append(train_endpoint(lambda: ResNet(**DEMO_ENDPOINT), dataset, seed, cache / name, **DEMO_TRAINING))
+    return dataset, endpoints
+
+
+def run_demo(args: argparse.Namespace, argv: list[str]) -> None:
+    from .cli import run_merge
+
+    dataset, endpoints = demo_endpoints(args.cache)
     merge_args = argparse.Namespace(**vars(args), model_a=str(endpoints[0]), model_b=str(endpoints[1]),
                                     dataset=str(dataset), split="train", eval_split="test")
     run_merge(merge_args, argv)

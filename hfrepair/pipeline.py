@@ -20,7 +20,13 @@ from .evaluate import barriers_of, curve, evaluate, variance_ratios
 from .interpolate import interpolate
 from .matching import match_permutations, matching_sites, mean_matched_correlation
 from .repair import METHODS, block_output_sites, correction_sites, repair, repair_block_outputs
-from .spec import PermutationSpec, check_function_preserved, permute_state_dict, verify_spec, with_state_dict
+from .spec import (
+    PermutationSpec,
+    check_function_preserved,
+    permute_state_dict,
+    verify_spec,
+    with_state_dict,
+)
 from .statistics import collect_moments, collect_statistics, iter_inputs
 
 # Interpolations the evaluation can trace; "naive-repaired" is REPAIR without alignment.
