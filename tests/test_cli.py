@@ -54,7 +54,8 @@ def test_merge_command_writes_a_model_that_reloads_with_the_reported_accuracy(en
     done = run_cli("merge", a, b, "--dataset", mnist_folder, "--output", out, *FAST)
     assert done.returncode == 0, done.stderr
     assert "repaired" in done.stdout and "acc barrier" in done.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "merge_results.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "barrier_curve.png", "config.json",
+                                                     "merge_results.json", "model.safetensors", "variance_ratio.png"]
     results = json.loads((out / "merge_results.json").read_text())
     assert results["calibration_examples"] == 1000 and results["method"] == "repair"
     assert load_file(out / "model.safetensors").keys() == load_file(a / "model.safetensors").keys()
