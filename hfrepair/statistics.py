@@ -54,7 +54,8 @@ class Moments:
             self.squares = torch.zeros_like(self.total)
         self.n += x.shape[1]
         self.total += x.sum(1)
-        self.squares += torch.linalg.vecdot(x, x)
+        # einsum runs as a batched dot product: several times faster than (x * x).sum(1).
+        self.squares += torch.einsum("ij,ij->i", x, x)
 
     @property
     def mean(self) -> torch.Tensor:
