@@ -12,8 +12,7 @@ from __future__ import annotations
 import argparse
 
 import hfrepair
-from hfrepair.data import image_batches, model_transform
-from hfrepair.demo import demo_endpoints
+from hfrepair.demo import demo_pair
 from hfrepair.matching import MATCH_LOCATIONS
 
 
@@ -22,11 +21,7 @@ def main() -> None:
     parser.add_argument("--cache", default=None)
     parser.add_argument("--method", default="repair", choices=hfrepair.METHODS)
     args = parser.parse_args()
-    dataset, folders = demo_endpoints(args.cache)
-    model_a, model_b = (hfrepair.load_model(f) for f in folders)
-    transform = model_transform(folders[0])
-    calibration = image_batches(str(dataset), "train", transform, batch_size=500)
-    test = image_batches(str(dataset), "test", transform, batch_size=500)
+    model_a, model_b, calibration, test = demo_pair(args.cache)
     print(f"{'match_at':<15}{'aligned':>10}{'repaired':>10}")
     for location in MATCH_LOCATIONS:
         _, result = hfrepair.merge(model_a, model_b, calibration, {"test": test}, grid=3, match_at=location,

@@ -11,8 +11,7 @@ from __future__ import annotations
 import argparse
 
 import hfrepair
-from hfrepair.data import image_batches, model_transform
-from hfrepair.demo import DEMO_ENDPOINT, demo_endpoints
+from hfrepair.demo import DEMO_ENDPOINT, demo_pair
 from hfrepair.models import ResNet
 
 
@@ -20,11 +19,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", default=None)
     args = parser.parse_args()
-    dataset, folders = demo_endpoints(args.cache)
-    model_a, model_b = (hfrepair.load_model(f) for f in folders)
-    transform = model_transform(folders[0])
-    calibration = image_batches(str(dataset), "train", transform, batch_size=500)
-    test = image_batches(str(dataset), "test", transform, batch_size=500)
+    model_a, model_b, calibration, test = demo_pair(args.cache)
 
     example = next(iter(calibration))[0][:4]
     spec = hfrepair.discover_spec(model_a, example)

@@ -80,6 +80,18 @@ def demo_endpoints(cache: str | Path | None = None) -> tuple[Path, list[Path]]:
     return dataset, endpoints
 
 
+def demo_pair(cache: str | Path | None = None, batch_size: int = 500):
+    """The demo endpoints loaded, with calibration (train) and test batches, for scripts."""
+    from .data import image_batches, model_transform
+    from .io import load_model
+
+    dataset, folders = demo_endpoints(cache)
+    transform = model_transform(folders[0])
+    calibration = image_batches(str(dataset), "train", transform, batch_size=batch_size)
+    test = image_batches(str(dataset), "test", transform, batch_size=batch_size)
+    return load_model(folders[0]), load_model(folders[1]), calibration, test
+
+
 def run_demo(args: argparse.Namespace, argv: list[str]) -> None:
     from .cli import run_merge
 

@@ -104,7 +104,6 @@ class PairMoments:
 class Statistics:
     """Per-site sums of the endpoints; keys are the sites' module names."""
 
-    sites: dict[str, ActivationSite]
     pairs: dict[str, PairMoments]
     examples: int = 0
 
@@ -175,7 +174,7 @@ def collect_statistics(
     finally:
         for handle in handles:
             handle.remove()
-    return Statistics(by_module, pairs, examples)
+    return Statistics(pairs, examples)
 
 
 @torch.no_grad()
