@@ -6,6 +6,17 @@ torch thread so that runs are deterministic.
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
+
+# A fresh Hugging Face cache per run, as on CI's fresh machine: nothing from earlier runs
+# (generated dataset splits, downloads) may hide behaviour. Set before datasets is imported.
+_HF_HOME = tempfile.mkdtemp(prefix="hfrepair-tests-hf-")
+os.environ["HF_HOME"] = _HF_HOME
+atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)
+
 import pytest
 import torch
 
@@ -35,6 +46,18 @@ def mnist(mnist_folder):
         return cache[size]
 
     return get
+
+
+def assert_one_line_error(stderr: str, message: str) -> None:
+    """The user sees exactly one ``hfrepair: error:`` line, last, naming ``message``, and no traceback.
+
+    Progress bars that libraries print before the failure (datasets preparing a split) are
+    allowed; they are not part of the error.
+    """
+    errors = [line for line in stderr.splitlines() if line.startswith("hfrepair: error:")]
+    assert len(errors) == 1 and stderr.strip().splitlines()[-1] == errors[0], stderr
+    assert "Traceback" not in stderr, stderr
+    assert message in errors[0], stderr
 
 
 def batches(x, y, size=500):

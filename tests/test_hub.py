@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from tests.conftest import assert_one_line_error
 from tests.hub_emulator import HubEmulator
 from tests.test_hub_emulator import TOKEN, run_client
 
@@ -123,8 +124,7 @@ def test_hub_errors_are_one_line(hub, uploaded, tmp_path, args, message):
     out = tmp_path / "never"
     done = hub_cli(hub, tmp_path, "merge", *args, "--dataset", "user/mnist", "--output", out, *FAST)
     assert done.returncode == 2
-    assert done.stderr.strip().startswith("hfrepair: error:") and len(done.stderr.strip().splitlines()) == 1
-    assert message in done.stderr
+    assert_one_line_error(done.stderr, message)
     assert not out.exists()
 
 
