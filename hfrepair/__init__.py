@@ -9,10 +9,13 @@ The pipeline is a chain of small stages, each usable on its own::
     mixed = interpolate(model_a.state_dict(), aligned_b, 0.5)
     merged = repair(model_a, mixed, spec, stats, perms, 0.5, "repair", batches)  # fused
 
-or all at once with :func:`merge`.
+or all at once with :func:`merge`. Every pass takes an optional ``accelerator``: under
+``accelerate launch`` / ``torchrun`` each process reads its part of the batches and the
+float64 sums are reduced across processes.
 """
 
 from .discovery import ExportError, discover_spec
+from .distributed import make_accelerator
 from .evaluate import Metrics, barrier, evaluate
 from .interpolate import interpolate
 from .io import load_model, save_merged
@@ -34,6 +37,6 @@ __version__ = "0.1.0"
 __all__ = [
     "METHODS", "ActivationSite", "ExportError", "MergeError", "MergeResult", "Metrics", "PermutationGroup",
     "PermutationSpec", "SpecError", "Statistics", "barrier", "collect_statistics", "discover_spec", "evaluate",
-    "interpolate", "load_model", "match_permutations", "merge", "permute_state_dict", "repair", "save_merged",
+    "interpolate", "load_model", "make_accelerator", "match_permutations", "merge", "permute_state_dict", "repair", "save_merged",
     "verify_spec",
 ]

@@ -10,12 +10,14 @@ of the measured barriers and accuracies), plus ``barrier_curve.png`` and
 
 from __future__ import annotations
 
+import importlib.resources
 import platform
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "merged_model.md"
+# model_cards/ at the repository's top level, installed as the package hfrepair.model_cards.
+TEMPLATE = importlib.resources.files("hfrepair.model_cards") / "merged_model.md"
 CURVE_STYLES = {"naive": ":", "naive-repaired": "-.", "aligned": "--", "repaired": "-", "repaired+blocks": "-"}
 
 

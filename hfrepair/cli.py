@@ -17,17 +17,19 @@ from pathlib import Path
 import torch
 
 from .card import write_card
-from .data import DataError, image_batches, model_transform
+from .data import SHUFFLE_BUFFER, DataError, image_batches, model_transform
 from .discovery import ExportError
+from .distributed import ProcessDataError, is_main_process, make_accelerator
 from .evaluate import EvaluationError
-from .hub import dataset_source, push_folder, read_license, resolve_model
+from .hub import HubAccessError, push_folder, read_license, resolve_dataset, resolve_model
 from .io import ModelLoadError, config_differences, load_model, read_config, save_merged
 from .matching import MATCH_LOCATIONS, MatchingError
 from .pipeline import MergeError, MergeResult, merge
 from .repair import METHODS
 from .spec import PermutationSpec, SpecError
 
-USER_ERRORS = (DataError, EvaluationError, ExportError, MatchingError, MergeError, ModelLoadError, SpecError)
+USER_ERRORS = (DataError, EvaluationError, ExportError, HubAccessError, MatchingError, MergeError, ModelLoadError,
+               ProcessDataError, SpecError)
 DEFAULT_NUM_SAMPLES = 5000
 
 
@@ -59,7 +61,12 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=_positive, default=256)
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the shuffle that picks capped calibration/evaluation examples")
+    parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default=None,
+                        help="autocast the forward passes (sums stay float64); default: accelerate's "
+                             "setting (`accelerate launch --mixed_precision`), else no")
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    parser.add_argument("--max-shard-size", default="5GB",
+                        help="split saved weights into safetensors shards above this size (default 5GB)")
     parser.add_argument("--push-to-hub", metavar="REPO", default=None,
                         help="after writing OUTPUT, upload it to this Hub repo in one commit")
     parser.add_argument("--private", action="store_true", help="create the pushed repo as private")
@@ -91,13 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
         "reads). OUTPUT receives the merged model and merge_results.json."))
     m.add_argument("model_a", help="local folder, or Hub repo id with optional @revision")
     m.add_argument("model_b", help="local folder, or Hub repo id with optional @revision")
-    m.add_argument("--dataset", required=True, help="calibration/evaluation dataset folder or id")
+    m.add_argument("--dataset", required=True,
+                   help="calibration/evaluation dataset: folder, or Hub id with optional @revision (streamed)")
     m.add_argument("--output", required=True, help="folder to create for the merged model")
     m.add_argument("--split", default="train", help="calibration split (default train)")
     m.add_argument("--eval-split", default="test", help="evaluation split (default test)")
     m.add_argument("--image-column", default=None, help="image column (default: detected)")
     m.add_argument("--label-column", default=None, help="label column (default: detected)")
     m.add_argument("--spec", default=None, help="permutation spec JSON to use instead of discovery")
+    m.add_argument("--shuffle-buffer", type=_positive, default=SHUFFLE_BUFFER,
+                   help=f"rows in the streaming shuffle buffer (default {SHUFFLE_BUFFER})")
+    m.add_argument("--trust-remote-code", action="store_true",
+                   help="allow transformers to run modelling code shipped in the model repos")
     add_merge_arguments(m)
 
     d = commands.add_parser("demo", help="train two MNIST endpoints (cached) and merge them", description=(
@@ -138,9 +150,17 @@ def load_spec(path: str) -> PermutationSpec:
 
 
 def run_merge(args: argparse.Namespace, argv: list[str]) -> MergeResult:
+    """The merge command on this process; under ``accelerate launch`` / ``torchrun`` every
+    process runs it, each pass reads this process's part of the data, and only the main
+    process writes OUTPUT and pushes (the others wait for it)."""
     output = Path(args.output)
     check_output(output, [args.model_a, args.model_b, args.dataset], args.overwrite)
-    source_a, source_b = resolve_model(args.model_a), resolve_model(args.model_b)
+    accelerator = make_accelerator(args.mixed_precision)
+    trust = args.trust_remote_code
+    with accelerator.main_process_first():  # one download into the shared cache, then cache hits
+        source_a = resolve_model(args.model_a, trust_remote_code=trust)
+        source_b = resolve_model(args.model_b, trust_remote_code=trust)
+        data_source = resolve_dataset(args.dataset)
     folder_a, folder_b = source_a.folder, source_b.folder
     config_a, config_b = read_config(folder_a), read_config(folder_b)
     differences = config_differences(config_a, config_b)
@@ -148,43 +168,54 @@ def run_merge(args: argparse.Namespace, argv: list[str]) -> MergeResult:
         field = differences[0]
         raise MergeError(f"endpoints have different architectures: config field {field!r} is "
                          f"{config_a.get(field)!r} in A and {config_b.get(field)!r} in B")
-    model_a, model_b = load_model(folder_a), load_model(folder_b)
+    model_a, model_b = load_model(folder_a, trust), load_model(folder_b, trust)
     transform = model_transform(folder_a)
-    columns = dict(image_column=getattr(args, "image_column", None), label_column=getattr(args, "label_column", None))
-    calibration = image_batches(args.dataset, args.split, transform, batch_size=args.batch_size,
-                                limit=args.num_samples or DEFAULT_NUM_SAMPLES, seed=args.seed,
-                                strict_limit=args.num_samples is not None, **columns)
-    evaluation = {
-        "test": image_batches(args.dataset, args.eval_split, transform, batch_size=args.batch_size,
-                              limit=args.eval_samples, seed=args.seed, **columns),
-        "train": calibration,
-    }
-    spec = load_spec(args.spec) if getattr(args, "spec", None) else None
+    stream = {"image_column": args.image_column, "label_column": args.label_column, "batch_size": args.batch_size,
+              "seed": args.seed, "buffer_size": args.shuffle_buffer, "revision": data_source.revision}
+    dataset = str(data_source.folder or data_source.repo_id)
+    calibration = image_batches(dataset, args.split, transform, limit=args.num_samples or DEFAULT_NUM_SAMPLES,
+                                strict_limit=args.num_samples is not None, **stream)
+    evaluation = {"test": image_batches(dataset, args.eval_split, transform, limit=args.eval_samples, **stream),
+                  "train": calibration}
+    spec = load_spec(args.spec) if args.spec else None
     curves = ("naive", *(("naive-repaired",) if args.unaligned else ()), "aligned", "repaired",
               *(("repaired+blocks",) if args.block_outputs else ()))
     merged, result = merge(model_a, model_b, calibration, evaluation, alpha=args.alpha, method=args.method,
                            match_at=args.match_at, spec=spec, grid=args.grid, eval_samples=args.eval_samples,
-                           curves=curves)
+                           curves=curves, accelerator=accelerator)
     record = {
         "command": "hfrepair " + " ".join(shlex.quote(a) for a in argv),
         "sources": {"model_a": source_a.to_dict(), "model_b": source_b.to_dict(),
-                    "dataset": dataset_source(str(args.dataset))},
+                    "dataset": data_source.to_dict()},
         "split": args.split, "eval_split": args.eval_split, "torch": torch.__version__,
+        "processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
         **result.to_dict(),
     }
+    if accelerator.is_main_process:
+        publish(args, output, merged, result, record, (folder_a, folder_b), (config_a, config_b))
+    accelerator.wait_for_everyone()
+    return result
+
+
+def publish(args: argparse.Namespace, output: Path, merged, result: MergeResult, record: dict, folders: tuple,
+            configs: tuple) -> None:
+    """Write OUTPUT (atomically), print the table, push if asked."""
 
     def write(folder: Path) -> None:
-        save_merged(merged.state_dict(), folder, folder_a)
+        save_merged(merged.state_dict(), folder, folders[0], args.max_shard_size)
         (folder / "merge_results.json").write_text(json.dumps(record, indent=2))
-        write_card(folder, record, (config_a, config_b), (read_license(folder_a), read_license(folder_b)))
+        write_card(folder, record, configs, tuple(read_license(f) for f in folders))
 
     write_atomically(output, write)
     print(format_table(result))
     print(f"merged model written to {output}")
     if args.push_to_hub:
-        url = push_folder(output, args.push_to_hub, private=args.private, revision=args.revision)
+        try:
+            url = push_folder(output, args.push_to_hub, private=args.private, revision=args.revision)
+        except HubAccessError as error:
+            raise HubAccessError(f"{error} (the merge is saved in {output}; retry with "
+                                 f"`hfrepair push {output} {args.push_to_hub}`)") from error
         print(f"pushed to {url}")
-    return result
 
 
 def write_atomically(output: Path, write) -> None:
@@ -247,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
 
             run_demo(args, argv)
     except USER_ERRORS as error:
-        print(f"hfrepair: error: {error}", file=sys.stderr)
+        if is_main_process():  # every process meets the same bad input: say it once
+            print(f"hfrepair: error: {error}", file=sys.stderr)
         return 2
     return 0
 

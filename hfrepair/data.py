@@ -1,13 +1,15 @@
-"""Calibration and evaluation data: a Hub-style image dataset turned into tensor batches.
+"""Calibration and evaluation data: a Hub-style image dataset streamed as tensor batches.
 
-In: a dataset folder or id readable by ``datasets.load_dataset`` (e.g. ``train.parquet`` and
-``test.parquet``), a split, a preprocessing function. Out: :class:`ImageBatches`, a
-re-iterable of ``(pixel_values, labels)`` batches, preprocessed on the fly so memory does
-not grow with the number of examples.
+In: a dataset folder or Hub id readable by ``datasets.load_dataset`` (e.g. ``train.parquet``
+and ``test.parquet``), a split, a preprocessing function. Out: :class:`ImageStream`, a
+re-iterable of ``(pixel_values, labels)`` batches read with ``streaming=True``: nothing is
+downloaded or held beyond the rows of the current batch and the shuffle buffer, so memory
+does not grow with the number of examples.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -24,9 +26,13 @@ class DataError(ValueError):
     """Dataset, split or columns that do not fit; the message names the problem."""
 
 
-def load_split(dataset: str, split: str):
+SHUFFLE_BUFFER = 1000
+
+
+def open_split(dataset: str, split: str, revision: str | None = None) -> datasets.IterableDataset:
+    """``split`` of ``dataset`` as a stream; missing datasets and splits are one-line errors."""
     try:
-        return datasets.load_dataset(dataset, split=split)
+        return datasets.load_dataset(dataset, split=split, streaming=True, revision=revision)
     except ValueError as error:
         if "split" in str(error).lower():
             raise DataError(f"dataset {dataset!r} has no split {split!r}") from error
@@ -94,44 +100,98 @@ def model_transform(folder: str | Path):
     return builtin_transform(config)
 
 
-class ImageBatches:
-    """Re-iterable ``(pixel_values, labels)`` batches over ``limit`` examples.
+def _decoder(feature):
+    """Image cells -> PIL images; cells are read undecoded so unused rows cost no decoding."""
+    if isinstance(feature, datasets.Image):
+        image = datasets.Image()
+        return lambda cells: [image.decode_example(cell) for cell in cells]
+    return lambda cells: cells
 
-    With a ``seed`` the examples are a seeded shuffle of the split, so a capped calibration
-    set is not just the first (possibly label-sorted) rows.
+
+@dataclasses.dataclass(frozen=True)
+class ImageStream:
+    """Re-iterable ``(pixel_values, labels)`` batches streamed from one split.
+
+    Each iteration restarts the stream: with a ``seed`` the rows pass through a seeded
+    shuffle buffer of ``buffer_size`` rows (so a capped calibration set is not just the first,
+    possibly label-sorted rows), then the first ``limit`` rows are taken. ``part=(index,
+    count)`` keeps every count-th batch starting at ``index``: processes of a distributed run
+    read disjoint parts of exactly the batches a single process would read. With
+    ``strict_limit``, a split shorter than ``limit`` is an error once the stream runs out.
     """
 
-    def __init__(self, dataset, transform, image_column: str, label_column: str,
-                 batch_size: int = 256, limit: int | None = None, seed: int | None = None) -> None:
-        if seed is not None:
-            dataset = dataset.shuffle(seed=seed)
-        self.dataset = dataset
-        self.transform = transform
-        self.image_column = image_column
-        self.label_column = label_column
-        self.batch_size = batch_size
-        self.limit = len(dataset) if limit is None else min(limit, len(dataset))
+    stream: datasets.IterableDataset
+    transform: object
+    image_column: str
+    label_column: str
+    name: str
+    batch_size: int = 256
+    limit: int | None = None
+    seed: int | None = None
+    buffer_size: int = SHUFFLE_BUFFER
+    strict_limit: bool = False
+    part: tuple[int, int] = (0, 1)
+
+    def shard(self, index: int, count: int, limit: int | None = None) -> ImageStream:
+        """This stream's part for process ``index`` of ``count``, optionally capped lower."""
+        if limit is not None and self.limit is not None:
+            limit = min(limit, self.limit)
+        return dataclasses.replace(self, part=(index, count), limit=self.limit if limit is None else limit)
 
     def __len__(self) -> int:
-        return (self.limit + self.batch_size - 1) // self.batch_size
+        """Batches this part yields; known only when the stream is capped."""
+        if self.limit is None:
+            raise TypeError("an uncapped stream has no known length")
+        index, count = self.part
+        batches = (self.limit + self.batch_size - 1) // self.batch_size
+        return len(range(index, batches, count))
 
     def __iter__(self):
-        for start in range(0, self.limit, self.batch_size):
-            rows = self.dataset[start : min(start + self.batch_size, self.limit)]
-            yield self.transform(rows[self.image_column]), torch.as_tensor(rows[self.label_column])
+        rows = self.stream
+        if self.seed is not None:
+            # One input shard in the buffer at a time (shard order is still shuffled): with
+            # several, datasets interleaves them in threads and sleeps 5 s after every pass.
+            rows = rows.shuffle(seed=self.seed, buffer_size=self.buffer_size, max_buffer_input_shards=1)
+        if self.limit is not None:
+            rows = rows.take(self.limit)
+        decode = _decoder(self.stream.features[self.image_column])
+        index, count = self.part
+        seen = 0
+        for number, batch in enumerate(rows.iter(batch_size=self.batch_size)):
+            labels = batch[self.label_column]
+            seen += len(labels)
+            if number % count == index:
+                yield self.transform(decode(batch[self.image_column])), torch.as_tensor(labels)
+        if self.strict_limit and self.limit is not None and seen < self.limit:
+            raise DataError(f"--num-samples {self.limit} asks for more examples than {self.name} has ({seen})")
+
+
+def _features(stream: datasets.IterableDataset, name: str):
+    """The stream's features; an empty split is an error (checked by reading one row)."""
+    first = next(iter(stream.take(1)), None)
+    if first is None:
+        raise DataError(f"{name} is empty")
+    return stream.features or {key: None for key in first}
 
 
 def image_batches(dataset: str, split: str, transform, *, limit: int | None = None, batch_size: int = 256,
                   image_column: str | None = None, label_column: str | None = None,
-                  strict_limit: bool = False, seed: int | None = None) -> ImageBatches:
-    """Batches of ``split``; with ``strict_limit`` a ``limit`` above the split's size is an error."""
-    data = load_split(dataset, split)
-    if len(data) == 0:
-        raise DataError(f"split {split!r} of dataset {dataset!r} is empty")
-    if strict_limit and limit is not None and limit > len(data):
-        raise DataError(f"--num-samples {limit} exceeds the {len(data)} examples of split {split!r}")
-    image, label = detect_columns(data.features, image_column, label_column)
-    feature = data.features[label]
-    if not isinstance(feature, datasets.ClassLabel) and not str(getattr(feature, "dtype", "")).startswith(("int", "uint")):
+                  strict_limit: bool = False, seed: int | None = None, buffer_size: int = SHUFFLE_BUFFER,
+                  revision: str | None = None) -> ImageStream:
+    """Streamed batches of ``split``; with ``strict_limit`` a ``limit`` above the split's size is
+    an error (raised up front when the dataset states its split sizes, else when the stream
+    runs out)."""
+    stream = open_split(dataset, split, revision)
+    name = f"split {split!r} of dataset {dataset!r}"
+    features = _features(stream, name)
+    image, label = detect_columns(features, image_column, label_column)
+    feature = features[label]
+    if feature is not None and not isinstance(feature, datasets.ClassLabel) and not str(
+            getattr(feature, "dtype", "")).startswith(("int", "uint")):
         raise DataError(f"label column {label!r} holds {getattr(feature, 'dtype', feature)}, not class indices")
-    return ImageBatches(data, transform, image, label, batch_size, limit, seed)
+    known = stream.info.splits[split].num_examples if stream.info.splits and split in stream.info.splits else None
+    if strict_limit and limit is not None and known and limit > known:
+        raise DataError(f"--num-samples {limit} asks for more examples than {name} has ({known})")
+    if isinstance(features[image], datasets.Image):
+        stream = stream.cast_column(image, datasets.Image(decode=False))
+    return ImageStream(stream, transform, image, label, name, batch_size, limit, seed, buffer_size, strict_limit)

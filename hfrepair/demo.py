@@ -93,9 +93,11 @@ def demo_pair(cache: str | Path | None = None, batch_size: int = 500):
 
 
 def run_demo(args: argparse.Namespace, argv: list[str]) -> None:
-    from .cli import run_merge
+    from .cli import build_parser, run_merge
 
     dataset, endpoints = demo_endpoints(args.cache)
-    merge_args = argparse.Namespace(**vars(args), model_a=str(endpoints[0]), model_b=str(endpoints[1]),
-                                    dataset=str(dataset), split="train", eval_split="test")
+    # The merge command's defaults for what the demo does not ask (columns, spec, ...).
+    merge_args = build_parser().parse_args(["merge", str(endpoints[0]), str(endpoints[1]),
+                                            "--dataset", str(dataset), "--output", args.output])
+    merge_args.__dict__.update(vars(args))
     run_merge(merge_args, argv)

@@ -13,9 +13,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from torch import nn
-from tqdm.auto import tqdm
 
+from .distributed import autocast, local_batches, progress, sum_across
 from .spec import model_outputs
 
 
@@ -34,27 +35,32 @@ class Metrics:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable, max_examples: int | None = None) -> Metrics:
-    """Mean cross-entropy and accuracy of ``model`` over ``(inputs, labels)`` batches."""
+def evaluate(model: nn.Module, batches: Iterable, max_examples: int | None = None,
+             accelerator: Accelerator | None = None) -> Metrics:
+    """Mean cross-entropy and accuracy of ``model`` over ``(inputs, labels)`` batches
+    (with an ``accelerator``: over the batches of all processes)."""
     model.eval()
     device = next(model.parameters()).device
-    loss_sum, correct, seen = 0.0, 0, 0
-    for inputs, labels in batches:
-        if max_examples is not None and seen >= max_examples:
-            break
-        if max_examples is not None:
-            inputs, labels = inputs[: max_examples - seen], labels[: max_examples - seen]
-        logits = model_outputs(model, inputs.to(device)).float()
-        labels = labels.to(device)
-        if labels.min() < 0 or labels.max() >= logits.shape[-1]:
-            raise EvaluationError(f"labels range over [{labels.min().item()}, {labels.max().item()}] but the "
-                                  f"model has {logits.shape[-1]} outputs")
+    loss_sum, correct, seen, outside, classes = 0.0, 0, 0, 0, 0
+    for inputs, labels in local_batches(batches, max_examples, accelerator):
+        with autocast(accelerator):
+            logits = model_outputs(model, inputs.to(device))
+        logits, labels = logits.float(), labels.to(device)
+        classes = logits.shape[-1]
+        # Counted, not raised here: a process must not leave the others waiting in the reduce.
+        outside += int(((labels < 0) | (labels >= classes)).sum())
+        if outside:
+            continue
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
         correct += (logits.argmax(-1) == labels).sum().item()
         seen += len(labels)
+    totals = sum_across([torch.tensor([loss_sum, correct, seen, outside])], accelerator)[0].tolist()
+    loss_sum, correct, seen, outside = totals
+    if outside:
+        raise EvaluationError(f"{int(outside)} labels lie outside the model's {classes} classes (0-{classes - 1})")
     if seen == 0:
         raise EvaluationError("evaluation data is empty")
-    return Metrics(loss_sum / seen, correct / seen, seen)
+    return Metrics(loss_sum / seen, correct / seen, int(seen))
 
 
 def barrier(alphas: list[float], values: list[float], higher_is_better: bool = False) -> dict[str, float]:
@@ -76,13 +82,14 @@ def curve(
     datasets: dict[str, Iterable],
     max_examples: int | None = None,
     desc: str = "",
+    accelerator: Accelerator | None = None,
 ) -> dict[str, list[dict]]:
     """Metrics of ``build(alpha)`` for each alpha on each named dataset."""
     result: dict[str, list[dict]] = {name: [] for name in datasets}
-    for alpha in tqdm(alphas, desc=f"evaluating {desc}", leave=False, unit="alpha"):
+    for alpha in progress(alphas, accelerator, desc=f"evaluating {desc}", unit="alpha"):
         model = build(alpha)
         for name, batches in datasets.items():
-            result[name].append(evaluate(model, batches, max_examples).to_dict())
+            result[name].append(evaluate(model, batches, max_examples, accelerator).to_dict())
     return result
 
 

@@ -15,10 +15,12 @@ from huggingface_hub import HfApi, constants, snapshot_download
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
+    HFValidationError,
     HTTPError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from huggingface_hub.utils import validate_repo_id
 
 from .io import ModelLoadError
 
@@ -32,10 +34,13 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 @dataclass
 class Source:
-    """Where an endpoint came from: a Hub repo at a commit, or a local folder."""
+    """Where an input came from: a Hub repo at a commit, or a local path.
+
+    ``folder`` is the local copy (for a Hub dataset, which is streamed, there is none).
+    """
 
     reference: str
-    folder: Path
+    folder: Path | None
     repo_id: str | None = None
     revision: str | None = None
 
@@ -43,29 +48,41 @@ class Source:
         return {"reference": self.reference, "repo_id": self.repo_id, "revision": self.revision}
 
 
-def parse_reference(reference: str) -> tuple[str, str | None]:
+def parse_reference(reference: str, kind: str = "model") -> tuple[str, str | None]:
+    """(repo id, revision) of ``id@revision``; anything that is neither is a one-line error."""
     repo_id, _, revision = reference.partition("@")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise HubAccessError(f"{reference!r} is neither a local {kind} folder nor a Hub repo id") from error
     return repo_id, revision or None
 
 
-def hub_error(error: Exception, what: str) -> ModelLoadError:
+class HubAccessError(ValueError):
+    """A Hub request that failed (missing repo or revision, token refused, server down)."""
+
+
+def hub_error(error: Exception, what: str) -> HubAccessError:
     """One-line explanation of a Hub failure for ``what`` (e.g. "model repo 'a/b'")."""
     endpoint = constants.ENDPOINT
     if isinstance(error, RevisionNotFoundError):
-        return ModelLoadError(f"{what}: revision not found on {endpoint}")
+        return HubAccessError(f"{what}: revision not found on {endpoint}")
     if isinstance(error, (RepositoryNotFoundError, GatedRepoError)):
-        return ModelLoadError(f"{what} not found on {endpoint}, or private and your token cannot read it "
+        return HubAccessError(f"{what} not found on {endpoint}, or private and your token cannot read it "
                               "(set HF_TOKEN or run `hf auth login`)")
     if isinstance(error, HfHubHTTPError):
         status = getattr(error.response, "status_code", None)
         if status in (401, 403):
-            return ModelLoadError(f"{what}: access denied by {endpoint} (HTTP {status}); check your token")
-        return ModelLoadError(f"{what}: {endpoint} answered HTTP {status}")
-    return ModelLoadError(f"{what}: cannot reach the Hub at {endpoint} ({type(error).__name__})")
+            return HubAccessError(f"{what}: access denied by {endpoint} (HTTP {status}); check your token")
+        return HubAccessError(f"{what}: {endpoint} answered HTTP {status}")
+    return HubAccessError(f"{what}: cannot reach the Hub at {endpoint} ({type(error).__name__})")
 
 
-def resolve_model(reference: str, token: str | None = None) -> Source:
-    """A local folder for ``reference``, downloading from the Hub when it is not a folder."""
+def resolve_model(reference: str, token: str | None = None, trust_remote_code: bool = False) -> Source:
+    """A local folder for ``reference``, downloading from the Hub when it is not a folder.
+
+    The repo's Python files are downloaded only with ``trust_remote_code``.
+    """
     if Path(reference).is_dir():
         return Source(reference, Path(reference))
     repo_id, revision = parse_reference(reference)
@@ -79,16 +96,27 @@ def resolve_model(reference: str, token: str | None = None) -> Source:
                 raise ModelLoadError(f"{what} has only pickle weights ({', '.join(pickles)}); hfrepair loads "
                                      "safetensors only (convert the checkpoint first)")
             raise ModelLoadError(f"{what} has no safetensors weights")
-        folder = snapshot_download(repo_id, revision=info.sha, allow_patterns=MODEL_FILES, token=token)
+        patterns = MODEL_FILES + (["*.py"] if trust_remote_code else [])
+        folder = snapshot_download(repo_id, revision=info.sha, allow_patterns=patterns, token=token)
     except (HTTPError, OSError) as error:
         raise hub_error(error, what) from error
     return Source(reference, Path(folder), repo_id, info.sha)
 
 
-def dataset_source(reference: str) -> dict:
-    """How a dataset reference is recorded: a Hub id, or a local path."""
-    local = Path(reference).exists()
-    return {"reference": reference, "repo_id": None if local else reference, "revision": None}
+def resolve_dataset(reference: str, token: str | None = None) -> Source:
+    """A dataset reference pinned to the commit it resolves to now (local paths as they are).
+
+    Reading both splits at that commit keeps a merge reproducible while the repo changes.
+    """
+    if Path(reference).exists():
+        return Source(reference, Path(reference))
+    repo_id, revision = parse_reference(reference, "dataset")
+    what = f"dataset repo {repo_id!r}" + (f" at {revision!r}" if revision else "")
+    try:
+        info = HfApi(token=token).dataset_info(repo_id, revision=revision)
+    except (HTTPError, OSError) as error:
+        raise hub_error(error, what) from error
+    return Source(reference, None, repo_id, info.sha)
 
 
 def read_license(folder: Path) -> str | None:
@@ -117,4 +145,8 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, revi
                                    commit_message=message)
     except (HTTPError, OSError) as error:
         raise hub_error(error, what) from error
+    except RuntimeError as error:  # a failed file upload, wrapping the HTTP error; nothing was committed
+        if isinstance(error.__cause__, HTTPError):
+            raise hub_error(error.__cause__, f"{what} (uploading failed, nothing committed)") from error
+        raise
     return getattr(commit, "commit_url", None) or f"{constants.ENDPOINT}/{repo_id}"

@@ -3,7 +3,7 @@
 A folder holds ``config.json`` and safetensors weights (single file or sharded with an
 index), as on the Hub. Built-in architectures are recognised by ``model_type`` in their
 config; anything else loads through transformers' ``AutoModelForImageClassification``.
-Pickle weights are never loaded, and remote code never runs.
+Pickle weights are never loaded, and remote code runs only when the caller trusts it.
 """
 
 from __future__ import annotations
@@ -36,8 +36,12 @@ def read_config(folder: str | Path) -> dict:
         raise ModelLoadError(f"{path}: not valid JSON ({error})") from error
 
 
-def load_model(folder: str | Path) -> nn.Module:
-    """The model saved in ``folder``, in eval mode, from safetensors weights only."""
+def load_model(folder: str | Path, trust_remote_code: bool = False) -> nn.Module:
+    """The model saved in ``folder``, in eval mode, from safetensors weights only.
+
+    ``trust_remote_code`` lets transformers run modelling code shipped in the folder; it is
+    off unless the user asks, since that code runs with the user's rights.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelLoadError(f"{folder}: no such model folder")
@@ -55,8 +59,12 @@ def load_model(folder: str | Path) -> nn.Module:
     from transformers import AutoModelForImageClassification
 
     try:
-        model = AutoModelForImageClassification.from_pretrained(str(folder), use_safetensors=True)
-    except (ValueError, KeyError, OSError, RuntimeError) as error:
+        model = AutoModelForImageClassification.from_pretrained(
+            str(folder), use_safetensors=True, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, OSError, RuntimeError, ImportError) as error:
+        if "auto_map" in config and not trust_remote_code:
+            raise ModelLoadError(f"{folder}: model_type {model_type!r} needs the modelling code shipped with "
+                                 "the model; pass --trust-remote-code if you trust it") from error
         raise ModelLoadError(f"{folder}: cannot load model_type {model_type!r}: {str(error).splitlines()[0]}") from error
     return model.eval()
 
@@ -68,11 +76,14 @@ def config_differences(config_a: dict, config_b: dict) -> list[str]:
     return sorted(k for k in keys if config_a.get(k) != config_b.get(k))
 
 
-def save_merged(state_dict: dict[str, torch.Tensor], folder: str | Path, source: str | Path) -> None:
-    """Write ``state_dict`` as safetensors next to endpoint A's config and preprocessing files."""
+def save_merged(state_dict: dict[str, torch.Tensor], folder: str | Path, source: str | Path,
+                max_shard_size: int | str = "5GB") -> None:
+    """Write ``state_dict`` as safetensors next to endpoint A's config and preprocessing files;
+    above ``max_shard_size`` the weights are split into shards with an index, as on the Hub."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for name in SIDECAR_FILES:
         if (Path(source) / name).is_file():
             shutil.copy2(Path(source) / name, folder / name)
-    save_torch_state_dict({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, folder)
+    save_torch_state_dict({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, folder,
+                          max_shard_size=max_shard_size)

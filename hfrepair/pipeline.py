@@ -13,9 +13,11 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
+from accelerate import Accelerator
 from torch import nn
 
 from .discovery import discover_spec
+from .distributed import make_accelerator
 from .evaluate import barriers_of, curve, evaluate, variance_ratios
 from .interpolate import interpolate
 from .matching import match_permutations, matching_sites, mean_matched_correlation
@@ -126,6 +128,7 @@ def merge(
     grid: int = 11,
     eval_samples: int | None = None,
     curves: tuple[str, ...] = DEFAULT_CURVES,
+    accelerator: Accelerator | None = None,
 ) -> tuple[nn.Module, MergeResult]:
     """Align ``model_b`` to ``model_a``, interpolate at ``alpha``, REPAIR and fuse.
 
@@ -134,6 +137,11 @@ def merge(
     ``evaluation`` maps names (e.g. ``"test"``, ``"train"``) to labelled batches; when given,
     the naive / aligned / repaired curves over ``grid`` alphas and their barriers are
     measured (``curves`` picks them from :data:`CURVES`). Returns the merged model (A's class, fused weights) and a :class:`MergeResult`.
+
+    Every pass runs on all processes of ``accelerator`` (one is created if none is given),
+    each reading its part of the batches; the endpoints are moved to its device and the
+    forward passes use its mixed precision, while all sums stay float64. Call it on every
+    process; each gets the same merged model and result.
     """
     if not 0.0 <= alpha <= 1.0:
         raise MergeError(f"alpha must be in [0, 1], got {alpha}")
@@ -147,8 +155,9 @@ def merge(
     if "repaired+blocks" in curves and method != "repair":
         raise MergeError("block-output corrections need the exact method (method='repair')")
     check_endpoints(model_a, model_b)
-    model_a.eval()
-    model_b.eval()
+    accelerator = accelerator or make_accelerator()
+    model_a.to(accelerator.device).eval()
+    model_b.to(accelerator.device).eval()
     seconds: dict[str, float] = {}
     example = next(iter_inputs(calibration, 8, "example"), None)
     if example is None:
@@ -161,7 +170,7 @@ def merge(
         verify_spec(model_a, spec, example)
     sites, cross_modules = statistics_plan(spec, method, match_at, curves)
     with _timed(seconds, "statistics"):
-        stats = collect_statistics(model_a, model_b, sites, calibration, num_samples, cross_modules)
+        stats = collect_statistics(model_a, model_b, sites, calibration, num_samples, cross_modules, accelerator)
     with _timed(seconds, "match"):
         perms = match_permutations(spec, stats, match_at)
     with _timed(seconds, "permute"):
@@ -175,7 +184,7 @@ def merge(
         """REPAIRed interpolation; unaligned B keeps its own unit order (identity)."""
         target, order = (state_b_aligned, perms) if aligned else (state_b, identity)
         return repair(model_a, interpolate(state_a, target, alpha_), spec, stats, order, alpha_,
-                      method, calibration, num_samples)
+                      method, calibration, num_samples, accelerator)
 
     with _timed(seconds, "interpolate+repair"):
         merged_state = build(alpha)
@@ -196,7 +205,7 @@ def merge(
         endpoints = {name: stats.pairs[name] for name in (s.module for s in sites)}
         result.variance_ratio = {
             label: variance_ratios(
-                collect_moments(net, sites, calibration, num_samples),
+                collect_moments(net, sites, calibration, num_samples, accelerator),
                 {k: p.a for k, p in endpoints.items()}, {k: p.b for k, p in endpoints.items()},
             )
             for label, net in (("aligned", aligned_net), ("repaired", merged))
@@ -204,11 +213,11 @@ def merge(
 
     if evaluation:
         with _timed(seconds, "evaluate"):
-            result.merged = {name: evaluate(merged, b, eval_samples).to_dict() for name, b in evaluation.items()}
-            result.endpoints = {
-                "A": {name: evaluate(model_a, b, eval_samples).to_dict() for name, b in evaluation.items()},
-                "B": {name: evaluate(model_b, b, eval_samples).to_dict() for name, b in evaluation.items()},
-            }
+            def scores(model: nn.Module) -> dict:
+                return {name: evaluate(model, b, eval_samples, accelerator).to_dict() for name, b in evaluation.items()}
+
+            result.merged = scores(merged)
+            result.endpoints = {"A": scores(model_a), "B": scores(model_b)}
             alphas = [i / (grid - 1) for i in range(grid)]
             inner = alphas[1:-1]
             builders = {
@@ -218,12 +227,12 @@ def merge(
                 "repaired": lambda a: with_state_dict(model_a, build(a)),
                 "repaired+blocks": lambda a: repair_block_outputs(
                     model_a, interpolate(state_a, state_b_aligned, a), spec, stats, perms, a, calibration,
-                    num_samples),
+                    num_samples, accelerator),
             }
             result.alphas = alphas
             for label in curves:
                 make = builders[label]
-                inner_points = curve(make, inner, evaluation, eval_samples, desc=label)
+                inner_points = curve(make, inner, evaluation, eval_samples, desc=label, accelerator=accelerator)
                 result.curves[label] = {
                     name: [result.endpoints["A"][name], *inner_points[name], result.endpoints["B"][name]]
                     for name in evaluation

@@ -26,9 +26,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+from accelerate import Accelerator
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .distributed import autocast, require_data_everywhere, sum_across
 from .fuse import fold_batchnorm
 from .spec import ActivationSite, PermutationSpec, with_state_dict
 from .statistics import Statistics, iter_inputs
@@ -93,17 +95,20 @@ def repair(
     method: str = "repair",
     batches: Iterable | None = None,
     max_examples: int | None = None,
+    accelerator: Accelerator | None = None,
 ) -> dict[str, torch.Tensor]:
     """The corrected, fused state dict of the interpolated network ``state_dict``.
 
-    ``model`` only supplies the architecture; it is not modified.
+    ``model`` only supplies the architecture; it is not modified. With an ``accelerator``
+    the exact variant's pass runs on every process and its statistics are reduced.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, not {method!r}")
     if method == "none":
         return dict(state_dict)
     sites = correction_sites(spec) if method != "reset" else []
-    net, added = _corrected_network(model, state_dict, sites, stats, perms, alpha, method, batches, max_examples)
+    net, added = _corrected_network(model, state_dict, sites, stats, perms, alpha, method, batches, max_examples,
+                                    accelerator)
     return _fold(net.state_dict(), sites, added)
 
 
@@ -117,6 +122,7 @@ def repair_block_outputs(
     alpha: float,
     batches: Iterable,
     max_examples: int | None = None,
+    accelerator: Accelerator | None = None,
 ) -> nn.Module:
     """Exact REPAIR that also corrects residual-block outputs (after add and activation).
 
@@ -127,7 +133,7 @@ def repair_block_outputs(
     layer_sites = correction_sites(spec)
     blocks = block_output_sites(spec)
     net, added = _corrected_network(model, state_dict, layer_sites + blocks, stats, perms, alpha, "repair",
-                                    batches, max_examples)
+                                    batches, max_examples, accelerator)
     net.load_state_dict(_fold(net.state_dict(), layer_sites, added))
     modules = dict(net.named_modules())
     for site in blocks:
@@ -136,7 +142,7 @@ def repair_block_outputs(
     return net
 
 
-def _corrected_network(model, state_dict, sites, stats, perms, alpha, method, batches, max_examples):
+def _corrected_network(model, state_dict, sites, stats, perms, alpha, method, batches, max_examples, accelerator):
     """The interpolated network with its BatchNorms and added correctors set for ``method``."""
     if method in ("repair", "reset") and batches is None:
         raise ValueError(f"method {method!r} needs calibration batches for its forward pass")
@@ -165,7 +171,7 @@ def _corrected_network(model, state_dict, sites, stats, perms, alpha, method, ba
         added[site.module] = corrector
     if method in ("repair", "reset"):
         reset = [m for m in net.modules() if isinstance(m, _BatchNorm)]
-        _estimate(net, modules, added, reset, batches, max_examples)
+        _estimate(net, modules, added, reset, batches, max_examples, accelerator)
     return net, added
 
 
@@ -179,11 +185,13 @@ def _fold(state: dict, sites: list[ActivationSite], added: dict) -> dict:
     return state
 
 
-def _estimate(net, modules, added, reset, batches, max_examples) -> None:
+def _estimate(net, modules, added, reset, batches, max_examples, accelerator) -> None:
     """Forward pass with correctors and existing BatchNorms measuring cumulative statistics.
 
     The correctors normalise with batch statistics during the pass, so each layer already
-    sees corrected inputs, as in the paper's exact variant.
+    sees corrected inputs, as in the paper's exact variant. Each process sees whole
+    batches, so its batch statistics are those of a single-process run; the cumulative
+    averages are then combined over processes (:func:`_average_over_processes`).
     """
     device = next(net.parameters()).device
     momenta = {}
@@ -196,9 +204,14 @@ def _estimate(net, modules, added, reset, batches, max_examples) -> None:
     for name, corrector in added.items():
         corrector.to(device).train()
         handles.append(modules[name].register_forward_hook(lambda _m, _i, out, c=corrector: c(out)))
+    examples = 0
     try:
-        for inputs in iter_inputs(batches, max_examples, "REPAIR pass"):
-            net(inputs.to(device))
+        for inputs in iter_inputs(batches, max_examples, "REPAIR pass", accelerator):
+            with autocast(accelerator):
+                net(inputs.to(device))
+            examples += inputs.shape[0]
+        require_data_everywhere(examples, accelerator, "REPAIR pass")
+        _average_over_processes([*reset, *added.values()], accelerator)
     finally:
         for handle in handles:
             handle.remove()
@@ -206,3 +219,23 @@ def _estimate(net, modules, added, reset, batches, max_examples) -> None:
             norm.momentum = momentum
             norm.eval()
 
+
+
+def _average_over_processes(norms: list[_BatchNorm], accelerator) -> None:
+    """Cumulative (momentum None) BatchNorm averages over the batches of all processes.
+
+    Each tracker holds the mean of its process's per-batch statistics; weighting by its
+    batch count and dividing by the total reproduces the single-process average.
+    """
+    if accelerator is None or accelerator.num_processes == 1:
+        return
+    local = []
+    for norm in norms:
+        count = norm.num_batches_tracked.double()
+        local += [count.reshape(1), norm.running_mean * count, norm.running_var * count]
+    total = sum_across(local, accelerator)
+    for i, norm in enumerate(norms):
+        count, mean_sum, var_sum = total[3 * i : 3 * i + 3]
+        norm.num_batches_tracked.fill_(int(count.item()))
+        norm.running_mean.copy_(mean_sum / count)
+        norm.running_var.copy_(var_sum / count)

@@ -16,9 +16,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
+from accelerate import Accelerator
 from torch import nn
-from tqdm.auto import tqdm
 
+from .distributed import (
+    autocast,
+    local_batches,
+    part_of,
+    progress,
+    require_data_everywhere,
+    sum_across,
+)
 from .spec import ActivationSite
 
 EPS = 1e-12
@@ -57,6 +65,12 @@ class Moments:
         # einsum runs as a batched dot product: several times faster than (x * x).sum(1).
         self.squares += torch.einsum("ij,ij->i", x, x)
 
+    def sums(self) -> list[torch.Tensor]:
+        return [torch.tensor([float(self.n)]), self.total, self.squares]
+
+    def set_sums(self, sums: list[torch.Tensor]) -> None:
+        self.n, self.total, self.squares = int(sums[0].item()), sums[1], sums[2]
+
     @property
     def mean(self) -> torch.Tensor:
         return self.total / self.n
@@ -87,6 +101,15 @@ class PairMoments:
             product = xa @ xb.T
             self.cross = product if self.cross is None else self.cross + product
 
+    def sums(self) -> list[torch.Tensor]:
+        return self.a.sums() + self.b.sums() + ([self.cross] if self.with_cross else [])
+
+    def set_sums(self, sums: list[torch.Tensor]) -> None:
+        self.a.set_sums(sums[:3])
+        self.b.set_sums(sums[3:6])
+        if self.with_cross:
+            self.cross = sums[6]
+
     def covariance(self) -> torch.Tensor:
         """Cov(A_i, B_j) for every pair of units."""
         if self.cross is None:
@@ -108,21 +131,31 @@ class Statistics:
     examples: int = 0
 
 
-def iter_inputs(batches: Iterable, limit: int | None, desc: str):
-    """Input tensors of ``batches`` (tensors or (inputs, labels)), at most ``limit`` rows."""
-    seen = 0
-    for batch in tqdm(batches, desc=desc, leave=False, unit="batch"):
-        inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
-        if limit is not None:
-            if seen >= limit:
-                break
-            inputs = inputs[: limit - seen]
-        seen += inputs.shape[0]
-        yield inputs
+def iter_inputs(batches: Iterable, limit: int | None, desc: str, accelerator: Accelerator | None = None):
+    """Input tensors of this process's part of ``batches`` (tensors or (inputs, labels)),
+    at most ``limit`` rows over all processes."""
+    index, count = part_of(accelerator)
+    try:
+        total = len(range(index, len(batches), count))
+    except TypeError:  # an uncapped stream, a generator
+        total = None
+    for batch in progress(local_batches(batches, limit, accelerator), accelerator, desc=desc, unit="batch",
+                          total=total):
+        yield batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def _sum_over_processes(accumulators: list, accelerator: Accelerator | None) -> None:
+    """Replace each accumulator's local sums by the sums over all processes (one reduce)."""
+    local = [acc.sums() for acc in accumulators]
+    total = sum_across([t for sums in local for t in sums], accelerator)
+    start = 0
+    for acc, sums in zip(accumulators, local):
+        acc.set_sums(total[start : start + len(sums)])
+        start += len(sums)
 
 
 @torch.no_grad()
@@ -133,12 +166,14 @@ def collect_statistics(
     batches: Iterable,
     max_examples: int | None = None,
     cross_sites: set[str] | None = None,
+    accelerator: Accelerator | None = None,
 ) -> Statistics:
     """One pass of ``batches`` through both endpoints, accumulating sums at ``sites``.
 
     ``batches`` yields input tensors or ``(inputs, labels)`` pairs; at most
     ``max_examples`` inputs are used. Cross-products are collected at the modules named in
-    ``cross_sites`` (default: every site).
+    ``cross_sites`` (default: every site). With an ``accelerator``, each process reads its
+    part of the batches and the sums are reduced over processes at the end.
     """
     by_module = {site.module: site for site in sites}
     pairs = {
@@ -166,20 +201,24 @@ def collect_statistics(
     device = _device(model_a)
     examples = 0
     try:
-        for inputs in iter_inputs(batches, max_examples, "statistics"):
+        for inputs in iter_inputs(batches, max_examples, "statistics", accelerator):
             inputs = inputs.to(device)
-            model_a(inputs)
-            model_b(inputs)
+            with autocast(accelerator):
+                model_a(inputs)
+                model_b(inputs)
             examples += inputs.shape[0]
     finally:
         for handle in handles:
             handle.remove()
+    examples = require_data_everywhere(examples, accelerator, "statistics pass")
+    _sum_over_processes(list(pairs.values()), accelerator)
     return Statistics(pairs, examples)
 
 
 @torch.no_grad()
 def collect_moments(
-    model: nn.Module, sites: list[ActivationSite], batches: Iterable, max_examples: int | None = None
+    model: nn.Module, sites: list[ActivationSite], batches: Iterable, max_examples: int | None = None,
+    accelerator: Accelerator | None = None,
 ) -> dict[str, Moments]:
     """Per-site moments of one model (used for the variance-collapse ratios)."""
     by_module = {site.module: site for site in sites}
@@ -194,10 +233,15 @@ def collect_moments(
     handles = [modules[name].register_forward_hook(make(name)) for name in by_module]
     model.eval()
     device = _device(model)
+    examples = 0
     try:
-        for inputs in iter_inputs(batches, max_examples, "moments"):
-            model(inputs.to(device))
+        for inputs in iter_inputs(batches, max_examples, "moments", accelerator):
+            with autocast(accelerator):
+                model(inputs.to(device))
+            examples += inputs.shape[0]
     finally:
         for handle in handles:
             handle.remove()
+    require_data_everywhere(examples, accelerator, "variance pass")
+    _sum_over_processes(list(moments.values()), accelerator)
     return moments

@@ -19,7 +19,9 @@ atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)
 
 import pytest
 import torch
+from transformers import ConvNextImageProcessor, ResNetConfig, ResNetForImageClassification
 
+from hfrepair.data import image_batches, model_transform
 from hfrepair.demo import load_tensors, write_mnist_dataset
 from hfrepair.models import MLP, VGG, ResNet
 from hfrepair.training import train_classifier
@@ -91,3 +93,37 @@ def deep_mlp_pair(mnist):
 def vgg_pair(mnist):
     factory = lambda: VGG(widths=(16, 32, 64), layers_per_stage=2, **SMALL)
     return train_pair(factory, mnist(14), epochs=5, lr=0.01, batch_size=64)
+
+
+def save_with_processor(model, folder):
+    model.save_pretrained(str(folder))
+    processor = ConvNextImageProcessor(size={"shortest_edge": 28}, crop_pct=1.0,
+                                       image_mean=[0.1307] * 3, image_std=[0.3081] * 3)
+    processor.save_pretrained(str(folder))
+
+
+def train_hf_pair(factory, mnist_folder, root, epochs, lr=0.05):
+    """Two transformers endpoints trained on images preprocessed by their own saved processor."""
+    folders = []
+    for seed in (1, 2):
+        folder = root / f"endpoint-{seed}"
+        torch.manual_seed(seed)
+        model = factory()
+        save_with_processor(model, folder)
+        data = image_batches(str(mnist_folder), "train", model_transform(folder), batch_size=4000)
+        images, labels = next(iter(data))
+        train_classifier(model, images, labels, epochs=epochs, lr=lr, seed=seed)
+        model.save_pretrained(str(folder))
+        folders.append(folder)
+    return folders
+
+
+def hf_resnet():
+    return ResNetForImageClassification(ResNetConfig(
+        num_channels=3, embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic", num_labels=10))
+
+
+@pytest.fixture(scope="session")
+def hf_resnet_folders(mnist_folder, tmp_path_factory):
+    """transformers ResNetForImageClassification endpoints (basic blocks), with image processors."""
+    return train_hf_pair(hf_resnet, mnist_folder, tmp_path_factory.mktemp("hf_resnet"), epochs=4)

@@ -116,7 +116,7 @@ def test_bad_input_gives_one_line_errors_and_no_output(endpoint_folders, mnist_f
     assert "alpha must be in [0, 1]" in capsys.readouterr().err
 
     too_many = ["merge", a, b, "--dataset", mnist_folder, "--output", out, "--num-samples", "4001"]
-    expect_error(capsys, too_many, "exceeds the 4000 examples of split 'train'")
+    expect_error(capsys, too_many, "asks for more examples than split 'train' of dataset")
 
     unlabelled = tmp_path / "unlabelled"
     unlabelled.mkdir()

@@ -7,10 +7,12 @@ loaded with the endpoints' own class, and its accuracy compared with the card's.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 from tests.conftest import assert_one_line_error
 from tests.hub_emulator import HubEmulator
@@ -27,26 +29,51 @@ def hub(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def uploaded(hub, resnet_pair, mnist_folder, tmp_path_factory):
-    """user/resnet-a, user/resnet-b (safetensors + license card), user/mnist, user/pickled."""
+def uploaded(hub, resnet_pair, hf_resnet_folders, mnist_folder, tmp_path_factory):
+    """What the tests merge from, uploaded with the real client.
+
+    user/resnet-a (private), user/resnet-b (license cards), user/resnet-b-sharded (B's weights
+    in shards with an index), user/hf-a and user/hf-b (transformers ResNets with their image
+    processors), user/mnist (parquet dataset), user/pickled (pickle weights only) and
+    user/remote-code (a config that asks for code shipped in the repo).
+    """
     root = tmp_path_factory.mktemp("upload")
     for name, model in zip("ab", resnet_pair):
         model.save_pretrained(str(root / name))
         (root / name / "README.md").write_text("---\nlicense: mit\n---\n# endpoint\n")
+    hf_a, hf_b = hf_resnet_folders
     run_client(hub, root, f"""
-        import torch
-        from huggingface_hub import HfApi
+        import json, shutil, torch
+        from huggingface_hub import HfApi, save_torch_state_dict
         from safetensors.torch import load_file
         api = HfApi()
         for name in "ab":
-            api.create_repo(f"user/resnet-{{name}}")
+            api.create_repo(f"user/resnet-{{name}}", private=name == "a")
             api.upload_folder(repo_id=f"user/resnet-{{name}}", folder_path=f"{root}/" + name)
+        for name, folder in (("hf-a", "{hf_a}"), ("hf-b", "{hf_b}")):
+            api.create_repo(f"user/{{name}}")
+            api.upload_folder(repo_id=f"user/{{name}}", folder_path=folder)
+        os.makedirs("{root}/sharded")
+        shutil.copy("{root}/b/config.json", "{root}/sharded/config.json")
+        save_torch_state_dict(load_file("{root}/b/model.safetensors"), "{root}/sharded", max_shard_size="40KB")
+        api.create_repo("user/resnet-b-sharded")
+        api.upload_folder(repo_id="user/resnet-b-sharded", folder_path="{root}/sharded")
         api.create_repo("user/mnist", repo_type="dataset")
         api.upload_folder(repo_id="user/mnist", repo_type="dataset", folder_path="{mnist_folder}")
         api.create_repo("user/pickled")
         api.upload_file(repo_id="user/pickled", path_or_fileobj=f"{root}/a/config.json", path_in_repo="config.json")
         torch.save(load_file(f"{root}/a/model.safetensors"), f"{root}/w.bin")
         api.upload_file(repo_id="user/pickled", path_or_fileobj=f"{root}/w.bin", path_in_repo="pytorch_model.bin")
+        config = json.load(open("{hf_a}/config.json"))
+        config["model_type"] = "custom-resnet"  # unknown to transformers: only the repo's code builds it
+        config["auto_map"] = {{"AutoConfig": "modeling_custom.CustomConfig",
+                               "AutoModelForImageClassification": "modeling_custom.CustomResNet"}}
+        os.makedirs("{root}/remote")
+        json.dump(config, open("{root}/remote/config.json", "w"))
+        shutil.copy("{hf_a}/model.safetensors", "{root}/remote/model.safetensors")
+        open("{root}/remote/modeling_custom.py", "w").write("raise SystemExit('remote code ran')\\n")
+        api.create_repo("user/remote-code")
+        api.upload_folder(repo_id="user/remote-code", folder_path="{root}/remote")
         result(ok=True)
     """)
     return root
@@ -62,11 +89,38 @@ def hub_cli(hub, tmp_path, *args, token=TOKEN):
                           text=True, env=env, timeout=600)
 
 
-def test_merge_from_hub_ids_and_push(hub, uploaded, tmp_path):
-    out = tmp_path / "merged"
-    done = hub_cli(hub, tmp_path, "merge", "user/resnet-a", "user/resnet-b@main", "--dataset", "user/mnist",
+@pytest.fixture(scope="module")
+def merged_from_hub(hub, uploaded, tmp_path_factory):
+    """``hfrepair merge`` of a private and a public Hub repo, streamed data, pushed to user/merged."""
+    root = tmp_path_factory.mktemp("merge")
+    out = root / "merged"
+    done = hub_cli(hub, root, "merge", "user/resnet-a", "user/resnet-b@main", "--dataset", "user/mnist",
                    "--output", out, "--push-to-hub", "user/merged", *FAST)
     assert done.returncode == 0, done.stderr[-3000:]
+    return root, out, done
+
+
+def pull_and_evaluate(hub, tmp_path, repo: str) -> dict:
+    """Pull ``repo`` with the real clients, rebuild it with the endpoints' class, score it."""
+    return run_client(hub, tmp_path, f"""
+        from huggingface_hub import ModelCard, snapshot_download, list_repo_commits
+        from hfrepair.io import load_model
+        from hfrepair.data import image_batches, model_transform
+        from hfrepair.evaluate import evaluate
+        folder = snapshot_download("{repo}")
+        model = load_model(folder)
+        test = image_batches("user/mnist", "test", model_transform(folder), limit=500, batch_size=500, seed=0)
+        card = ModelCard.load("{repo}")
+        metrics = {{r.metric_type: r.metric_value for r in card.data.eval_results}}
+        result(cls=type(model).__name__, accuracy=evaluate(model, test).accuracy, card=metrics,
+               base=card.data.base_model, license=card.data.license, tags=card.data.tags,
+               files=sorted(os.listdir(folder)), commits=len(list_repo_commits("{repo}")),
+               text=card.text)
+    """)
+
+
+def test_merge_from_hub_ids_and_push(hub, merged_from_hub, tmp_path):
+    root, out, done = merged_from_hub
     assert "pushed to" in done.stdout
     local = sorted(p.name for p in out.iterdir())
     assert local == ["README.md", "barrier_curve.png", "config.json", "merge_results.json", "model.safetensors",
@@ -74,21 +128,13 @@ def test_merge_from_hub_ids_and_push(hub, uploaded, tmp_path):
     record = json.loads((out / "merge_results.json").read_text())
     assert record["sources"]["model_a"]["repo_id"] == "user/resnet-a"
     assert len(record["sources"]["model_b"]["revision"]) == 40  # the commit actually used
-    pulled = run_client(hub, tmp_path, """
-        from huggingface_hub import ModelCard, snapshot_download, list_repo_commits
-        from hfrepair.io import load_model
-        from hfrepair.data import image_batches, model_transform
-        from hfrepair.evaluate import evaluate
-        folder = snapshot_download("user/merged")
-        model = load_model(folder)
-        test = image_batches("user/mnist", "test", model_transform(folder), limit=500, batch_size=500, seed=0)
-        card = ModelCard.load("user/merged")
-        metrics = {r.metric_type: r.metric_value for r in card.data.eval_results}
-        result(cls=type(model).__name__, accuracy=evaluate(model, test).accuracy, card=metrics,
-               base=card.data.base_model, license=card.data.license, tags=card.data.tags,
-               files=sorted(os.listdir(folder)), commits=len(list_repo_commits("user/merged")),
-               text=card.text)
-    """)
+    assert record["sources"]["dataset"]["repo_id"] == "user/mnist"
+    assert len(record["sources"]["dataset"]["revision"]) == 40
+    assert record["calibration_examples"] == 1000
+    # Streamed: the dataset's files never landed in the client's cache.
+    cached = [p.name for p in (root / "hf_home").rglob("*") if p.suffix in (".parquet", ".arrow")]
+    assert cached == []
+    pulled = pull_and_evaluate(hub, tmp_path, "user/merged")
     assert pulled["cls"] == "ResNet"
     assert pulled["accuracy"] == pytest.approx(record["merged"]["test"]["accuracy"])
     assert pulled["card"]["accuracy"] == pytest.approx(record["merged"]["test"]["accuracy"], abs=1e-6)
@@ -101,10 +147,41 @@ def test_merge_from_hub_ids_and_push(hub, uploaded, tmp_path):
     assert "hfrepair merge user/resnet-a" in pulled["text"]
 
 
-def test_push_command_publishes_an_existing_output(hub, uploaded, tmp_path):
+def test_transformers_model_round_trip(hub, uploaded, tmp_path):
+    """HF ResNet (its own image processor) from the Hub, merged, pushed, reloaded by transformers."""
     out = tmp_path / "merged"
-    assert hub_cli(hub, tmp_path, "merge", "user/resnet-a", "user/resnet-b", "--dataset", "user/mnist",
-                   "--output", out, *FAST).returncode == 0
+    done = hub_cli(hub, tmp_path, "merge", "user/hf-a", "user/hf-b", "--dataset", "user/mnist", "--output", out,
+                   "--push-to-hub", "user/hf-merged", "--max-shard-size", "40KB", *FAST)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((out / "merge_results.json").read_text())
+    assert len(record["groups"]) == 2 + 2  # two residual streams, two inner convs
+    assert (out / "preprocessor_config.json").is_file() and (out / "model.safetensors.index.json").is_file()
+    assert min(record["endpoints"][k]["test"]["accuracy"] for k in "AB") > 0.85
+    assert record["merged"]["test"]["accuracy"] > record["curves"]["aligned"]["test"][1]["accuracy"]
+    pulled = pull_and_evaluate(hub, tmp_path, "user/hf-merged")
+    assert pulled["cls"] == "ResNetForImageClassification"
+    assert pulled["accuracy"] == pytest.approx(record["merged"]["test"]["accuracy"])
+    assert pulled["card"]["accuracy"] == pytest.approx(record["merged"]["test"]["accuracy"], abs=1e-6)
+    assert "preprocessor_config.json" in pulled["files"]
+    assert any(name.startswith("model-0000") for name in pulled["files"])
+
+
+def test_sharded_endpoint_loads_like_the_single_file(hub, uploaded, tmp_path, resnet_pair):
+    seen = run_client(hub, tmp_path, """
+        from hfrepair.hub import resolve_model
+        from hfrepair.io import load_model
+        source = resolve_model("user/resnet-b-sharded")
+        shards = sorted(p.name for p in source.folder.iterdir())
+        state = load_model(source.folder).state_dict()
+        result(shards=shards, sums={k: float(v.double().sum()) for k, v in state.items()})
+    """)
+    assert "model.safetensors.index.json" in seen["shards"] and len(seen["shards"]) > 3
+    expected = {k: float(v.double().sum()) for k, v in resnet_pair[1].state_dict().items()}
+    assert seen["sums"] == pytest.approx(expected, rel=0, abs=0)
+
+
+def test_push_command_publishes_an_existing_output(hub, merged_from_hub, tmp_path):
+    _, out, _ = merged_from_hub
     done = hub_cli(hub, tmp_path, "push", out, "user/pushed", "--private", "--revision", "v1")
     assert done.returncode == 0, done.stderr[-2000:]
     seen = run_client(hub, tmp_path, """
@@ -113,19 +190,53 @@ def test_push_command_publishes_an_existing_output(hub, uploaded, tmp_path):
         result(private=info.private, files=sorted(s.rfilename for s in info.siblings))
     """)
     assert seen["private"] and "model.safetensors" in seen["files"]
+    denied = hub_cli(hub, tmp_path, "push", out, "user/pushed-again", token="hf_wrong")
+    assert denied.returncode == 2
+    assert_one_line_error(denied.stderr, "access denied")
 
 
-@pytest.mark.parametrize("args, message", [
-    (["user/missing", "user/resnet-b"], "model repo 'user/missing' not found"),
-    (["user/resnet-a@nope", "user/resnet-b"], "revision not found"),
-    (["user/pickled", "user/resnet-b"], "only pickle weights"),
+def test_push_failing_midway_leaves_the_repo_unchanged(hub, merged_from_hub, tmp_path):
+    out = tmp_path / "fresh"
+    shutil.copytree(merged_from_hub[1], out)
+    # New bytes, so the client cannot skip the upload as already stored on the server.
+    save_file(load_file(out / "model.safetensors"), out / "model.safetensors", metadata={"format": "pt", "copy": "1"})
+    run_client(hub, tmp_path, """
+        from huggingface_hub import HfApi
+        HfApi().create_repo("user/atomic")
+        HfApi().upload_file(repo_id="user/atomic", path_or_fileobj=b"# placeholder card\\n", path_in_repo="README.md")
+        result(ok=True)
+    """)
+    before = hub.load("model", "user/atomic")
+    hub.fail_next_lfs_upload = True
+    done = hub_cli(hub, tmp_path, "push", out, "user/atomic")
+    assert done.returncode == 2
+    assert_one_line_error(done.stderr, "push to 'user/atomic'")
+    assert hub.load("model", "user/atomic") == before  # no commit, no file changed
+
+
+@pytest.mark.parametrize("args, token, message", [
+    (["user/missing", "user/resnet-b"], TOKEN, "model repo 'user/missing' not found"),
+    (["user/resnet-a@nope", "user/resnet-b"], TOKEN, "revision not found"),
+    (["user/resnet-a", "user/resnet-b"], None, "model repo 'user/resnet-a' not found on"),
+    (["user/resnet-a", "user/resnet-b"], "hf_wrong", "or private and your token cannot read it"),
+    (["user/pickled", "user/resnet-b"], TOKEN, "only pickle weights"),
+    (["user/remote-code", "user/remote-code"], TOKEN, "pass --trust-remote-code if you trust it"),
+    (["user/resnet-a", "user/hf-b"], TOKEN, "different architectures"),
+    (["user/resnet-a", "user/resnet-b", "--dataset", "user/no-data"], TOKEN, "dataset repo 'user/no-data' not found"),
+    (["user/resnet-a", "user/resnet-b", "--split", "validation"], TOKEN, "has no split 'validation'"),
+    (["user/resnet-a", "user/resnet-b", "--label-column", "digit"], TOKEN, "no label column 'digit'"),
+    (["user/resnet-a", "user/resnet-b", "--num-samples", "4001"], TOKEN,
+     "asks for more examples than split 'train' of dataset 'user/mnist' has (4000)"),
 ])
-def test_hub_errors_are_one_line(hub, uploaded, tmp_path, args, message):
+def test_hub_errors_are_one_line(hub, uploaded, tmp_path, args, token, message):
     out = tmp_path / "never"
-    done = hub_cli(hub, tmp_path, "merge", *args, "--dataset", "user/mnist", "--output", out, *FAST)
+    dataset = [] if "--dataset" in args else ["--dataset", "user/mnist"]
+    done = hub_cli(hub, tmp_path, "merge", *FAST, *args, *dataset, "--output", out,
+                   "--push-to-hub", "user/never", token=token)
     assert done.returncode == 2
     assert_one_line_error(done.stderr, message)
     assert not out.exists()
+    assert hub.load("model", "user/never") is None
 
 
 def test_unreachable_hub_names_the_endpoint(tmp_path):

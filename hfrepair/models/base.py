@@ -10,8 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from huggingface_hub import PyTorchModelHubMixin
-from safetensors.torch import load_model
+from huggingface_hub import PyTorchModelHubMixin, load_torch_model
 from torch import nn
 
 MNIST_MEAN = (0.1307,)
@@ -30,11 +29,12 @@ class BuiltinModel(nn.Module, PyTorchModelHubMixin, library_name="hfrepair", tag
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> BuiltinModel:
-        """Load a saved folder strictly (the mixin's loader ignores missing keys by default)."""
+        """Load a saved folder strictly (the mixin's loader ignores missing keys by default);
+        sharded weights (``model.safetensors.index.json``) load too."""
         config = json.loads((Path(folder) / "config.json").read_text())
         config.pop("model_type", None)
         model = cls(**config)
-        load_model(model, str(Path(folder) / "model.safetensors"), strict=True)
+        load_torch_model(model, folder, strict=True, safe=True)
         return model.eval()
 
 

@@ -1,0 +1,116 @@
+"""The passes on every process of an ``accelerate`` launch: who reads what, and one sum.
+
+Every pass (statistics, REPAIR, evaluation) reads the batches in the one global order a
+single process would read, capped at the same number of examples, and deals them out
+round-robin, whole batches at a time: process ``i`` of ``n`` keeps batches ``i, i + n, ...``.
+No example is read twice or skipped, and each batch is processed exactly as it would be
+by one process, so the float64 sums differ from a single-process run only in the order of
+their additions. Sums are reduced once, at the end of a pass, as one flat float64 tensor.
+
+Without an ``Accelerator``, or with one process, all of this is the single-process path.
+(accelerate's own ``prepare(DataLoader)`` is not used for the split: with ``even_batches``
+it repeats examples to even out the processes, and without it the global cap of
+``--num-samples`` could not be applied before splitting.)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+
+class ProcessDataError(ValueError):
+    """Some process got no calibration batch: its statistics would be undefined."""
+
+
+def make_accelerator(mixed_precision: str | None = None) -> Accelerator:
+    """The Accelerator of this launch (``accelerate launch``, ``torchrun`` or a plain run).
+
+    Without a GPU, ``cpu=True`` makes the processes of a launch one gloo group: otherwise
+    accelerate treats each of them as an independent single process.
+    """
+    has_device = (torch.cuda.is_available() or torch.backends.mps.is_available()
+                  or (hasattr(torch, "xpu") and torch.xpu.is_available()))
+    return Accelerator(mixed_precision=mixed_precision, cpu=not has_device)
+
+
+def part_of(accelerator: Accelerator | None) -> tuple[int, int]:
+    """(this process's index, number of processes)."""
+    if accelerator is None:
+        return 0, 1
+    return accelerator.process_index, accelerator.num_processes
+
+
+def is_main_process(accelerator: Accelerator | None = None) -> bool:
+    """True on the process that prints and writes. Without an accelerator, the launcher's
+    RANK decides (torchrun and accelerate launch set it), so errors raised before any
+    Accelerator exists are still printed once."""
+    if accelerator is not None:
+        return accelerator.is_main_process
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def progress(iterable: Iterable, accelerator: Accelerator | None, **options) -> Iterable:
+    """A tqdm bar on the main process only (TQDM_DISABLE still silences it)."""
+    if not is_main_process(accelerator):
+        return iterable
+    return tqdm(iterable, leave=False, **options)
+
+
+def autocast(accelerator: Accelerator | None):
+    """The forward passes' autocast (the accelerator's mixed precision); sums stay float64."""
+    return accelerator.autocast() if accelerator is not None else nullcontext()
+
+
+def local_batches(batches: Iterable, limit: int | None, accelerator: Accelerator | None) -> Iterator:
+    """This process's batches of ``batches`` capped at ``limit`` examples over all processes.
+
+    Batches are tensors or ``(inputs, labels)`` tuples; the last one kept is cut at the cap.
+    A stream that can deal itself out (``shard``) skips preprocessing the others' batches.
+    """
+    index, count = part_of(accelerator)
+    if hasattr(batches, "shard"):
+        yield from batches.shard(index, count, limit)
+        return
+    seen = 0
+    for number, batch in enumerate(batches):
+        if limit is not None and seen >= limit:
+            return
+        size = (batch[0] if isinstance(batch, (tuple, list)) else batch).shape[0]
+        keep = size if limit is None else min(size, limit - seen)
+        seen += keep
+        if number % count == index:
+            if keep < size:
+                batch = tuple(t[:keep] for t in batch) if isinstance(batch, (tuple, list)) else batch[:keep]
+            yield batch
+
+
+def sum_across(tensors: list[torch.Tensor], accelerator: Accelerator | None) -> list[torch.Tensor]:
+    """Element-wise float64 sums of ``tensors`` over all processes, in one all-reduce."""
+    tensors = [t.to(torch.float64) for t in tensors]
+    if accelerator is None or accelerator.num_processes == 1:
+        return tensors
+    flat = torch.cat([t.reshape(-1) for t in tensors]).to(accelerator.device)
+    flat = accelerator.reduce(flat, reduction="sum")
+    out, start = [], 0
+    for t in tensors:
+        out.append(flat[start : start + t.numel()].view(t.shape).to(t.device))
+        start += t.numel()
+    return out
+
+
+def require_data_everywhere(local_examples: int, accelerator: Accelerator | None, what: str) -> int:
+    """Total examples of a pass; every process must have had some (checked by all together,
+    so that no process is left waiting in a reduction the others skipped)."""
+    counts = torch.tensor([float(local_examples), float(local_examples == 0)])
+    total, empty = (int(v) for v in sum_across([counts], accelerator)[0].tolist())
+    if empty:
+        _, count = part_of(accelerator)
+        raise ProcessDataError(f"{what}: {empty} of {count} processes got no batch; use fewer processes, "
+                               "smaller batches or more examples")
+    return total

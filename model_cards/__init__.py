@@ -1,0 +1,1 @@
+"""Model card templates, installed as ``hfrepair.model_cards`` (see pyproject.toml)."""

@@ -1,0 +1,187 @@
+"""Statistics, REPAIR and evaluation on two real processes (gloo on CPU) equal one process.
+
+``accelerate.debug_launcher`` forks two processes that run the passes through the Python
+API; one CLI merge runs under ``accelerate launch --multi_gpu --num_processes 2`` (on CPU,
+``accelerate launch --cpu --num_processes 2`` would silently start one process).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hfrepair.data import image_batches, model_transform
+from hfrepair.discovery import discover_spec
+from hfrepair.distributed import local_batches
+from hfrepair.io import load_model
+from hfrepair.pipeline import merge
+from hfrepair.statistics import collect_statistics
+
+NUM_SAMPLES = 1100  # with batches of 250: 4 full batches and one of 100, dealt 3 / 2
+EVAL_SAMPLES = 700
+BATCH = 250
+
+
+def fake_process(index, count):
+    return SimpleNamespace(process_index=index, num_processes=count)
+
+
+def test_parts_cover_the_capped_batches_exactly_once():
+    batches = [(torch.arange(i * 10, i * 10 + 10), torch.zeros(10)) for i in range(7)]
+    for count in (1, 2, 3, 5, 8):
+        parts = [list(local_batches(batches, 45, fake_process(i, count))) for i in range(count)]
+        seen = sorted(int(x) for part in parts for inputs, _ in part for x in inputs)
+        assert seen == list(range(45))
+
+
+def test_stream_parts_cover_the_capped_stream_exactly_once(mnist_folder):
+    stream = image_batches(str(mnist_folder), "train", lambda images: torch.zeros(len(images)),
+                           limit=NUM_SAMPLES, batch_size=BATCH, seed=0)
+    whole = torch.cat([labels for _, labels in stream])
+    parts = [list(local_batches(stream, None, fake_process(i, 2))) for i in range(2)]
+    assert [len(p) for p in parts] == [3, 2]
+    interleaved = [parts[n % 2][n // 2][1] for n in range(5)]
+    assert torch.equal(torch.cat(interleaved), whole) and len(whole) == NUM_SAMPLES
+
+
+def run_passes(folders, dataset, accelerator):
+    """Statistics and a whole merge, as one process of a launch (or alone)."""
+    model_a, model_b = load_model(folders[0]), load_model(folders[1])
+    transform = model_transform(folders[0])
+    calibration = image_batches(dataset, "train", transform, limit=NUM_SAMPLES, batch_size=BATCH, seed=0)
+    test = image_batches(dataset, "test", transform, limit=EVAL_SAMPLES, batch_size=BATCH, seed=0)
+    spec = discover_spec(model_a, next(iter(calibration))[0][:4])
+    stats = collect_statistics(model_a, model_b, spec.sites, calibration, accelerator=accelerator)
+    merged, result = merge(model_a, model_b, calibration, {"test": test}, grid=3, accelerator=accelerator)
+    sums = {name: [t.tolist() for t in pair.sums()] for name, pair in stats.pairs.items()}
+    return {"examples": stats.examples, "sums": sums, "result": result.to_dict(),
+            "merged": {k: v.tolist() for k, v in merged.state_dict().items()}}
+
+
+def two_process_worker(folders, dataset, out):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    assert accelerator.num_processes == 2
+    measured = run_passes(folders, dataset, accelerator)
+    if accelerator.is_main_process:
+        with open(out, "w") as f:
+            json.dump(measured, f)
+
+
+@pytest.fixture(scope="module")
+def endpoint_folders(resnet_pair, tmp_path_factory):
+    root = tmp_path_factory.mktemp("distributed")
+    for name, model in zip("ab", resnet_pair):
+        model.save_pretrained(str(root / name))
+    return str(root / "a"), str(root / "b")
+
+
+def assert_close_nested(a, b, rel):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_close_nested(a[key], b[key], rel)
+    elif isinstance(a, list):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_close_nested(x, y, rel)
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, rel=rel, abs=rel)
+    else:
+        assert a == b
+
+
+def test_two_processes_equal_one(endpoint_folders, mnist_folder, tmp_path):
+    from accelerate import debug_launcher
+    from accelerate.state import AcceleratorState
+
+    out = tmp_path / "two.json"
+    AcceleratorState._reset_state(reset_partial_state=True)  # the forked workers must not inherit it
+    debug_launcher(two_process_worker, args=(endpoint_folders, str(mnist_folder), str(out)), num_processes=2)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    two = json.loads(out.read_text())
+    one = run_passes(endpoint_folders, str(mnist_folder), None)
+
+    assert two["examples"] == one["examples"] == NUM_SAMPLES
+    assert two["result"]["calibration_examples"] == NUM_SAMPLES
+    assert two["result"]["endpoints"]["A"]["test"]["examples"] == EVAL_SAMPLES
+    # float64 sums: only the order of additions differs
+    assert_close_nested(two["sums"], one["sums"], rel=1e-9)
+    assert_close_nested(two["result"]["matched_correlation"], one["result"]["matched_correlation"], rel=1e-9)
+    assert two["result"]["groups"] == one["result"]["groups"]
+    # REPAIR's float32 trackers and the evaluation's float32 logits: float32 tolerance
+    assert_close_nested(two["merged"], one["merged"], rel=1e-5)
+    for label in ("naive", "aligned", "repaired"):
+        assert_close_nested(two["result"]["curves"][label], one["result"]["curves"][label], rel=1e-5)
+
+
+def launch(*args, processes=2):
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+               str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", "29512", "-m", "hfrepair.cli", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
+
+
+def test_cli_under_accelerate_launch(endpoint_folders, mnist_folder, tmp_path):
+    common = ["--dataset", mnist_folder, "--grid", "3", "--num-samples", NUM_SAMPLES, "--eval-samples",
+              EVAL_SAMPLES, "--batch-size", BATCH]
+    two_out, one_out = tmp_path / "two", tmp_path / "one"
+    done = launch("merge", *endpoint_folders, "--output", two_out, *common)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("merged model written to") == 1  # the main process alone reports and writes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["two"]  # no staging folder left behind
+    single = subprocess.run([sys.executable, "-m", "hfrepair.cli", "merge", *endpoint_folders, "--output",
+                             one_out, *map(str, common)], capture_output=True, text=True, check=False,
+                            env={**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    two, one = (json.loads((o / "merge_results.json").read_text()) for o in (two_out, one_out))
+    assert two["processes"] == 2 and one["processes"] == 1
+    assert two["calibration_examples"] == one["calibration_examples"] == NUM_SAMPLES
+    assert_close_nested(two["matched_correlation"], one["matched_correlation"], rel=1e-9)
+    assert_close_nested(two["merged"], one["merged"], rel=1e-5)
+    weights_two, weights_one = (load_file(o / "model.safetensors") for o in (two_out, one_out))
+    for key, value in weights_one.items():
+        torch.testing.assert_close(weights_two[key], value, rtol=1e-5, atol=1e-5)
+
+    # The same command under torchrun, with a bad split.
+    failed = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29513", "-m",
+         "hfrepair.cli", "merge", *endpoint_folders, "--output", str(tmp_path / "never"), *map(str, common),
+         "--split", "nope"], capture_output=True, text=True, check=False, timeout=600,
+        env={**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"})
+    assert failed.returncode != 0
+    # Both processes meet the bad split; only the main one says so (the launcher then
+    # reports the failed processes in its own words).
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("hfrepair: error:")]
+    assert len(errors) == 1 and "has no split 'nope'" in errors[0], failed.stderr[-3000:]
+    assert not (tmp_path / "never").exists()
+
+
+def test_bf16_autocast_keeps_float64_sums(endpoint_folders, mnist_folder):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    model_a, model_b = load_model(endpoint_folders[0]), load_model(endpoint_folders[1])
+    calibration = image_batches(str(mnist_folder), "train", model_transform(endpoint_folders[0]), limit=500,
+                                batch_size=BATCH)
+    spec = discover_spec(model_a, next(iter(calibration))[0][:4])
+    exact = collect_statistics(model_a, model_b, spec.sites, calibration)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        bf16 = collect_statistics(model_a, model_b, spec.sites, calibration,
+                                  accelerator=Accelerator(cpu=True, mixed_precision="bf16"))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    for name, pair in bf16.pairs.items():
+        assert pair.cross.dtype == torch.float64
+        reference = exact.pairs[name]
+        assert not torch.equal(pair.a.total, reference.a.total)  # the forward passes did run in bf16
+        corr, corr_exact = pair.correlation(), reference.correlation()
+        assert (corr.diagonal() - corr_exact.diagonal()).abs().max() < 0.05
