@@ -154,7 +154,7 @@ class ImageStream:
             rows = rows.shuffle(seed=self.seed, buffer_size=self.buffer_size, max_buffer_input_shards=1)
         if self.limit is not None:
             rows = rows.take(self.limit)
-        decode = _decoder(self.stream.features[self.image_column])
+        decode = _decoder((self.stream.features or {}).get(self.image_column))
         index, count = self.part
         seen = 0
         for number, batch in enumerate(rows.iter(batch_size=self.batch_size)):
