@@ -567,5 +567,11 @@ def _find_sites(model, graph, g: _GraphAxes, group_of_class, groups) -> list[Act
                     (f"{path_bn}.weight", 0) in groups[group].members
                 ):
                     site.batchnorm = path_bn
+        elif kind == "norm" and all(
+            getattr(module, name, None) is not None and (f"{path}.{name}", 0) in groups[group].members
+            and getattr(module, name).dim() == 1 for name in ("weight", "bias")
+        ):
+            # A per-unit affine after the normalisation: a correction of this output folds into it.
+            site.weight, site.bias = f"{path}.weight", f"{path}.bias"
         sites.append(site)
     return sites

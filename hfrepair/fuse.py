@@ -1,4 +1,4 @@
-"""Fold per-channel affine corrections back into the conv/linear layer before them.
+"""Fold per-channel affine corrections back into the conv/linear layer (or norm affine) before them.
 
 In: a state dict, the ``weight``/``bias`` keys of a layer and an eval-mode BatchNorm that
 acts on its output channels. Out: the state dict with that layer's weight rows scaled and
@@ -21,7 +21,10 @@ def fold_batchnorm(
     weight, bias = state_dict[weight_key], state_dict[bias_key]
     args = (norm.running_mean, norm.running_var, norm.eps, norm.weight, norm.bias)
     with torch.no_grad():
-        if weight.dim() > 2:
+        if weight.dim() == 1:  # a norm's per-unit affine: y' = s * (w n + b - mean) + beta
+            scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+            fused_w, fused_b = weight * scale, (bias - norm.running_mean) * scale + norm.bias
+        elif weight.dim() > 2:
             fused_w, fused_b = fuse_conv_bn_weights(weight, bias, *args)
         else:
             fused_w, fused_b = fuse_linear_bn_weights(weight, bias, *args)

@@ -74,8 +74,20 @@ def site_goal(stats: Statistics, site: ActivationSite, perm: torch.Tensor, alpha
 
 
 def correction_sites(spec: PermutationSpec) -> list[ActivationSite]:
-    """Conv/linear outputs REPAIR can correct and fold: hidden units with a bias or a BN."""
-    return [s for s in spec.sites if s.kind == "linear" and (s.batchnorm or s.bias)]
+    """Outputs REPAIR can correct and fold: conv/linear outputs with a bias or a BN, and the
+    outputs of per-unit-affine norms (LayerNorm, GroupNorm) fed by a conv/linear that has
+    neither (e.g. a bias-free conv before a LayerNorm: the correction folds into the norm)."""
+    sites, feeding = [], {}
+    for site in spec.sites:  # graph order: a norm's feeding layer comes before it
+        if site.kind == "linear":
+            feeding[site.group] = site
+            if site.batchnorm or site.bias:
+                sites.append(site)
+        elif site.kind == "norm" and site.bias and site.group in feeding:
+            layer = feeding[site.group]
+            if not (layer.batchnorm or layer.bias):
+                sites.append(site)
+    return sites
 
 
 def block_output_sites(spec: PermutationSpec) -> list[ActivationSite]:
@@ -178,7 +190,7 @@ def _corrected_network(model, state_dict, sites, stats, perms, alpha, method, ba
 def _fold(state: dict, sites: list[ActivationSite], added: dict) -> dict:
     """Fold every added corrector of a conv/linear site into that layer's weights."""
     for site in sites:
-        if site.module in added and site.kind == "linear":
+        if site.module in added and site.kind in ("linear", "norm"):
             corrector = added[site.module]
             corrector.to(state[site.weight].device).eval()
             fold_batchnorm(state, site.weight, site.bias, corrector)

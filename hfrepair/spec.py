@@ -41,7 +41,8 @@ class ActivationSite:
     ``kind`` is ``linear`` (conv/linear output), ``batchnorm``, ``norm`` (other norms) or
     ``activation``. ``batchnorm`` names the BatchNorm module that consumes a linear site's
     output and nothing else (REPAIR then resets it instead of adding a corrector).
-    ``weight``/``bias`` are the state_dict keys of a linear site's parameters.
+    ``weight``/``bias`` are the state_dict keys of a linear site's parameters, or of a
+    norm site's per-unit affine.
     """
 
     module: str

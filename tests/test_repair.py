@@ -57,6 +57,23 @@ def test_exact_repair_meets_the_goal_statistics_and_keeps_the_architecture():
     assert before[last].std.mean() < 0.9 * measured[last].std.mean()
 
 
+def test_layernorm_resnet_is_corrected_at_its_norms_and_folds_into_their_affine():
+    """Bias-free convs before a LayerNorm cannot take a correction; the norm's affine can."""
+    a, b = endpoints(lambda: ResNet(blocks_per_stage=1, base_channels=4, image_size=8, normalization="layernorm"))
+    inputs = torch.randn(64, 1, 8, 8)
+    spec, stats, perms, mixed = prepare(a, b, inputs)
+    sites = correction_sites(spec)
+    assert sites and all(s.kind == "norm" for s in sites)
+    repaired = repair(a, mixed, spec, stats, perms, 0.5, "repair", [inputs])
+    changed = {k for k in repaired if not torch.equal(repaired[k], mixed[k])}
+    assert changed == {key for s in sites for key in (s.weight, s.bias)}  # only the norms' affine moved
+    measured = collect_moments(with_state_dict(a, repaired), sites, [inputs])
+    for site in sites[:1]:  # the first corrected layer sees uncorrected inputs: exact goal
+        goal = site_goal(stats, site, perms[site.group], 0.5)
+        torch.testing.assert_close(measured[site.module].mean, goal.mean, atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(measured[site.module].std, goal.std, atol=1e-3, rtol=1e-3)
+
+
 def test_closed_form_is_exact_for_the_first_layer_only():
     a, b = endpoints(lambda: VGG(widths=(6, 8), layers_per_stage=2, image_size=8))
     inputs = torch.randn(64, 1, 8, 8)
@@ -101,6 +118,8 @@ def test_unknown_method_and_missing_batches_are_refused():
     (nn.Conv2d(3, 5, 3), (4, 3, 9, 9), 1),
     (nn.Linear(6, 5), (4, 6), -1),
     (nn.Linear(6, 5), (4, 7, 6), -1),  # channels-last sequence: the fusion trap of BatchNorm1d
+    (nn.GroupNorm(1, 5), (4, 5, 6, 6), 1),  # a norm's per-channel affine
+    (nn.LayerNorm(5), (4, 7, 5), -1),
 ])
 def test_fold_matches_layer_followed_by_corrector(layer, shape, axis):
     torch.manual_seed(0)
