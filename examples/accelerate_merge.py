@@ -7,12 +7,15 @@ split the data between them, and only the main process saves.
     torchrun --nproc_per_node 2 examples/accelerate_merge.py  # the same with torchrun
 
 Uses the demo's MNIST dataset and endpoints (trained and cached on first use by the main
-process, as ``hfrepair demo`` does).
+process, as ``hfrepair demo`` does). Runs on the GPUs where there are any. Each process
+reports the statistics pass's throughput and its own peak memory (resident, and CUDA on a
+GPU): the figures ``benchmarks/bench_distributed.py`` gives, for a whole merge.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 
 import torch
 from accelerate import Accelerator
@@ -48,7 +51,13 @@ def main() -> None:
         print(f"{accelerator.num_processes} process(es), {result.calibration_examples} calibration examples: "
               f"midpoint test accuracy {100 * repaired:.1f}% with REPAIR, {100 * aligned:.1f}% aligned only; "
               f"saved to {args.output}")
+    rate = result.calibration_examples / result.seconds["statistics"]
+    memory = f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB"
+    if torch.cuda.is_available():
+        memory += f", peak CUDA {torch.cuda.max_memory_allocated() / 2**20:.0f} MB"
     accelerator.wait_for_everyone()
+    print(f"process {accelerator.process_index} on {accelerator.device}: statistics pass {rate:.1f} examples/s "
+          f"(all processes), {memory}", flush=True)
     accelerator.end_training()
 
 
