@@ -82,6 +82,17 @@ def builtin_transform(config: dict):
     return transform
 
 
+def image_mode(folder: str | Path, processor=None) -> str:
+    """``L`` for a one-channel model (its config's ``num_channels``, else a one-value
+    ``image_mean`` in its processor), else ``RGB``: images go in the model's own mode."""
+    config = json.loads((Path(folder) / "config.json").read_text())
+    channels = config.get("num_channels")
+    if channels is None and processor is not None:
+        mean = getattr(processor, "image_mean", None)
+        channels = len(mean) if isinstance(mean, (list, tuple)) else None
+    return "L" if channels == 1 else "RGB"
+
+
 def model_transform(folder: str | Path):
     """The endpoint's own image processor when its folder has one, else the built-in one."""
     folder = Path(folder)
@@ -89,9 +100,14 @@ def model_transform(folder: str | Path):
         from transformers import AutoImageProcessor
 
         processor = AutoImageProcessor.from_pretrained(str(folder))
+        mode = image_mode(folder, processor)
+
         def transform(images: list) -> torch.Tensor:
             images = [i if isinstance(i, Image.Image) else Image.fromarray(np.asarray(i, dtype=np.uint8)) for i in images]
-            return processor(images=[i.convert("RGB") for i in images], return_tensors="pt")["pixel_values"]
+            if mode == "L":  # channels first, so that processors need not guess the layout
+                arrays = [np.asarray(i.convert("L"))[None] for i in images]
+                return processor(images=arrays, input_data_format="channels_first", return_tensors="pt")["pixel_values"]
+            return processor(images=[i.convert(mode) for i in images], return_tensors="pt")["pixel_values"]
 
         return transform
     config = json.loads((folder / "config.json").read_text())

@@ -33,13 +33,29 @@ class ExportError(RuntimeError):
 
 
 class _AxisSets:
-    """Union-find over tensor axes, remembering why a class is fixed."""
+    """Union-find over tensor axes, remembering why a class is fixed and how it is split.
 
-    def __init__(self) -> None:
-        self.parent: dict[Axis, Axis] = {}
-        self.reason: dict[Axis, str] = {}
+    A class can be split into parts, each a class of its own: a product (a reshape of
+    ``H * D`` into ``H, D``) or a concatenation (``split``/``cat``/``slice`` along the
+    axis). Tying two split classes ties their parts; parts that cannot be lined up (one
+    split into 3 x 4, the other into 4 x 3) fix the whole class. A fixed class fixes its
+    parts when groups are collected.
+    """
 
-    def find(self, item: Axis) -> Axis:
+    def __init__(self, size_of) -> None:
+        self.parent: dict = {}
+        self.reason: dict = {}
+        self.parts: dict = {}  # root -> (kind, [elements]); kind "product" or "concat"
+        self.sizes: dict = {}
+        self.size_of = size_of
+        self.fresh = 0
+
+    def size(self, item) -> int:
+        if item not in self.sizes:
+            self.sizes[item] = self.size_of(item)
+        return self.sizes[item]
+
+    def find(self, item):
         self.parent.setdefault(item, item)
         root = item
         while self.parent[root] != root:
@@ -48,18 +64,107 @@ class _AxisSets:
             self.parent[item], item = root, self.parent[item]
         return root
 
-    def union(self, a: Axis, b: Axis) -> None:
+    def union(self, a, b) -> None:
         ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[rb] = ra
-            if rb in self.reason:
-                self.reason.setdefault(ra, self.reason.pop(rb))
+        if ra == rb:
+            return
+        self.parent[rb] = ra
+        if rb in self.reason:
+            self.reason.setdefault(ra, self.reason.pop(rb))
+        moved = self.parts.pop(rb, None)
+        if moved is not None and not self._split_into(ra, *moved):
+            self._conflict(ra, moved[1])
 
-    def fix(self, item: Axis, reason: str) -> None:
+    def fix(self, item, reason: str) -> None:
         self.reason.setdefault(self.find(item), reason)
 
-    def fixed_reason(self, item: Axis) -> str | None:
+    def fixed_reason(self, item) -> str | None:
         return self.reason.get(self.find(item))
+
+    def split(self, item, sizes: list[int], kind: str) -> list:
+        """Elements standing for the parts of ``item``'s axis, in order."""
+        elements = []
+        for size in sizes:
+            self.fresh += 1
+            element = ("part", self.fresh)
+            self.sizes[element] = size
+            elements.append(element)
+        if not self._split_into(item, kind, elements):
+            self._conflict(item, elements)
+        return elements
+
+    def _conflict(self, item, elements) -> None:
+        self.fix(item, "reshaped or split inconsistently")
+        for element in elements:
+            self.fix(element, "reshaped or split inconsistently")
+
+    def _split_into(self, item, kind: str, elements: list) -> bool:
+        root = self.find(item)
+        if root not in self.parts:
+            self.parts[root] = (kind, list(elements))
+            return True
+        known_kind, known = self.parts[root]
+        return known_kind == kind and self._align(list(known), list(elements), kind)
+
+    def _align(self, xs: list, ys: list, kind: str) -> bool:
+        """Tie two splits of one axis part by part, splitting coarser parts further."""
+        combine = (lambda t, s: t * s) if kind == "product" else (lambda t, s: t + s)
+        while xs and ys:
+            x, y = xs.pop(0), ys.pop(0)
+            if self.size(x) == self.size(y):
+                self.union(x, y)
+                continue
+            if self.size(x) > self.size(y):
+                x, y, xs, ys = y, x, ys, xs
+            finer, total = [x], self.size(x)
+            while total < self.size(y) and xs:
+                finer.append(xs.pop(0))
+                total = combine(total, self.size(finer[-1]))
+            if total != self.size(y) or not self._split_into(y, kind, finer):
+                return False
+        return not xs and not ys
+
+    def propagate_fixes(self) -> None:
+        """A fixed class fixes every part it is split into."""
+        changed = True
+        while changed:
+            changed = False
+            for root, (_, elements) in list(self.parts.items()):
+                reason = self.reason.get(self.find(root))
+                if reason is None:
+                    continue
+                for element in elements:
+                    if self.find(element) not in self.reason:
+                        self.reason[self.find(element)] = reason
+                        changed = True
+
+    def layout(self, item) -> list[tuple]:
+        """``(root, offset, outers, inner)`` blocks of the free classes that make up ``item``."""
+        root = self.find(item)
+        if root in self.reason:
+            return []
+        if root not in self.parts:
+            return [(root, 0, (), 1)]
+        kind, elements = self.parts[root]
+        sizes = [self.size(e) for e in elements]
+        blocks = []
+        for index, element in enumerate(elements):
+            if kind == "concat":
+                start = sum(sizes[:index])
+                blocks += [(r, offset + start, outers, inner) for r, offset, outers, inner in self.layout(element)]
+                continue
+            after = 1
+            for size in sizes[index + 1:]:
+                after *= size
+            before = 1
+            for size in sizes[:index]:
+                before *= size
+            head = ((before, sizes[index] * after),) if before > 1 else ()
+            blocks += [
+                (r, offset * after, head + tuple((c, st * after) for c, st in outers), inner * after)
+                for r, offset, outers, inner in self.layout(element)
+            ]
+        return blocks
 
 
 def _shape(value) -> tuple[int, ...] | None:
@@ -70,7 +175,9 @@ class _GraphAxes:
     """Axis bookkeeping for one exported graph: shapes and ids of every tensor value."""
 
     def __init__(self, graph: torch.fx.Graph) -> None:
-        self.sets = _AxisSets()
+        self.sets = _AxisSets(lambda item: self.shapes[item[0]][item[1]])
+        self.roles: list = []  # (axis class, role) of attention heads and head dims, to name groups
+        self.conv_modules: set[str] = set()
         self.shapes: dict[tuple[str, int], tuple[int, ...]] = {}
         for node in graph.nodes:
             value = node.meta.get("val")
@@ -106,6 +213,14 @@ class _GraphAxes:
             for axis in range(self.rank(tensor)):
                 self.fix(tensor, axis, reason)
 
+    def split(self, tensor, axis: int, sizes: list[int], kind: str) -> list:
+        """Parts of one axis (``product``: a reshape's factors; ``concat``: pieces in order)."""
+        return self.sets.split((tensor, axis % self.rank(tensor)), sizes, kind)
+
+    def tie_part(self, part, tensor, axis: int) -> None:
+        if tensor is not None:
+            self.sets.union(part, (tensor, axis % self.rank(tensor)))
+
 
 # ---- rules: one function per family of ATen ops -------------------------------------------
 
@@ -116,6 +231,7 @@ _UNARY = {
     "exp", "log", "neg", "abs", "erf", "reciprocal", "square", "softmax", "log_softmax",
     "zeros_like", "ones_like", "full_like", "empty_like", "clamp", "clamp_min", "clamp_max",
     "lift_fresh_copy", "_softmax", "_log_softmax", "sign", "floor", "ceil", "round", "identity",
+    "cos", "sin",
 }
 _BROADCAST = {"add", "sub", "mul", "div", "where", "maximum", "minimum", "rsub", "addcmul", "addcdiv", "lerp"}
 _REDUCE = {"mean", "sum", "amax", "amin", "var", "std", "logsumexp"}
@@ -286,6 +402,7 @@ def _rule_layer_norm(g: _GraphAxes, node) -> None:
 
 
 def _rule_group_norm(g: _GraphAxes, node) -> None:
+    """G groups of C/G channels: whole groups permute, and channels within every group."""
     src, out = g.tensor(node.args[0]), g.tensor(node)
     groups = node.args[1]
     for axis in range(g.rank(src)):
@@ -293,45 +410,61 @@ def _rule_group_norm(g: _GraphAxes, node) -> None:
     for arg in node.args[2:4]:
         g.tie(src, 1, g.tensor(arg), 0)
     if groups not in (1, g.size(src, 1)):
-        g.fix(src, 1, f"group_norm with {groups} groups")
+        g.split(src, 1, [groups, g.size(src, 1) // groups], "product")
+
+
+def _spans(sizes_a: list[int], sizes_b: list[int]):
+    """Pair runs of axes with equal products: (runs of ``a``, runs of ``b``) index lists."""
+    i = j = 0
+    while i < len(sizes_a) and j < len(sizes_b):
+        span_a, span_b = [i], [j]
+        size_a, size_b = sizes_a[i], sizes_b[j]
+        while size_a != size_b:
+            if size_a < size_b and i + 1 < len(sizes_a):
+                i += 1
+                span_a.append(i)
+                size_a *= sizes_a[i]
+            elif size_b < size_a and j + 1 < len(sizes_b):
+                j += 1
+                span_b.append(j)
+                size_b *= sizes_b[j]
+            else:
+                break
+        yield span_a, span_b, size_a == size_b
+        i, j = i + 1, j + 1
 
 
 def _rule_reshape(g: _GraphAxes, node) -> None:
-    """Tie axes that a reshape keeps whole; axes it merges or splits stay fixed."""
+    """A reshape keeps, splits or merges axes: an axis split into ``H x D`` becomes a product
+    of two classes (heads and head dims), which can each still be permuted."""
     src, out = g.tensor(node.args[0]), g.tensor(node)
     if src is None or out is None:
         _rule_unknown(g, node)
         return
     a = [i for i, d in enumerate(g.shapes[src]) if d != 1]
     b = [i for i, d in enumerate(g.shapes[out]) if d != 1]
-    i = j = 0
-    while i < len(a) and j < len(b):
-        size_a, size_b = g.size(src, a[i]), g.size(out, b[j])
-        if size_a == size_b:
-            g.tie(src, a[i], out, b[j])
-            i, j = i + 1, j + 1
-            continue
-        span_a, span_b = [a[i]], [b[j]]
-        while size_a != size_b and i < len(a) and j < len(b):
-            if size_a < size_b:
-                i += 1
-                if i < len(a):
-                    span_a.append(a[i])
-                    size_a *= g.size(src, a[i])
-            else:
-                j += 1
-                if j < len(b):
-                    span_b.append(b[j])
-                    size_b *= g.size(out, b[j])
-        for axis in span_a:
-            g.fix(src, axis, "merged or split by a reshape")
-        for axis in span_b:
-            g.fix(out, axis, "merged or split by a reshape")
-        i, j = i + 1, j + 1
-    for axis in a[i:]:
-        g.fix(src, axis, "merged or split by a reshape")
-    for axis in b[j:]:
-        g.fix(out, axis, "merged or split by a reshape")
+    covered_a, covered_b = set(), set()
+    for span_a, span_b, equal in _spans([g.size(src, i) for i in a], [g.size(out, j) for j in b]):
+        axes_a, axes_b = [a[i] for i in span_a], [b[j] for j in span_b]
+        covered_a.update(axes_a)
+        covered_b.update(axes_b)
+        if equal and len(axes_a) == 1 and len(axes_b) == 1:
+            g.tie(src, axes_a[0], out, axes_b[0])
+        elif equal and len(axes_a) == 1:
+            for part, axis in zip(g.split(src, axes_a[0], [g.size(out, x) for x in axes_b], "product"), axes_b):
+                g.tie_part(part, out, axis)
+        elif equal and len(axes_b) == 1:
+            for part, axis in zip(g.split(out, axes_b[0], [g.size(src, x) for x in axes_a], "product"), axes_a):
+                g.tie_part(part, src, axis)
+        else:
+            for axis in axes_a:
+                g.fix(src, axis, "regrouped by a reshape")
+            for axis in axes_b:
+                g.fix(out, axis, "regrouped by a reshape")
+    for axis in set(a) - covered_a:
+        g.fix(src, axis, "regrouped by a reshape")
+    for axis in set(b) - covered_b:
+        g.fix(out, axis, "regrouped by a reshape")
 
 
 def _rule_permute(g: _GraphAxes, node) -> None:
@@ -356,31 +489,156 @@ def _rule_expand(g: _GraphAxes, node) -> None:
 
 
 def _rule_slice(g: _GraphAxes, node) -> None:
-    """A slice or select keeps axes it does not cut; the cut axis is fixed."""
+    """A slice is one piece of its axis (before, piece, after); a select removes the axis."""
     src, out = g.tensor(node.args[0]), g.tensor(node)
+    if src is None or out is None:
+        _rule_unknown(g, node)
+        return
     dim = (node.args[1] if len(node.args) > 1 else 0) % g.rank(src)
-    removed = _op_name(node) == "select"
+    name = _op_name(node)
     for axis in range(g.rank(src)):
-        target = axis - 1 if removed and axis > dim else axis
-        if axis == dim and (removed or g.size(src, axis) != g.size(out, axis)):
-            g.fix(src, axis, f"{_op_name(node)} along this axis")
-            if not removed:
-                g.fix(out, axis, f"{_op_name(node)} along this axis")
-        else:
-            g.tie(src, axis, out, target)
+        if axis != dim:
+            g.tie(src, axis, out, axis - 1 if name == "select" and axis > dim else axis)
+    if name == "select":
+        g.fix(src, dim, "select along this axis")
+        return
+    length, piece = g.size(src, dim), g.size(out, dim)
+    start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
+    step = node.args[4] if len(node.args) > 4 else 1
+    if not isinstance(start, int) or step != 1:
+        g.fix(src, dim, "strided or dynamic slice")
+        g.fix(out, dim, "strided or dynamic slice")
+        return
+    start = max(0, min(length, start + length if start < 0 else start))
+    if piece == length:
+        g.tie(src, dim, out, dim)
+        return
+    sizes = [size for size in (start, piece, length - start - piece)]
+    parts = g.split(src, dim, [size for size in sizes if size], "concat")
+    g.tie_part(parts[1 if start else 0], out, dim)
+
+
+def _rule_split(g: _GraphAxes, node) -> None:
+    """``split``/``chunk``: the axis is the concatenation of the pieces (GPT-2's fused QKV)."""
+    src, pieces = g.tensor(node.args[0]), _outputs(g, node)
+    if src is None or not pieces:
+        _rule_unknown(g, node)
+        return
+    dim = (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)) % g.rank(src)
+    for piece in pieces:
+        for axis in range(g.rank(src)):
+            if axis != dim:
+                g.tie(src, axis, piece, axis)
+    for part, piece in zip(g.split(src, dim, [g.size(p, dim) for p in pieces], "concat"), pieces):
+        g.tie_part(part, piece, dim)
+
+
+def _rule_unbind(g: _GraphAxes, node) -> None:
+    src, pieces = g.tensor(node.args[0]), _outputs(g, node)
+    dim = (node.args[1] if len(node.args) > 1 else 0) % g.rank(src)
+    g.fix(src, dim, "unbound along this axis")
+    for piece in pieces:
+        for axis in range(g.rank(src)):
+            if axis != dim:
+                g.tie(src, axis, piece, axis - (axis > dim))
 
 
 def _rule_cat(g: _GraphAxes, node) -> None:
+    """Concatenation: each input keeps its own classes on its slice of the output axis."""
     out = g.tensor(node)
-    dim = (node.args[1] if len(node.args) > 1 else 0) % g.rank(out)
-    for arg in node.args[0]:
-        src = g.tensor(arg)
+    dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % g.rank(out)
+    inputs = [g.tensor(arg) for arg in node.args[0]]
+    inputs = [src for src in inputs if src is not None and g.rank(src) == g.rank(out) and g.size(src, dim)]
+    for src in inputs:
         for axis in range(g.rank(out)):
-            if axis == dim:
-                g.fix(src, axis, "concatenated along this axis")
-            else:
+            if axis != dim:
                 g.tie(src, axis, out, axis)
-    g.fix(out, dim, "concatenated along this axis")
+    if len(inputs) == 1:
+        g.tie(inputs[0], dim, out, dim)
+        return
+    for part, src in zip(g.split(out, dim, [g.size(src, dim) for src in inputs], "concat"), inputs):
+        g.tie_part(part, src, dim)
+
+
+def _rule_index_select(g: _GraphAxes, node) -> None:
+    src, out = g.tensor(node.args[0]), g.tensor(node)
+    dim = node.args[1] % g.rank(src)
+    for axis in range(g.rank(src)):
+        if axis == dim:
+            g.fix(src, axis, "indexed along this axis")
+            g.fix(out, axis, "indexed along this axis")
+        else:
+            g.tie(src, axis, out, axis)
+    g.fix_all(g.tensor(node.args[2]), "index")
+
+
+def _rule_pad(g: _GraphAxes, node) -> None:
+    """Padding fixes the padded (spatial) axes and keeps every other axis, channels included."""
+    src, out = g.tensor(node.args[0]), g.tensor(node)
+    pad = list(node.args[1])
+    padded = {g.rank(src) - 1 - i // 2 for i, amount in enumerate(pad) if amount}
+    for axis in range(g.rank(src)):
+        if axis in padded:
+            g.fix(src, axis, "padded axis")
+            g.fix(out, axis, "padded axis")
+        else:
+            g.tie(src, axis, out, axis)
+
+
+def _rule_embedding(g: _GraphAxes, node) -> None:
+    """An embedding's columns are the units of its output; vocabulary rows stay fixed."""
+    weight, indices, out = g.tensor(node.args[0]), g.tensor(node.args[1]), g.tensor(node)
+    g.fix(weight, 0, "vocabulary or position rows")
+    g.tie(weight, 1, out, -1)
+    for axis in range(g.rank(indices)):
+        g.tie(indices, axis, out, axis)
+
+
+def _rule_addmm(g: _GraphAxes, node) -> None:
+    """``bias + x @ W`` (GPT-2's Conv1D stores W as (in, out))."""
+    bias, src, weight, out = (g.tensor(a) for a in (*node.args[:3], node))
+    g.tie(src, 0, out, 0)
+    g.tie(src, 1, weight, 0)
+    g.tie(weight, 1, out, 1)
+    if bias is not None:
+        offset = g.rank(out) - g.rank(bias)
+        for axis in range(g.rank(bias)):
+            if g.size(bias, axis) == g.size(out, axis + offset):
+                g.tie(bias, axis, out, axis + offset)
+
+
+def _rule_attention(g: _GraphAxes, node) -> None:
+    """``scaled_dot_product_attention(q, k, v)`` on (..., heads, length, dims): heads are a
+    batch axis shared by q, k, v and the output (under grouped-query attention the query
+    heads split into kv heads x queries per kv head); q and k share their dims; v's dims are
+    the output's."""
+    query, key, value, out = (g.tensor(a) for a in (*node.args[:3], node))
+    mask = g.tensor(node.args[3]) if len(node.args) > 3 else g.tensor(node.kwargs.get("attn_mask"))
+    rank = g.rank(query)
+    for axis in range(rank - 3):
+        for other in (key, value, out):
+            g.tie(query, axis, other, axis)
+    heads, kv_heads = g.size(query, -3), g.size(key, -3)
+    if heads == kv_heads:
+        for other in (key, value, out):
+            g.tie(query, -3, other, -3)
+        g.roles.append(((query, g.rank(query) - 3), "heads"))
+    else:
+        g.tie(key, -3, value, -3)
+        for tensor in (query, out):
+            kv, per_kv = g.split(tensor, -3, [kv_heads, heads // kv_heads], "product")
+            g.tie_part(kv, key, -3)
+        g.tie(query, -3, out, -3)
+        g.roles += [(kv, "kv_heads"), (per_kv, "query_heads")]
+    g.tie(query, -2, out, -2)
+    g.tie(key, -2, value, -2)
+    g.tie(query, -1, key, -1)
+    g.tie(value, -1, out, -1)
+    g.roles += [((query, g.rank(query) - 1), "qk_dims"), ((value, g.rank(value) - 1), "v_dims")]
+    if mask is not None:
+        g.fix_all(mask, "attention mask")
+        g.fix(query, -2, "sequence positions")
+        g.fix(key, -2, "sequence positions")
 
 
 def _rule_getitem(g: _GraphAxes, node) -> None:
@@ -412,8 +670,11 @@ _RULES = {
     "batch_norm": _rule_batch_norm, "_native_batch_norm_legit_no_training": _rule_batch_norm,
     "layer_norm": _rule_layer_norm, "group_norm": _rule_group_norm,
     "permute": _rule_permute, "transpose": _rule_permute, "t": _rule_permute,
-    "expand": _rule_expand, "slice": _rule_slice, "select": _rule_slice, "cat": _rule_cat,
-    "getitem": _rule_getitem,
+    "expand": _rule_expand, "slice": _rule_slice, "select": _rule_slice, "cat": _rule_cat, "concat": _rule_cat,
+    "getitem": _rule_getitem, "split": _rule_split, "split_with_sizes": _rule_split, "chunk": _rule_split,
+    "tensor_split": _rule_unknown, "unbind": _rule_unbind, "index_select": _rule_index_select,
+    "pad": _rule_pad, "constant_pad_nd": _rule_pad, "embedding": _rule_embedding, "addmm": _rule_addmm,
+    "scaled_dot_product_attention": _rule_attention,
 }
 
 
@@ -462,48 +723,129 @@ def discover_spec(model: nn.Module, example_inputs: torch.Tensor) -> Permutation
             for out in _outputs(g, node):
                 g.fix_all(out, f"unsupported graph node {node.op}")
 
-    groups, fixed, group_of_class = _collect_groups(g, graph, placeholder_keys, state_keys)
+    g.sets.propagate_fixes()
+    groups, fixed, group_of_class = _collect_groups(g, graph, placeholder_keys, _aliases(model))
     sites = _find_sites(model, graph, g, group_of_class, groups)
-    return PermutationSpec(groups, fixed, sites)
+    return PermutationSpec(_name_kinds(g, groups, group_of_class, sites), fixed, sites)
 
 
-def _collect_groups(g: _GraphAxes, graph, placeholder_keys, state_keys):
-    members: dict[Axis, list[tuple[str, int]]] = defaultdict(list)
+def _aliases(model: nn.Module) -> dict[str, list[str]]:
+    """state_dict key -> every key holding the same tensor (tied weights: GPT-2's ``wte`` and
+    ``lm_head``). The graph has one input for them; each key must move with it."""
+    by_storage = defaultdict(list)
+    for key, value in model.state_dict(keep_vars=True).items():
+        by_storage[(value.data_ptr(), tuple(value.shape), value.dtype)].append(key)
+    return {key: keys for keys in by_storage.values() for key in keys}
+
+
+def _fixed_reason(g: _GraphAxes, item) -> str:
+    reason = g.sets.fixed_reason(item)
+    if reason is None and g.sets.find(item) in g.sets.parts:
+        for element in g.sets.parts[g.sets.find(item)][1]:
+            return _fixed_reason(g, element)
+    return reason or "fixed"
+
+
+def _collect_groups(g: _GraphAxes, graph, placeholder_keys, aliases):
+    members: dict = defaultdict(list)
     fixed: dict[tuple[str, int], str] = {}
     for node in graph.nodes:
         key = placeholder_keys.get(node.name) if node.op == "placeholder" else None
         tensor = g.tensor(node)
-        if key is None or key not in state_keys or tensor is None:
+        if key is None or key not in aliases or tensor is None:
             continue
         for axis in range(g.rank(tensor)):
-            reason = g.sets.fixed_reason((tensor, axis))
-            if g.size(tensor, axis) == 1:
-                reason = reason or "size 1"
-            if reason is not None:
-                fixed[(key, axis)] = reason
-            else:
-                members[g.sets.find((tensor, axis))].append((key, axis))
+            item = (tensor, axis)
+            blocks = g.sets.layout(item) if g.size(tensor, axis) > 1 else []
+            covered = sum(g.sets.size(root) * inner * _copies(outers) for root, _, outers, inner in blocks)
+            for alias in aliases[key]:
+                if g.size(tensor, axis) == 1:
+                    fixed[(alias, axis)] = g.sets.fixed_reason(item) or "size 1"
+                elif not blocks:
+                    fixed[(alias, axis)] = _fixed_reason(g, item)
+                elif covered < g.size(tensor, axis):
+                    fixed[(alias, axis)] = f"partly fixed ({_fixed_reason(g, _first_fixed_part(g, item))})"
+                for root, offset, outers, inner in blocks:
+                    whole = offset == 0 and not outers and inner == 1 and g.sets.size(root) == g.size(tensor, axis)
+                    members[root].append((alias, axis) if whole else (alias, axis, offset, outers, inner))
     groups: dict[str, PermutationGroup] = {}
-    group_of_class: dict[Axis, str] = {}
+    group_of_class: dict = {}
     for root, axes in members.items():
         name = axes[0][0].rsplit(".", 1)[0] or axes[0][0]
         while name in groups:
             name += "'"
-        size = g.size(g.tensor(_node_named(graph, placeholder_keys, axes[0][0])), axes[0][1])
-        groups[name] = PermutationGroup(name, size, axes)
+        groups[name] = PermutationGroup(name, g.sets.size(root), axes)
         group_of_class[root] = name
     return groups, fixed, group_of_class
 
 
-def _node_named(graph, placeholder_keys, key):
-    for node in graph.nodes:
-        if node.op == "placeholder" and placeholder_keys.get(node.name) == key:
-            return node
-    raise KeyError(key)
+def _copies(outers) -> int:
+    count = 1
+    for number, _ in outers:
+        count *= number
+    return count
+
+
+def _first_fixed_part(g: _GraphAxes, item):
+    """The first fixed class among the parts of ``item`` (for a partly fixed axis's reason)."""
+    root = g.sets.find(item)
+    if root in g.sets.reason or root not in g.sets.parts:
+        return item
+    for element in g.sets.parts[root][1]:
+        found = _first_fixed_part(g, element)
+        if g.sets.find(found) in g.sets.reason:
+            return found
+    return item
+
+
+def _name_kinds(g: _GraphAxes, groups, group_of_class, sites) -> dict[str, PermutationGroup]:
+    """Groups named and kinded by what their units are: attention heads or head dims (from
+    the attention ops), a residual stream (written by layers of different blocks), conv
+    channels, or hidden (MLP) units. Sites are renamed along."""
+    roles: dict = {}
+    pending = [(g.sets.find(item), role) for item, role in g.roles]
+    while pending:  # parts inherit: the heads of grouped-query attention are kv heads x queries
+        root, role = pending.pop()
+        if roles.setdefault(root, role) != role:
+            continue
+        _, parts = g.sets.parts.get(root, (None, []))
+        for index, part in enumerate(parts):
+            inherited = role if role != "heads" else ("kv_heads" if index == 0 else "query_heads")
+            pending.append((g.sets.find(part), inherited))
+    renamed: dict[str, PermutationGroup] = {}
+    new_name: dict[str, str] = {}
+    for root, old in group_of_class.items():
+        group = groups[old]
+        writers = {s.module for s in sites if s.kind == "linear" and old in s.groups()}
+        first = group.members[0][0].rsplit(".", 1)[0]
+        if root in roles:
+            group.kind = "head_dims" if roles[root].endswith("dims") else "heads"
+            name = f"{first.rsplit('.', 1)[0]}.{roles[root]}"
+        elif len({w.rsplit(".", 2)[0] for w in writers}) > 1:
+            group.kind, name = "stream", "stream"
+        else:
+            group.kind = "channels" if writers & g.conv_modules else "mlp"
+            name = first
+        while name in renamed:
+            name += "'"
+        group.name = name
+        renamed[name] = group
+        new_name[old] = name
+    for site in sites:
+        if site.group is not None:
+            site.group = new_name[site.group]
+        else:
+            site.layout = [(new_name[b[0]], *b[1:]) for b in site.layout]
+    return renamed
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): a linear layer whose weight is stored (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
 def _module_kind(module: nn.Module) -> str | None:
-    if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+    if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or _is_conv1d(module):
         return "linear"
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return "batchnorm"
@@ -546,20 +888,29 @@ def _find_sites(model, graph, g: _GraphAxes, group_of_class, groups) -> list[Act
         out = g.tensor(exits[-1]) if exits else None
         if out is None:
             continue
-        axes = [
-            (axis, group_of_class[g.sets.find((out, axis))])
-            for axis in range(g.rank(out))
-            if g.sets.fixed_reason((out, axis)) is None and g.sets.find((out, axis)) in group_of_class
-        ]
+        axes = []
+        for axis in range(g.rank(out)):
+            blocks = [b for b in g.sets.layout((out, axis)) if b[0] in group_of_class]
+            if blocks:
+                axes.append((axis, blocks))
         if len(axes) != 1:
             continue
-        axis, group = axes[0]
-        site = ActivationSite(module=path, axis=axis, group=group, kind=kind)
+        axis, blocks = axes[0]
+        root, offset, outers, inner = blocks[0]
+        if len(blocks) == 1 and offset == 0 and not outers and inner == 1 and g.sets.size(root) == g.size(out, axis):
+            site = ActivationSite(module=path, axis=axis, group=group_of_class[root], kind=kind)
+        else:
+            layout = [(group_of_class[r], o, outs, i) for r, o, outs, i in blocks]
+            site = ActivationSite(module=path, axis=axis, group=None, kind=kind, layout=layout)
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            g.conv_modules.add(path)
+        group = site.group
         if kind == "linear":
             site.weight = f"{path}.weight"
+            site.weight_axis = 1 if _is_conv1d(module) else 0
             site.bias = f"{path}.bias" if getattr(module, "bias", None) is not None else None
             users = list(exits[-1].users)
-            if len(users) == 1 and _leaf(users[0]) is not None:
+            if group is not None and len(users) == 1 and _leaf(users[0]) is not None:
                 path_bn = _leaf(users[0])[0]
                 consumer = modules.get(path_bn)
                 # Only a BatchNorm over this layer's own units (the same group) corrects it.
@@ -567,11 +918,13 @@ def _find_sites(model, graph, g: _GraphAxes, group_of_class, groups) -> list[Act
                     (f"{path_bn}.weight", 0) in groups[group].members
                 ):
                     site.batchnorm = path_bn
-        elif kind == "norm" and all(
-            getattr(module, name, None) is not None and (f"{path}.{name}", 0) in groups[group].members
-            and getattr(module, name).dim() == 1 for name in ("weight", "bias")
-        ):
-            # A per-unit affine after the normalisation: a correction of this output folds into it.
-            site.weight, site.bias = f"{path}.weight", f"{path}.bias"
+        elif kind == "norm" and group is not None:
+            # A per-unit affine after the normalisation: a correction of this output folds into
+            # it (with a bias: scale and shift; weight only, as RMSNorm: the scale).
+            affine = {name: getattr(module, name, None) for name in ("weight", "bias")}
+            if all(isinstance(p, torch.Tensor) and p.dim() == 1 and (f"{path}.{name}", 0) in groups[group].members
+                   for name, p in affine.items() if p is not None) and affine["weight"] is not None:
+                site.weight = f"{path}.weight"
+                site.bias = f"{path}.bias" if affine["bias"] is not None else None
         sites.append(site)
     return sites

@@ -15,10 +15,27 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 
 def fold_batchnorm(
-    state_dict: dict[str, torch.Tensor], weight_key: str, bias_key: str, norm: _BatchNorm
+    state_dict: dict[str, torch.Tensor], weight_key: str, bias_key: str | None, norm: _BatchNorm,
+    weight_axis: int = 0,
 ) -> None:
-    """Replace ``state_dict[weight_key]``/``[bias_key]`` by the layer fused with ``norm``."""
-    weight, bias = state_dict[weight_key], state_dict[bias_key]
+    """Replace ``state_dict[weight_key]``/``[bias_key]`` by the layer fused with ``norm``.
+
+    ``weight_axis`` is the weight's output-unit axis (1 for GPT-2's Conv1D). A scale-only
+    corrector (``norm.scale_only``, for layers without a bias) folds into the weight alone.
+    """
+    weight = state_dict[weight_key]
+    if getattr(norm, "scale_only", False):
+        scale = (norm.weight / torch.sqrt(norm.running_var + norm.eps)).detach()
+        shape = [1] * weight.dim()
+        shape[weight_axis] = -1
+        state_dict[weight_key] = (weight * scale.view(shape).to(weight.device)).to(weight.dtype)
+        return
+    if weight_axis != 0:
+        state_dict[weight_key] = weight.movedim(weight_axis, 0)
+        fold_batchnorm(state_dict, weight_key, bias_key, norm)
+        state_dict[weight_key] = state_dict[weight_key].movedim(0, weight_axis).contiguous()
+        return
+    bias = state_dict[bias_key]
     args = (norm.running_mean, norm.running_var, norm.eps, norm.weight, norm.bias)
     with torch.no_grad():
         if weight.dim() == 1:  # a norm's per-unit affine: y' = s * (w n + b - mean) + beta

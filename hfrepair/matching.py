@@ -12,8 +12,17 @@ Where correlations are measured is a choice (``match_at``):
 * ``"all"``: every site of the group.
 
 A group without a site of the chosen kind falls back, in this order, to activation,
-normalisation, then linear sites. Several sites of one group (a residual stream is written
-by many layers) contribute the average of their correlation matrices.
+normalisation, then linear sites; a transformer's residual stream (no activation sites)
+is matched from every site that reads or writes it: on a ViT pair trained on the digits
+this gave 57.7% at the REPAIRed midpoint against 52.0% from its LayerNorm outputs alone,
+while a ConvNeXt pair kept its better result from the norm outputs. Several sites of one
+group contribute the average of their correlation matrices.
+
+Groups laid out in blocks (attention heads: each head a block of head dims) are matched as
+units, coarse to fine: the cost of pairing A's head ``i`` with B's head ``j`` is the best
+correlation their dims can reach (a Hungarian assignment inside the block, summed over the
+q, k and v outputs), one assignment picks the heads, and the head dims are then matched
+across the matched pairs.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ from __future__ import annotations
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from .spec import PermutationSpec
+from .spec import PermutationSpec, positions
 from .statistics import Statistics
 
 MATCH_LOCATIONS = {
@@ -37,8 +46,15 @@ class MatchingError(RuntimeError):
     """A group has no activation site to measure."""
 
 
+def _has_attention(spec: PermutationSpec) -> bool:
+    return any(group.kind == "heads" for group in spec.groups.values())
+
+
 def matching_sites(spec: PermutationSpec, group: str, match_at: str) -> list[str]:
     """Module names whose correlations decide ``group``'s permutation."""
+    if match_at == "activation" and spec.groups[group].kind == "stream" and _has_attention(spec) and not (
+            spec.sites_of(group, MATCH_LOCATIONS["activation"])):
+        match_at = "all"
     for location in (match_at, *_FALLBACK):
         sites = spec.sites_of(group, MATCH_LOCATIONS[location])
         if sites:
@@ -48,8 +64,53 @@ def matching_sites(spec: PermutationSpec, group: str, match_at: str) -> list[str
     )
 
 
-def group_correlation(stats: Statistics, modules: list[str]) -> torch.Tensor:
-    return torch.stack([stats.pairs[m].correlation() for m in modules]).mean(0)
+def _sites(spec: PermutationSpec, modules: list[str]):
+    by_module = {site.module: site for site in spec.sites}
+    return [by_module[m] for m in modules]
+
+
+def _best_assignment(block: torch.Tensor) -> float:
+    """The summed correlation of the best one-to-one pairing of two blocks' units."""
+    rows, cols = linear_sum_assignment(block.numpy(), maximize=True)
+    return float(block.numpy()[rows, cols].sum())
+
+
+def _group_cost(spec, stats, group: str, sites, perms: dict) -> torch.Tensor:
+    """Mean over ``sites`` of the unit-to-unit cost of ``group`` (B's side already ordered by
+    the groups matched before it)."""
+    size = spec.groups[group].size
+    costs = []
+    for site in sites:
+        corr = stats.pairs[site.module].correlation().cpu()
+        if site.group == group:
+            costs.append(corr)
+            continue
+        undecided = {name: torch.arange(spec.groups[name].size) for name in site.groups() if name not in perms}
+        corr = corr[:, site.order({**undecided, **perms}, corr.shape[0])]
+        cost = torch.zeros(size, size, dtype=torch.float64)
+        for name, offset, outers, inner in site.layout:
+            if name != group:
+                continue
+            where = positions(size, offset, outers, inner)
+            free = any(other in undecided and other != group and i < inner for other, *_, i in site.layout)
+            if not free:  # units (or blocks whose inside is settled) pair position by position
+                cost += corr[where[:, :, None, :], where[:, None, :, :]].sum((0, 3))
+                continue
+            for copy in where:
+                for u in range(size):
+                    for v in range(size):
+                        cost[u, v] += _best_assignment(corr[copy[u]][:, copy[v]])
+        costs.append(cost)
+    return torch.stack(costs).mean(0)
+
+
+def _coarse_to_fine(spec: PermutationSpec) -> list[str]:
+    """Groups ordered so that a block (a head) is matched before the units inside it."""
+    def inner(name):
+        sizes = [b[3] for site in spec.sites if site.layout for b in site.layout if b[0] == name]
+        return -max(sizes, default=1)
+
+    return sorted(spec.groups, key=inner)
 
 
 def match_permutations(
@@ -59,21 +120,31 @@ def match_permutations(
     if match_at not in MATCH_LOCATIONS:
         raise ValueError(f"match_at must be one of {sorted(MATCH_LOCATIONS)}, not {match_at!r}")
     perms = {}
-    for name in spec.groups:
-        corr = group_correlation(stats, matching_sites(spec, name, match_at))
-        rows, cols = linear_sum_assignment(corr.cpu().numpy(), maximize=True)
+    for name in _coarse_to_fine(spec):
+        cost = _group_cost(spec, stats, name, _sites(spec, matching_sites(spec, name, match_at)), perms)
+        rows, cols = linear_sum_assignment(cost.numpy(), maximize=True)
         perm = torch.empty(len(rows), dtype=torch.long)
         perm[torch.as_tensor(rows)] = torch.as_tensor(cols)
         perms[name] = perm
-    return perms
+    return {name: perms[name] for name in spec.groups}
 
 
 def mean_matched_correlation(
     spec: PermutationSpec, stats: Statistics, perms: dict[str, torch.Tensor], match_at: str = "activation"
 ) -> dict[str, float]:
-    """Average correlation of matched unit pairs per group (identity for unaligned)."""
+    """Average correlation of the unit pairs a group's permutation puts side by side, at its
+    matching sites (with every other group's permutation applied too)."""
     result = {}
-    for name, perm in perms.items():
-        corr = group_correlation(stats, matching_sites(spec, name, match_at))
-        result[name] = corr[torch.arange(len(perm)), perm.to(corr.device)].mean().item()
+    for name in perms:
+        values = []
+        for site in _sites(spec, matching_sites(spec, name, match_at)):
+            corr = stats.pairs[site.module].correlation().cpu()
+            order = site.order(perms, corr.shape[0])
+            if site.group == name:
+                where = torch.arange(corr.shape[0])
+            else:
+                where = torch.cat([positions(len(perms[name]), o, outs, i).reshape(-1)
+                                   for g, o, outs, i in site.layout if g == name])
+            values.append(corr[where, order[where]].mean())
+        result[name] = torch.stack(values).mean().item()
     return result

@@ -40,16 +40,32 @@ BN_EPS = 1e-5
 
 
 class ChannelBatchNorm(nn.BatchNorm1d):
-    """BatchNorm over the units on ``axis`` of any tensor (conv: 1, linear: -1)."""
+    """BatchNorm over the units on ``axis`` of any tensor (conv: 1, linear: -1).
 
-    def __init__(self, channels: int, axis: int) -> None:
-        super().__init__(channels, eps=BN_EPS, momentum=None)
+    ``scale_only``: the corrector of a layer without a bias (Llama's projections, RMSNorm):
+    it measures like a BatchNorm but only rescales, ``x * weight / std``, so that it folds
+    into weight rows alone.
+    """
+
+    def __init__(self, channels: int, axis: int, eps: float = BN_EPS, scale_only: bool = False) -> None:
+        super().__init__(channels, eps=eps, momentum=None)
         self.axis = axis
+        self.scale_only = scale_only
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         moved = x.movedim(self.axis, -1)
-        out = super().forward(moved.reshape(-1, moved.shape[-1]).float()).to(x.dtype)
-        return out.reshape(moved.shape).movedim(-1, self.axis)
+        flat = moved.reshape(-1, moved.shape[-1]).float()
+        out = super().forward(flat)
+        if self.scale_only:
+            var = flat.var(0, unbiased=False) if self.training else self.running_var
+            out = flat * (self.weight / torch.sqrt(var + self.eps))
+        return out.to(x.dtype).reshape(moved.shape).movedim(-1, self.axis)
+
+
+def corrector_eps(goal_std: torch.Tensor) -> float:
+    """BatchNorm's eps, shrunk for sites whose variance is tiny (early attention outputs can
+    have variances near 1e-4, where an absolute 1e-5 would miss the goal by over 10%)."""
+    return min(BN_EPS, 1e-3 * float((goal_std.double() ** 2).mean()) + 1e-12)
 
 
 @dataclass
@@ -76,18 +92,33 @@ def site_goal(stats: Statistics, site: ActivationSite, perm: torch.Tensor, alpha
 def correction_sites(spec: PermutationSpec) -> list[ActivationSite]:
     """Outputs REPAIR can correct and fold: conv/linear outputs with a bias or a BN, and the
     outputs of per-unit-affine norms (LayerNorm, GroupNorm) fed by a conv/linear that has
-    neither (e.g. a bias-free conv before a LayerNorm: the correction folds into the norm)."""
+    neither (e.g. a bias-free conv before a LayerNorm: the correction folds into the norm).
+    Networks with no bias anywhere (Llama: bias-free projections, RMSNorm) get a scale-only
+    correction of every projection output and norm output (:func:`correction_mode`)."""
     sites, feeding = [], {}
+    biased = any(s.bias or s.batchnorm for s in spec.sites if s.kind in ("linear", "norm"))
     for site in spec.sites:  # graph order: a norm's feeding layer comes before it
         if site.kind == "linear":
-            feeding[site.group] = site
-            if site.batchnorm or site.bias:
+            if site.group is not None:
+                feeding[site.group] = site
+            if site.batchnorm or site.bias or (not biased and site.weight):
                 sites.append(site)
         elif site.kind == "norm" and site.bias and site.group in feeding:
             layer = feeding[site.group]
             if not (layer.batchnorm or layer.bias):
                 sites.append(site)
+        elif site.kind == "norm" and site.weight and not site.bias and not biased:
+            sites.append(site)
     return sites
+
+
+def correction_mode(site: ActivationSite) -> str:
+    """How a site is corrected: ``batchnorm`` (re-estimate the BN after it), ``affine``
+    (scale and shift, folded into weight rows and bias) or ``scale`` (no bias to take a
+    shift: the scale alone, folded into weight rows or the norm's weight)."""
+    if site.batchnorm:
+        return "batchnorm"
+    return "affine" if site.bias else "scale"
 
 
 def block_output_sites(spec: PermutationSpec) -> list[ActivationSite]:
@@ -164,7 +195,7 @@ def _corrected_network(model, state_dict, sites, stats, perms, alpha, method, ba
     for site in sites:
         if site.batchnorm and method == "repair":
             continue  # corrected by re-estimating that BatchNorm below
-        goal = site_goal(stats, site, perms[site.group], alpha)
+        goal = site_goal(stats, site, site.order(perms, len(stats.pairs[site.module].a.total)), alpha)
         if method == "closed-form" and goal.predicted_var is None:
             raise ValueError(f"closed-form REPAIR needs cross-products at {site.module}: "
                              "collect statistics with it in cross_sites")
@@ -174,7 +205,8 @@ def _corrected_network(model, state_dict, sites, stats, perms, alpha, method, ba
                 norm.running_mean.copy_(goal.mean)
                 norm.running_var.copy_(goal.predicted_var)
             continue
-        corrector = ChannelBatchNorm(len(goal.mean), site.axis).to(goal.mean.device)
+        corrector = ChannelBatchNorm(len(goal.mean), site.axis, corrector_eps(goal.std),
+                                     scale_only=correction_mode(site) == "scale").to(goal.mean.device)
         corrector.weight.copy_(goal.std)
         corrector.bias.copy_(goal.mean)
         if method == "closed-form":
@@ -193,7 +225,7 @@ def _fold(state: dict, sites: list[ActivationSite], added: dict) -> dict:
         if site.module in added and site.kind in ("linear", "norm"):
             corrector = added[site.module]
             corrector.to(state[site.weight].device).eval()
-            fold_batchnorm(state, site.weight, site.bias, corrector)
+            fold_batchnorm(state, site.weight, site.bias, corrector, site.weight_axis)
     return state
 
 

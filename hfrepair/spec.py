@@ -9,6 +9,15 @@ A :class:`PermutationSpec` is what every later stage works from. It holds
 * ``sites``: :class:`ActivationSite` s, module outputs whose channel axis belongs to a
   group, where activations are measured (matching) and corrected (REPAIR).
 
+A member ``(key, axis)`` means the whole axis carries the group's units. An axis can also
+carry units of several groups in a regular pattern (a q projection's output rows are
+``heads x head_dim``; GPT-2's fused QKV rows are three such blocks side by side; a
+classifier after a flatten reads ``channels x height x width``): such a member is
+``(key, axis, offset, outers, inner)`` and the group's unit ``u`` occupies the positions
+``offset + sum(o_k * stride_k) + u * inner + j`` for every ``o_k < count_k`` of
+``outers = ((count_k, stride_k), ...)`` and ``j < inner``. Sites describe their unit axis
+the same way (``layout``).
+
 Specs are discovered from the model's graph (:func:`hfrepair.discovery.discover_spec`),
 can be written or edited by hand, and round-trip through JSON. Permutations are index
 tensors ``perm`` with the convention ``new[i] = old[perm[i]]``.
@@ -27,16 +36,49 @@ from torch import nn
 
 @dataclass
 class PermutationGroup:
-    """Axes that share one permutation of ``size`` units."""
+    """Axes that share one permutation of ``size`` units.
+
+    ``kind`` says what the units are (``stream``, ``heads``, ``head_dims``, ``mlp``,
+    ``channels``), for reports only.
+    """
 
     name: str
     size: int
-    members: list[tuple[str, int]]
+    members: list[tuple]
+    kind: str = "units"
+
+
+def positions(size: int, offset: int = 0, outers=(), inner: int = 1) -> torch.Tensor:
+    """Flat axis positions of ``size`` units laid out as in a member: shape (copies, size, inner)."""
+    units = (torch.arange(size) * inner)[:, None] + torch.arange(inner)
+    base = torch.tensor([offset])
+    for count, stride in outers:
+        base = (base[:, None] + torch.arange(count) * stride).reshape(-1)
+    return base[:, None, None] + units
+
+
+def block_order(length: int, size: int, perm: torch.Tensor, offset: int = 0, outers=(), inner: int = 1):
+    """Index vector that applies ``perm`` to the units of one block of an axis of ``length``."""
+    order = torch.arange(length)
+    where = positions(size, offset, outers, inner)
+    order[where] = where[:, perm.cpu()]
+    return order
+
+
+def _block(member: tuple) -> tuple:
+    """(offset, outers, inner) of a member; a 2-tuple member covers its whole axis."""
+    return (member[2], member[3], member[4]) if len(member) > 2 else (0, (), 1)
 
 
 @dataclass
 class ActivationSite:
     """A module output whose ``axis`` carries the units of ``group``.
+
+    When the axis carries units of several groups (or a group in a pattern, such as the
+    heads of a q projection), ``group`` is None and ``layout`` lists
+    ``(group, offset, outers, inner)`` blocks as for members; units outside every block
+    stay fixed. ``weight_axis`` is the axis of ``weight`` that holds the output units (1 for
+    GPT-2's Conv1D, which stores its weight transposed).
 
     ``kind`` is ``linear`` (conv/linear output), ``batchnorm``, ``norm`` (other norms) or
     ``activation``. ``batchnorm`` names the BatchNorm module that consumes a linear site's
@@ -47,11 +89,27 @@ class ActivationSite:
 
     module: str
     axis: int
-    group: str
+    group: str | None
     kind: str
     batchnorm: str | None = None
     weight: str | None = None
     bias: str | None = None
+    layout: list | None = None
+    weight_axis: int = 0
+
+    def groups(self) -> list[str]:
+        """Every group whose units this site carries."""
+        return [self.group] if self.group is not None else list(dict.fromkeys(b[0] for b in self.layout or ()))
+
+    def order(self, perms: dict[str, torch.Tensor], length: int) -> torch.Tensor:
+        """The permutation of this site's whole unit axis under ``perms``."""
+        if self.group is not None:
+            return perms[self.group].cpu()
+        order = torch.arange(length)
+        for group, offset, outers, inner in self.layout:
+            size = len(perms[group])
+            order = order[block_order(length, size, perms[group], offset, outers, inner)]
+        return order
 
 
 @dataclass
@@ -61,7 +119,7 @@ class PermutationSpec:
     sites: list[ActivationSite] = field(default_factory=list)
 
     def sites_of(self, group: str, kinds: tuple[str, ...] | None = None) -> list[ActivationSite]:
-        return [s for s in self.sites if s.group == group and (kinds is None or s.kind in kinds)]
+        return [s for s in self.sites if group in s.groups() and (kinds is None or s.kind in kinds)]
 
     def to_dict(self) -> dict:
         return {
@@ -73,11 +131,17 @@ class PermutationSpec:
     @classmethod
     def from_dict(cls, data: dict) -> PermutationSpec:
         groups = {
-            g["name"]: PermutationGroup(g["name"], g["size"], [tuple(m) for m in g["members"]])
+            g["name"]: PermutationGroup(g["name"], g["size"], [_member(m) for m in g["members"]],
+                                        g.get("kind", "units"))
             for g in data["groups"]
         }
         fixed = {(f["key"], f["axis"]): f["reason"] for f in data.get("fixed", [])}
-        sites = [ActivationSite(**s) for s in data.get("sites", [])]
+        sites = []
+        for site in data.get("sites", []):
+            site = dict(site)
+            if site.get("layout") is not None:
+                site["layout"] = [(b[0], b[1], tuple(tuple(o) for o in b[2]), b[3]) for b in site["layout"]]
+            sites.append(ActivationSite(**site))
         return cls(groups, fixed, sites)
 
     def save(self, path: str | Path) -> None:
@@ -90,8 +154,16 @@ class PermutationSpec:
     def summary(self) -> str:
         lines = [f"{len(self.groups)} permutation groups, {len(self.sites)} activation sites"]
         for group in self.groups.values():
-            lines.append(f"  {group.name}: {group.size} units, {len(group.members)} tied axes")
+            lines.append(f"  {group.name}: {group.kind}, {group.size} units, {len(group.members)} tied axes")
         return "\n".join(lines)
+
+
+def _member(item) -> tuple:
+    """A member read from JSON: lists back to the tuples used in memory."""
+    if len(item) == 2:
+        return tuple(item)
+    key, axis, offset, outers, inner = item
+    return key, axis, offset, tuple(tuple(o) for o in outers), inner
 
 
 def permute_state_dict(
@@ -100,8 +172,11 @@ def permute_state_dict(
     """Apply one permutation per group to every tied axis (BatchNorm buffers included)."""
     permuted = dict(state_dict)
     for name, perm in perms.items():
-        for key, axis in spec.groups[name].members:
-            permuted[key] = permuted[key].index_select(axis, perm.to(permuted[key].device))
+        for member in spec.groups[name].members:
+            key, axis = member[0], member[1]
+            tensor = permuted[key]
+            order = perm if len(member) == 2 else block_order(tensor.shape[axis], len(perm), perm, *_block(member))
+            permuted[key] = tensor.index_select(axis, order.to(tensor.device))
     return permuted
 
 
@@ -175,7 +250,7 @@ def verify_spec(
     control = 0.0
     for group in sorted(spec.groups.values(), key=lambda g: -g.size * len(g.members)):
         member = max(group.members, key=lambda m: state[m[0]].float().std().item())
-        partial = PermutationSpec({group.name: PermutationGroup(group.name, group.size, [member])})
+        partial = PermutationSpec({group.name: PermutationGroup(group.name, group.size, [member], group.kind)})
         shift = torch.roll(torch.arange(group.size), 1)
         broken = with_state_dict(model, permute_state_dict(state, partial, {group.name: shift})).eval()
         control = (model_outputs(broken, inputs) - reference).abs().max().item()

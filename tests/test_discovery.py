@@ -151,8 +151,9 @@ def test_unexportable_model_says_what_to_do():
 
 
 class Tricky(nn.Module):
-    """Patterns that once produced wrong groups: many chunks, a tensor clamp bound, an
-    unused layer, and a BatchNorm over the sequence axis of a channels-last Linear."""
+    """Patterns that once produced wrong groups: many chunks concatenated again, a tensor
+    clamp bound, an unused layer, and a BatchNorm over the sequence axis of a channels-last
+    Linear."""
 
     def __init__(self):
         super().__init__()
@@ -176,9 +177,14 @@ def test_tricky_patterns_give_only_valid_groups():
     inputs = torch.randn(3, 5, 4)
     spec = discover_spec(model, inputs)
     verify_spec(model, spec, inputs)
-    keys = {key for group in spec.groups.values() for key, _ in group.members}
+    keys = {member[0] for group in spec.groups.values() for member in group.members}
     assert not any(key.startswith("unused.") for key in keys)
-    assert "low" not in keys
+    # The clamp bound is elementwise with the concatenated head outputs: it moves with them,
+    # block by block, exactly as the columns of the layer that reads them.
+    def groups_on(key, axis):
+        return sorted((name, m[2:]) for name, g in spec.groups.items() for m in g.members if m[:2] == (key, axis))
+
+    assert groups_on("low", 0) and groups_on("low", 0) == groups_on("seq.weight", 1)
     assert ("unused.weight", 0) in spec.fixed and "not used" in spec.fixed[("unused.weight", 0)]
     # The BatchNorm normalises the sequence axis, not seq's output units: no BN-reset site.
     seq = next(site for site in spec.sites if site.module == "seq")
