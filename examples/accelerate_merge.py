@@ -45,7 +45,7 @@ def main() -> None:
     merged, result = hfrepair.merge(model_a, model_b, calibration, {"test": test}, grid=5, accelerator=accelerator)
 
     if accelerator.is_main_process:
-        hfrepair.save_merged(merged.state_dict(), args.output, folders[0])
+        hfrepair.save_merged(merged, args.output, folders[0])
         mid = len(result.alphas) // 2
         repaired, aligned = (result.curves[c]["test"][mid]["accuracy"] for c in ("repaired", "aligned"))
         print(f"{accelerator.num_processes} process(es), {result.calibration_examples} calibration examples: "

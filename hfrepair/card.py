@@ -81,6 +81,52 @@ def barrier_table(record: dict) -> str:
     return "\n".join(rows)
 
 
+KIND_LABELS = {"stream": "residual stream", "heads": "attention heads", "head_dims": "dims within heads",
+               "mlp": "MLP / hidden units", "channels": "conv channels", "units": "units"}
+
+
+def alignment_text(record: dict) -> tuple[str, str]:
+    """The card's sentence on alignment, and its table of aligned groups by kind."""
+    aligned = record.get("aligned") or {}
+    if not aligned:
+        return "B's units were **not** aligned to A's (no permutation group)", "No permutation group: nothing was aligned."
+    rows = ["| units | groups | units per group | matched correlation | before matching |", "|---|---|---|---|---|"]
+    for kind, info in aligned.items():
+        rows.append(f"| {KIND_LABELS.get(kind, kind)} | {info['groups']} | {', '.join(map(str, info['sizes']))} | "
+                    f"{info['matched_correlation']:.3f} | {info['unaligned_correlation']:.3f} |")
+    kinds = ", ".join(KIND_LABELS.get(k, k) for k in aligned)
+    return (f"B's units ({kinds}) were matched to A's by activation correlation (Hungarian algorithm)",
+            "\n".join(rows))
+
+
+def repair_text(record: dict) -> tuple[str, str]:
+    """The card's sentence on REPAIR and its list of corrected sites."""
+    corrected = record.get("corrected") or {}
+    counts = {k: len(corrected.get(k, [])) for k in ("affine", "scale", "batchnorm")}
+    total = sum(counts.values())
+    if not total:
+        return (f"no statistics correction was applied (method `{record['method']}`): this is plain interpolation",
+                "REPAIR corrected nothing.")
+    parts = [f"{n} {label}" for n, label in ((counts["affine"], "with scale and shift"),
+                                             (counts["scale"], "scale-only (no bias to take a shift)"),
+                                             (counts["batchnorm"], "by re-estimating their BatchNorm")) if n]
+    details = f"REPAIR corrected {total} sites: {', '.join(parts)}; the corrections are folded into the weights."
+    if corrected.get("uncorrected"):
+        details += (f" {len(corrected['uncorrected'])} layer outputs could not be corrected (no bias, BatchNorm "
+                    f"or norm affine to fold into): {', '.join(f'`{m}`' for m in corrected['uncorrected'][:8])}"
+                    + (" ..." if len(corrected["uncorrected"]) > 8 else "") + ".")
+    return (f"**{record['method']}** corrected the variance collapse of the interpolated network at {total} sites "
+            "(REPAIR, Jordan et al. 2022)", details)
+
+
+def fixed_text(record: dict) -> str:
+    fixed = record.get("fixed") or {}
+    if not fixed:
+        return "No weight axis stayed fixed."
+    reasons = "; ".join(f"{reason} ({count})" for reason, count in list(fixed.items())[:6])
+    return f"{sum(fixed.values())} weight axes stayed fixed (they cannot be permuted): {reasons}."
+
+
 def _versions() -> str:
     import datasets
     import huggingface_hub
@@ -101,11 +147,14 @@ def model_card(record: dict, configs: tuple[dict, dict], licenses: tuple[str | N
     dataset = record["sources"]["dataset"]
     hub_dataset = dataset["repo_id"]
     split = record["eval_split"]
+    corrected = record.get("corrected") or {}
+    repaired = any(corrected.get(k) for k in ("affine", "scale", "batchnorm"))
+    saved = "REPAIR" if repaired else "saved merge, uncorrected"
     metrics = [
         ("accuracy", "Merged model accuracy", record["merged"]["test"]["accuracy"]),
         ("loss", "Merged model loss", record["merged"]["test"]["loss"]),
-        ("accuracy_barrier", "Accuracy barrier (REPAIR)", record["barriers"]["repaired"]["test"]["accuracy"]["max"]),
-        ("loss_barrier", "Loss barrier (REPAIR)", record["barriers"]["repaired"]["test"]["loss"]["max"]),
+        ("accuracy_barrier", f"Accuracy barrier ({saved})", record["barriers"]["repaired"]["test"]["accuracy"]["max"]),
+        ("loss_barrier", f"Loss barrier ({saved})", record["barriers"]["repaired"]["test"]["loss"]["max"]),
         ("accuracy_barrier_aligned", "Accuracy barrier (aligned only)",
          record["barriers"]["aligned"]["test"]["accuracy"]["max"]),
     ]
@@ -118,7 +167,7 @@ def model_card(record: dict, configs: tuple[dict, dict], licenses: tuple[str | N
     is_transformers = "architectures" in configs[0]
     card_data = ModelCardData(
         base_model=[n for n in (a["repo_id"], b["repo_id"]) if n] or None,
-        tags=["merge", "hfrepair", "repair"],
+        tags=["merge", "hfrepair", *(["repair"] if repaired else [])],
         datasets=[hub_dataset] if hub_dataset else None,
         library_name="transformers" if is_transformers else "hfrepair",
         license=licenses[0] if licenses[0] and licenses[0] == licenses[1] else None,
@@ -127,6 +176,8 @@ def model_card(record: dict, configs: tuple[dict, dict], licenses: tuple[str | N
         base_model_revisions={n: r for n, r in ((a["repo_id"], a["revision"]), (b["repo_id"], b["revision"])) if n},
     )
     endpoints = record["endpoints"]
+    aligned_sentence, alignment_table = alignment_text(record)
+    repair_sentence, corrected_details = repair_text(record)
     return ModelCard.from_template(
         card_data, template_path=str(TEMPLATE),
         title=record.get("title", f"Merge of {name_a} and {name_b}"),
@@ -141,6 +192,8 @@ def model_card(record: dict, configs: tuple[dict, dict], licenses: tuple[str | N
         merged_loss=f"{record['merged']['test']['loss']:.4f}",
         accuracy_a=_percent(endpoints["A"]["test"]["accuracy"]), accuracy_b=_percent(endpoints["B"]["test"]["accuracy"]),
         notes=record.get("notes", []), command=record["command"], versions=_versions(),
+        aligned_text=aligned_sentence, alignment_table=alignment_table, repair_text=repair_sentence,
+        corrected_text=corrected_details, fixed_text=fixed_text(record),
     )
 
 

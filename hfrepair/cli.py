@@ -26,6 +26,7 @@ from .io import ModelLoadError, config_differences, load_model, read_config, sav
 from .matching import MATCH_LOCATIONS, MatchingError
 from .pipeline import MergeError, MergeResult, merge
 from .repair import METHODS
+from .report import describe
 from .spec import PermutationSpec, SpecError
 
 USER_ERRORS = (DataError, EvaluationError, ExportError, HubAccessError, MatchingError, MergeError, ModelLoadError,
@@ -202,7 +203,7 @@ def publish(args: argparse.Namespace, output: Path, merged, result: MergeResult,
     """Write OUTPUT (atomically), print the table, push if asked."""
 
     def write(folder: Path) -> None:
-        save_merged(merged.state_dict(), folder, folders[0], args.max_shard_size)
+        save_merged(merged, folder, folders[0], args.max_shard_size)
         (folder / "merge_results.json").write_text(json.dumps(record, indent=2))
         write_card(folder, record, configs, tuple(read_license(f) for f in folders))
 
@@ -259,6 +260,7 @@ def format_table(result: MergeResult) -> str:
     rows.append(f"endpoints: {100 * a:.1f}% / {100 * b:.1f}%; saved model at alpha={result.alpha}: "
                 f"{100 * result.merged['test']['accuracy']:.1f}% test accuracy")
     rows.append("barriers: max over alpha of the gap to the endpoints' line (paper Eq. 1)")
+    rows += describe(result)
     rows += [f"note: {note}" for note in result.notes]
     return "\n".join(rows)
 

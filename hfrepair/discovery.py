@@ -16,6 +16,7 @@ node's module path and shape.
 
 from __future__ import annotations
 
+import inspect
 import operator
 import re
 from collections import defaultdict
@@ -680,17 +681,37 @@ _RULES = {
 
 # ---- the discovery itself ------------------------------------------------------------------
 
+def _without_cache(model: nn.Module) -> dict:
+    """Keyword arguments that turn a transformers model's key/value cache off: with
+    ``use_cache`` on (decoders' default), the output holds a ``DynamicCache``, which
+    ``torch.export`` cannot flatten. The logits are the same without it."""
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"use_cache": False} if "use_cache" in parameters else {}
+
+
 def export_model(model: nn.Module, example_inputs: torch.Tensor) -> torch.export.ExportedProgram:
     model.eval()
+    # A config that asks for the cache is switched off too (for a forward that reads it
+    # from the config alone) and restored afterwards.
+    config = getattr(model, "config", None)
+    cached = getattr(config, "use_cache", None)
     try:
+        if cached:
+            config.use_cache = False
         with torch.no_grad():
-            return torch.export.export(model, (example_inputs,), strict=False)
+            return torch.export.export(model, (example_inputs,), _without_cache(model), strict=False)
     except Exception as error:  # export raises many types; all mean the same to our users
         raise ExportError(
             f"torch.export could not capture {type(model).__name__} "
             f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
             "write a permutation spec by hand (hfrepair.PermutationSpec / --spec FILE)"
         ) from error
+    finally:
+        if cached:
+            config.use_cache = cached
 
 
 def discover_spec(model: nn.Module, example_inputs: torch.Tensor) -> PermutationSpec:
@@ -749,10 +770,14 @@ def _fixed_reason(g: _GraphAxes, item) -> str:
 def _collect_groups(g: _GraphAxes, graph, placeholder_keys, aliases):
     members: dict = defaultdict(list)
     fixed: dict[tuple[str, int], str] = {}
+    # Tied weights can be lifted as one input per key, only one of them used (GPT-2's
+    # ``wte`` and ``lm_head``): the used input decides for every alias.
+    used = {alias for node in graph.nodes if node.op == "placeholder" and node.users
+            for alias in aliases.get(placeholder_keys.get(node.name), ())}
     for node in graph.nodes:
         key = placeholder_keys.get(node.name) if node.op == "placeholder" else None
         tensor = g.tensor(node)
-        if key is None or key not in aliases or tensor is None:
+        if key is None or key not in aliases or tensor is None or (not node.users and key in used):
             continue
         for axis in range(g.rank(tensor)):
             item = (tensor, axis)

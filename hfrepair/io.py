@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
-import torch
 from huggingface_hub import save_torch_state_dict
 from torch import nn
 
@@ -76,14 +76,32 @@ def config_differences(config_a: dict, config_b: dict) -> list[str]:
     return sorted(k for k in keys if config_a.get(k) != config_b.get(k))
 
 
-def save_merged(state_dict: dict[str, torch.Tensor], folder: str | Path, source: str | Path,
+def save_merged(model: nn.Module, folder: str | Path, source: str | Path,
                 max_shard_size: int | str = "5GB") -> None:
-    """Write ``state_dict`` as safetensors next to endpoint A's config and preprocessing files;
-    above ``max_shard_size`` the weights are split into shards with an index, as on the Hub."""
+    """Write ``model`` as safetensors next to endpoint A's config and preprocessing files;
+    above ``max_shard_size`` the weights are split into shards with an index, as on the Hub.
+
+    A transformers model is written by its own ``save_pretrained``: transformers 5 renames
+    some tensors between file and memory (ViT's ``attention.attention.key`` is ``k_proj`` in
+    ``state_dict()``), and only its saver writes them back under the endpoints' file names
+    (it also drops tied copies such as GPT-2's ``lm_head.weight``). Its config.json is the
+    model's config, which was loaded from A's.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for name in SIDECAR_FILES:
-        if (Path(source) / name).is_file():
+    pretrained = _is_transformers_model(model)
+    if pretrained:
+        model.save_pretrained(folder, max_shard_size=max_shard_size, safe_serialization=True)
+    else:
+        save_torch_state_dict({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, folder,
+                              max_shard_size=max_shard_size)
+    for name in SIDECAR_FILES:  # after saving, so that A's own files win over generated ones
+        if (Path(source) / name).is_file() and not (pretrained and name == "config.json"):
             shutil.copy2(Path(source) / name, folder / name)
-    save_torch_state_dict({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, folder,
-                          max_shard_size=max_shard_size)
+
+
+def _is_transformers_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a transformers ``PreTrainedModel``; looked up only when transformers
+    is already imported (such a model implies it), so built-in merges do not pay its import."""
+    transformers = sys.modules.get("transformers")
+    return transformers is not None and isinstance(model, transformers.PreTrainedModel)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from .spec import PermutationSpec, positions
+from .spec import PermutationSpec, block_diagonal, positions
 from .statistics import Statistics
 
 MATCH_LOCATIONS = {
@@ -88,11 +88,11 @@ def _group_cost(spec, stats, group: str, sites, perms: dict) -> torch.Tensor:
         undecided = {name: torch.arange(spec.groups[name].size) for name in site.groups() if name not in perms}
         corr = corr[:, site.order({**undecided, **perms}, corr.shape[0])]
         cost = torch.zeros(size, size, dtype=torch.float64)
-        for name, offset, outers, inner in site.layout:
+        for name, offset, outers, inner, *units in site.layout:
             if name != group:
                 continue
-            where = positions(size, offset, outers, inner)
-            free = any(other in undecided and other != group and i < inner for other, *_, i in site.layout)
+            where = positions(size, offset, outers, inner, *units)
+            free = any(other in undecided and other != group and b[2] < inner for other, *b in site.layout)
             if not free:  # units (or blocks whose inside is settled) pair position by position
                 cost += corr[where[:, :, None, :], where[:, None, :, :]].sum((0, 3))
                 continue
@@ -102,6 +102,13 @@ def _group_cost(spec, stats, group: str, sites, perms: dict) -> torch.Tensor:
                         cost[u, v] += _best_assignment(corr[copy[u]][:, copy[v]])
         costs.append(cost)
     return torch.stack(costs).mean(0)
+
+
+def _assign(cost: torch.Tensor) -> torch.Tensor:
+    rows, cols = linear_sum_assignment(cost.numpy(), maximize=True)
+    perm = torch.empty(len(rows), dtype=torch.long)
+    perm[torch.as_tensor(rows)] = torch.as_tensor(cols)
+    return perm
 
 
 def _coarse_to_fine(spec: PermutationSpec) -> list[str]:
@@ -122,10 +129,9 @@ def match_permutations(
     perms = {}
     for name in _coarse_to_fine(spec):
         cost = _group_cost(spec, stats, name, _sites(spec, matching_sites(spec, name, match_at)), perms)
-        rows, cols = linear_sum_assignment(cost.numpy(), maximize=True)
-        perm = torch.empty(len(rows), dtype=torch.long)
-        perm[torch.as_tensor(rows)] = torch.as_tensor(cols)
-        perms[name] = perm
+        step = spec.groups[name].size // spec.groups[name].blocks
+        # Block-diagonal groups (each head's dims): one assignment per block.
+        perms[name] = block_diagonal([_assign(cost[i:i + step, i:i + step]) for i in range(0, len(cost), step)])
     return {name: perms[name] for name in spec.groups}
 
 
@@ -143,8 +149,8 @@ def mean_matched_correlation(
             if site.group == name:
                 where = torch.arange(corr.shape[0])
             else:
-                where = torch.cat([positions(len(perms[name]), o, outs, i).reshape(-1)
-                                   for g, o, outs, i in site.layout if g == name])
+                where = torch.cat([positions(len(perms[name]), *block).reshape(-1)
+                                   for g, *block in site.layout if g == name])
             values.append(corr[where, order[where]].mean())
         result[name] = torch.stack(values).mean().item()
     return result

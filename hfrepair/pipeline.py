@@ -29,6 +29,7 @@ from .spec import (
     verify_spec,
     with_state_dict,
 )
+from .report import alignment_summary, corrected_count, fixed_summary, repair_summary, unsupported_ops
 from .statistics import collect_moments, collect_statistics, iter_inputs
 
 # Interpolations the evaluation can trace; "naive-repaired" is REPAIR without alignment.
@@ -57,6 +58,9 @@ class MergeResult:
     permuted_max_abs_diff: float
     matched_correlation: dict[str, float]
     unaligned_correlation: dict[str, float]
+    aligned: dict[str, dict] = field(default_factory=dict)
+    fixed: dict[str, int] = field(default_factory=dict)
+    corrected: dict[str, list] = field(default_factory=dict)
     merged: dict[str, dict] = field(default_factory=dict)
     endpoints: dict[str, dict] = field(default_factory=dict)
     alphas: list[float] = field(default_factory=list)
@@ -105,6 +109,25 @@ def statistics_plan(
         repair_modules |= {s.module for s in block_output_sites(spec)}
     cross_modules = match_modules | (repair_modules if method == "closed-form" else set())
     return [s for s in spec.sites if s.module in match_modules | repair_modules], cross_modules
+
+
+def check_merge_does_something(spec: PermutationSpec, method: str, model: nn.Module, given_spec: bool) -> None:
+    """Refuse a merge that would align nothing or REPAIR nothing without being asked to.
+
+    A discovered spec without groups means discovery failed (ops without a rule, or every
+    axis at the model's boundary); a hand-written spec without groups is an explicit
+    unaligned merge. ``method='none'`` is an explicit uncorrected one.
+    """
+    name = type(model).__name__
+    if not spec.groups and not given_spec:
+        ops = unsupported_ops(spec)
+        cause = f"ops without a rule: {', '.join(ops[:5])}" if ops else "every axis is fixed"
+        raise MergeError(f"nothing to align in {name}: discovery found no permutation group ({cause}); "
+                         "pass a spec by hand (--spec) to align, or one without groups to merge unaligned")
+    if method != "none" and not corrected_count(repair_summary(spec, method, model)):
+        raise MergeError(f"REPAIR ({method}) has nothing to correct in {name}: no layer output with a bias "
+                         "or BatchNorm, and no norm affine to fold into; pass --method none for plain "
+                         "interpolation")
 
 
 @contextmanager
@@ -164,10 +187,12 @@ def merge(
         raise MergeError("the calibration data is empty")
     example = example.to(next(model_a.parameters()).device)
 
+    given_spec = spec is not None
     with _timed(seconds, "discover"):
         spec = spec or discover_spec(model_a, example)
         # Every spec, discovered or by hand, must pass the random-permutation check.
         verify_spec(model_a, spec, example)
+    check_merge_does_something(spec, method, model_a, given_spec)
     sites, cross_modules = statistics_plan(spec, method, match_at, curves)
     with _timed(seconds, "statistics"):
         stats = collect_statistics(model_a, model_b, sites, calibration, num_samples, cross_modules, accelerator)
@@ -195,7 +220,11 @@ def merge(
         permuted_max_abs_diff=permuted_diff,
         matched_correlation=mean_matched_correlation(spec, stats, perms, match_at),
         unaligned_correlation=mean_matched_correlation(spec, stats, identity, match_at),
+        fixed=fixed_summary(spec), corrected=repair_summary(spec, method, model_a),
     )
+    result.aligned = alignment_summary(spec, result.matched_correlation, result.unaligned_correlation)
+    if not spec.groups:
+        result.notes.append("the given spec has no permutation groups: B's units were not aligned to A's")
 
     with _timed(seconds, "variance"):
         # Figure 2's ratio, at the sites where units were matched (post-activation by default).

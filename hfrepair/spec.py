@@ -15,8 +15,11 @@ carry units of several groups in a regular pattern (a q projection's output rows
 classifier after a flatten reads ``channels x height x width``): such a member is
 ``(key, axis, offset, outers, inner)`` and the group's unit ``u`` occupies the positions
 ``offset + sum(o_k * stride_k) + u * inner + j`` for every ``o_k < count_k`` of
-``outers = ((count_k, stride_k), ...)`` and ``j < inner``. Sites describe their unit axis
-the same way (``layout``).
+``outers = ((count_k, stride_k), ...)`` and ``j < inner``. A sixth element ``units``, also
+``((count, stride), ...)``, places units that are not evenly spaced: unit ``u`` written in
+mixed radix over those counts sits at ``sum(digit_k * stride_k)`` (the dims of every head,
+head by head, for a group with one permutation of the dims per head). Sites describe their
+unit axis the same way (``layout``).
 
 Specs are discovered from the model's graph (:func:`hfrepair.discovery.discover_spec`),
 can be written or edited by hand, and round-trip through JSON. Permutations are index
@@ -39,35 +42,50 @@ class PermutationGroup:
     """Axes that share one permutation of ``size`` units.
 
     ``kind`` says what the units are (``stream``, ``heads``, ``head_dims``, ``mlp``,
-    ``channels``), for reports only.
+    ``channels``), for reports only. With ``blocks > 1`` the permutation is block-diagonal:
+    ``blocks`` independent permutations of ``size // blocks`` units each (the dims of each
+    attention head, permuted per head). It is applied after the groups that move the blocks
+    themselves (the heads), so each head's dims follow the head they belong to.
     """
 
     name: str
     size: int
     members: list[tuple]
     kind: str = "units"
+    blocks: int = 1
 
 
-def positions(size: int, offset: int = 0, outers=(), inner: int = 1) -> torch.Tensor:
+def positions(size: int, offset: int = 0, outers=(), inner: int = 1, units=()) -> torch.Tensor:
     """Flat axis positions of ``size`` units laid out as in a member: shape (copies, size, inner)."""
-    units = (torch.arange(size) * inner)[:, None] + torch.arange(inner)
+    if units:
+        starts = torch.tensor([0])
+        for count, stride in units:
+            starts = (starts[:, None] + torch.arange(count) * stride).reshape(-1)
+    else:
+        starts = torch.arange(size) * inner
+    units = starts[:, None] + torch.arange(inner)
     base = torch.tensor([offset])
     for count, stride in outers:
         base = (base[:, None] + torch.arange(count) * stride).reshape(-1)
     return base[:, None, None] + units
 
 
-def block_order(length: int, size: int, perm: torch.Tensor, offset: int = 0, outers=(), inner: int = 1):
+def block_order(length: int, size: int, perm: torch.Tensor, offset: int = 0, outers=(), inner: int = 1,
+                units=()):
     """Index vector that applies ``perm`` to the units of one block of an axis of ``length``."""
     order = torch.arange(length)
-    where = positions(size, offset, outers, inner)
+    where = positions(size, offset, outers, inner, units)
     order[where] = where[:, perm.cpu()]
     return order
 
 
 def _block(member: tuple) -> tuple:
-    """(offset, outers, inner) of a member; a 2-tuple member covers its whole axis."""
-    return (member[2], member[3], member[4]) if len(member) > 2 else (0, (), 1)
+    """(offset, outers, inner, units) of a member; a 2-tuple member covers its whole axis."""
+    return (*member[2:5], member[5] if len(member) > 5 else ()) if len(member) > 2 else (0, (), 1, ())
+
+
+def _nested(item) -> tuple:
+    return tuple(tuple(pair) for pair in item)
 
 
 @dataclass
@@ -106,9 +124,8 @@ class ActivationSite:
         if self.group is not None:
             return perms[self.group].cpu()
         order = torch.arange(length)
-        for group, offset, outers, inner in self.layout:
-            size = len(perms[group])
-            order = order[block_order(length, size, perms[group], offset, outers, inner)]
+        for group, *block in self.layout:  # discovery lists per-head groups after the heads
+            order = order[block_order(length, len(perms[group]), perms[group], *block)]
         return order
 
 
@@ -132,7 +149,7 @@ class PermutationSpec:
     def from_dict(cls, data: dict) -> PermutationSpec:
         groups = {
             g["name"]: PermutationGroup(g["name"], g["size"], [_member(m) for m in g["members"]],
-                                        g.get("kind", "units"))
+                                        g.get("kind", "units"), g.get("blocks", 1))
             for g in data["groups"]
         }
         fixed = {(f["key"], f["axis"]): f["reason"] for f in data.get("fixed", [])}
@@ -140,7 +157,8 @@ class PermutationSpec:
         for site in data.get("sites", []):
             site = dict(site)
             if site.get("layout") is not None:
-                site["layout"] = [(b[0], b[1], tuple(tuple(o) for o in b[2]), b[3]) for b in site["layout"]]
+                site["layout"] = [(b[0], b[1], _nested(b[2]), *b[3:4], *(_nested(u) for u in b[4:]))
+                                  for b in site["layout"]]
             sites.append(ActivationSite(**site))
         return cls(groups, fixed, sites)
 
@@ -162,8 +180,8 @@ def _member(item) -> tuple:
     """A member read from JSON: lists back to the tuples used in memory."""
     if len(item) == 2:
         return tuple(item)
-    key, axis, offset, outers, inner = item
-    return key, axis, offset, tuple(tuple(o) for o in outers), inner
+    key, axis, offset, outers, inner, *units = item
+    return key, axis, offset, _nested(outers), inner, *(_nested(u) for u in units)
 
 
 def permute_state_dict(
@@ -171,7 +189,8 @@ def permute_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Apply one permutation per group to every tied axis (BatchNorm buffers included)."""
     permuted = dict(state_dict)
-    for name, perm in perms.items():
+    # Block-diagonal groups (each head's dims) after the groups that move the blocks (heads).
+    for name, perm in sorted(perms.items(), key=lambda item: spec.groups[item[0]].blocks > 1):
         for member in spec.groups[name].members:
             key, axis = member[0], member[1]
             tensor = permuted[key]
@@ -181,7 +200,15 @@ def permute_state_dict(
 
 
 def random_permutations(spec: PermutationSpec, generator: torch.Generator | None = None) -> dict:
-    return {name: torch.randperm(g.size, generator=generator) for name, g in spec.groups.items()}
+    """A random permutation per group (block-diagonal where the group says so)."""
+    return {name: block_diagonal([torch.randperm(g.size // g.blocks, generator=generator) for _ in range(g.blocks)])
+            for name, g in spec.groups.items()}
+
+
+def block_diagonal(perms: list[torch.Tensor]) -> torch.Tensor:
+    """One permutation made of independent permutations of consecutive blocks."""
+    size = len(perms[0])
+    return torch.cat([perm + index * size for index, perm in enumerate(perms)])
 
 
 def model_outputs(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:

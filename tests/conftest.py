@@ -127,3 +127,37 @@ def hf_resnet():
 def hf_resnet_folders(mnist_folder, tmp_path_factory):
     """transformers ResNetForImageClassification endpoints (basic blocks), with image processors."""
     return train_hf_pair(hf_resnet, mnist_folder, tmp_path_factory.mktemp("hf_resnet"), epochs=4)
+
+
+def tiny_vit():
+    """A 4-layer ViT of width 64 with 4 heads on 28x28 grayscale digits (16 patches of 7x7)."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    return ViTForImageClassification(ViTConfig(
+        image_size=28, patch_size=7, num_channels=1, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+        intermediate_size=128, num_labels=10))
+
+
+@pytest.fixture(scope="session")
+def vit_folders(mnist_folder, tmp_path_factory):
+    """Two ViT endpoints (seeds 1 and 2) with a one-channel ``ViTImageProcessor``, as a
+    grayscale model ships on the Hub; trained on the processor's own output."""
+    from transformers import ViTImageProcessor
+
+    root = tmp_path_factory.mktemp("vit")
+    folders = []
+    for seed in (1, 2):
+        folder = root / f"vit-{seed}"
+        torch.manual_seed(seed)
+        model = tiny_vit()
+        model.save_pretrained(str(folder))
+        ViTImageProcessor(do_resize=False, image_mean=[0.1307], image_std=[0.3081]).save_pretrained(str(folder))
+        data = image_batches(str(mnist_folder), "train", model_transform(folder), batch_size=4000)
+        images, labels = next(iter(data))
+        train_classifier(model, images, labels, epochs=VIT_EPOCHS, lr=0.1, seed=seed)
+        model.save_pretrained(str(folder))
+        folders.append(folder)
+    return folders
+
+
+VIT_EPOCHS = 30

@@ -72,7 +72,7 @@ def test_merge_command_writes_a_model_that_reloads_with_the_reported_accuracy(en
 def test_saved_model_gives_the_in_memory_logits_in_a_fresh_process(resnet_pair, mnist, endpoint_folders, tmp_path):
     train_x, train_y, test_x, _ = mnist(14)
     merged, _ = merge(*resnet_pair, batches(train_x[:1000], train_y[:1000]))
-    save_merged(merged.state_dict(), tmp_path / "m", endpoint_folders[0])
+    save_merged(merged, tmp_path / "m", endpoint_folders[0])
     torch.save(test_x[:64], tmp_path / "x.pt")
     script = ("import sys, torch; from hfrepair.io import load_model; m = load_model(sys.argv[1]);"
               "torch.save(m(torch.load(sys.argv[2])), sys.argv[3])")

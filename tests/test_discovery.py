@@ -2,20 +2,32 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
     ConvNextConfig,
     ConvNextForImageClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
     ResNetConfig,
     ResNetForImageClassification,
+    ViTConfig,
+    ViTForImageClassification,
 )
 
 from hfrepair.discovery import ExportError, discover_spec
 from hfrepair.models import MLP, VGG, ResNet
+from hfrepair.repair import correction_mode, correction_sites
 from hfrepair.spec import (
+    PermutationGroup,
     PermutationSpec,
     SpecError,
     check_function_preserved,
+    model_outputs,
     permute_state_dict,
     verify_spec,
 )
@@ -189,3 +201,302 @@ def test_tricky_patterns_give_only_valid_groups():
     # The BatchNorm normalises the sequence axis, not seq's output units: no BN-reset site.
     seq = next(site for site in spec.sites if site.module == "seq")
     assert seq.axis == 2 and seq.batchnorm is None
+
+
+# ---- transformers: tiny configs (hidden 32, 2 layers, 4 heads) ------------------------------
+
+VOCAB, LENGTH, LAYERS = 50, 7, 2
+TINY = dict(hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=64)
+
+
+def vit():
+    config = ViTConfig(**TINY, image_size=16, patch_size=4, num_channels=1, num_labels=5)
+    return ViTForImageClassification(config)
+
+
+def bert():
+    config = BertConfig(**TINY, vocab_size=VOCAB, max_position_embeddings=16, num_labels=3)
+    return BertForSequenceClassification(config)
+
+
+def gpt2(**overrides):
+    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=LAYERS, n_head=4, n_positions=16,
+                        **{"use_cache": False, **overrides})
+    return GPT2LMHeadModel(config)
+
+
+def llama(tied: bool, **overrides):
+    """Grouped-query attention: 4 query heads share 2 kv heads."""
+    config = LlamaConfig(**TINY, vocab_size=VOCAB, num_key_value_heads=2, max_position_embeddings=16,
+                         tie_word_embeddings=tied, **{"use_cache": False, **overrides})
+    return LlamaForCausalLM(config)
+
+
+def token_ids():
+    return torch.randint(0, VOCAB, (2, LENGTH), generator=torch.Generator().manual_seed(0))
+
+
+def layer_groups(attention: str, mlp: str, heads=("heads",), dims=("qk_dims", "v_dims")) -> dict[str, str]:
+    """Expected group name -> kind for every layer: heads, head dims and the MLP's units."""
+    expected = {}
+    for i in range(LAYERS):
+        expected.update({f"{attention.format(i)}.{role}": "heads" for role in heads})
+        expected.update({f"{attention.format(i)}.{role}": "head_dims" for role in dims})
+        expected[mlp.format(i)] = "mlp"
+    return expected
+
+
+# name -> (factory, inputs, expected groups (name -> kind) besides "stream",
+#          (key, axis) that must be fixed, (key, axis) that must be on the stream)
+TRANSFORMERS = {
+    "vit": (vit, lambda: torch.randn(2, 1, 16, 16),
+            layer_groups("vit.layers.{}.attention", "vit.layers.{}.mlp.fc1"),
+            [("vit.embeddings.position_embeddings", 1), ("vit.embeddings.cls_token", 1)],
+            [("vit.embeddings.patch_embeddings.projection.weight", 0), ("vit.embeddings.cls_token", 2),
+             ("vit.embeddings.position_embeddings", 2), ("classifier.weight", 1)]),
+    "bert": (bert, token_ids,
+             {**layer_groups("bert.encoder.layer.{}.attention.self", "bert.encoder.layer.{}.intermediate.dense"),
+              "bert.pooler.dense": "mlp"},
+             [("bert.embeddings.word_embeddings.weight", 0), ("bert.embeddings.position_embeddings.weight", 0),
+              ("bert.embeddings.token_type_embeddings.weight", 0)],
+             [("bert.embeddings.word_embeddings.weight", 1), ("bert.embeddings.position_embeddings.weight", 1),
+              ("bert.embeddings.token_type_embeddings.weight", 1), ("bert.pooler.dense.weight", 1)]),
+    "gpt2-tied": (gpt2, token_ids,
+                  layer_groups("transformer.h.{}.attn", "transformer.h.{}.mlp.c_fc"),
+                  [("transformer.wte.weight", 0), ("transformer.wpe.weight", 0), ("lm_head.weight", 0)],
+                  [("transformer.wte.weight", 1), ("lm_head.weight", 1), ("transformer.wpe.weight", 1),
+                   ("transformer.h.0.attn.c_attn.weight", 0)]),
+    # RoPE rotates pairs of q/k dims by position: qk dims stay fixed, v dims permute.
+    **{f"llama-gqa-{'tied' if tied else 'untied'}": (
+        lambda tied=tied: llama(tied), token_ids,
+        layer_groups("model.layers.{}.self_attn", "model.layers.{}.mlp.gate_proj",
+                     heads=("kv_heads", "query_heads"), dims=("v_dims",)),
+        [("model.embed_tokens.weight", 0), ("lm_head.weight", 0)],
+        [("model.embed_tokens.weight", 1), ("lm_head.weight", 1), ("model.norm.weight", 0)])
+       for tied in (True, False)},
+}
+
+
+def assert_preserved(model, spec, inputs):
+    report = verify_spec(model, spec, inputs, atol=1e-5)
+    with torch.no_grad():
+        scale = max(1.0, model_outputs(model, inputs).abs().max().item())
+    assert report["max_abs_diff"] <= 1e-5 * scale
+    assert report["inconsistent_diff"] > 1e-3
+    return report
+
+
+@pytest.mark.parametrize("name", list(TRANSFORMERS))
+def test_transformer_spec_preserves_function(name):
+    """One stream, heads and head dims per layer, MLP units; vocabulary rows stay put."""
+    factory, make_inputs, expected, fixed, on_stream = TRANSFORMERS[name]
+    model, inputs = randomise(factory()), make_inputs()
+    spec = discover_spec(model, inputs)
+    assert_preserved(model, spec, inputs)
+    assert {n: g.kind for n, g in spec.groups.items()} == {"stream": "stream", **expected}, spec.summary()
+    for key, axis in fixed:
+        assert (key, axis) in spec.fixed, (key, axis)
+    stream = spec.groups["stream"]
+    assert stream.size == 32
+    for key, axis in on_stream:
+        assert (key, axis) in stream.members, (key, axis)
+        assert (key, axis) not in spec.fixed, (key, axis)
+    # A member never appears twice (a tied weight permuted twice would be permuted by p o p).
+    for group in spec.groups.values():
+        assert len(set(group.members)) == len(group.members), group.name
+    assert correction_sites(spec)
+    # Every group has somewhere to measure its activations (matching needs them).
+    assert {g for site in spec.sites for g in site.groups()} == set(spec.groups)
+
+
+@pytest.mark.parametrize("factory", [gpt2, lambda: llama(True)], ids=["gpt2", "llama"])
+def test_tied_embedding_moves_with_the_stream_and_is_not_fixed(factory):
+    """A tied input embedding and LM head are one tensor: its columns are the stream, even
+    though export lifts it once per key and one of the two inputs goes unused."""
+    model = randomise(factory())
+    head, embedding = model.lm_head.weight, model.get_input_embeddings().weight
+    assert head is embedding
+    keys = [k for k, v in model.state_dict(keep_vars=True).items() if v is head]
+    assert len(keys) == 2
+    spec = discover_spec(model, token_ids())
+    for key in keys:
+        assert (key, 1) in spec.groups["stream"].members
+        assert (key, 1) not in spec.fixed, spec.fixed[(key, 1)]
+        assert "vocabulary" in spec.fixed[(key, 0)]
+
+
+def test_untied_llama_head_rows_are_the_logits():
+    model = randomise(llama(False))
+    spec = discover_spec(model, token_ids())
+    assert spec.fixed[("lm_head.weight", 0)] == "model output"
+    assert "vocabulary" in spec.fixed[("model.embed_tokens.weight", 0)]
+    assert not any(k.startswith("model.rotary_emb") for g in spec.groups.values() for k, *_ in g.members)
+
+
+def test_gpt2_fused_qkv_is_three_blocks_of_heads():
+    """Conv1D's c_attn stores (in, out) with out = [q | k | v], each heads x head dims: the
+    heads permute all three blocks alike, q and k share their dims, v's go to c_proj."""
+    model = randomise(gpt2())
+    inputs = token_ids()
+    spec = discover_spec(model, inputs)
+    attn = "transformer.h.0.attn"
+    key = f"{attn}.c_attn.weight"
+
+    def blocks(group):
+        return sorted(m[2:] for m in spec.groups[f"{attn}.{group}"].members if m[:2] == (key, 1))
+
+    assert blocks("heads") == [(0, (), 8), (32, (), 8), (64, (), 8)]
+    assert blocks("qk_dims") == [(0, ((4, 8),), 1), (32, ((4, 8),), 1)]
+    assert blocks("v_dims") == [(64, ((4, 8),), 1)]
+    assert (key, 0) in spec.groups["stream"].members  # Conv1D: rows read the stream
+    assert (f"{attn}.c_proj.weight", 1) in spec.groups["stream"].members
+    # The site on c_attn's output carries the same blocks, Conv1D's weight is transposed.
+    site = next(s for s in spec.sites if s.module == f"{attn}.c_attn")
+    assert site.group is None and site.weight_axis == 1
+    layout = sorted((g.rsplit(".", 1)[1], *rest) for g, *rest in site.layout)
+    members = sorted((g.rsplit(".", 1)[1], *m[2:]) for g, group in spec.groups.items() if g.startswith(attn)
+                     for m in group.members if m[:2] == (key, 1))
+    assert layout == members
+    assert all(correction_mode(s) == "affine" for s in correction_sites(spec))
+
+
+def test_llama_gqa_sites_are_block_layouts_and_scale_only():
+    """q rows are kv heads x queries per kv head x head dims; k/v rows kv heads x dims. No
+    bias anywhere: every correction is a scale."""
+    model = randomise(llama(False))
+    spec = discover_spec(model, token_ids())
+    attn = "model.layers.0.self_attn"
+    kv, query, v_dims = (spec.groups[f"{attn}.{r}"] for r in ("kv_heads", "query_heads", "v_dims"))
+    assert (kv.size, query.size, v_dims.size) == (2, 2, 8)
+    assert (f"{attn}.q_proj.weight", 0, 0, (), 16) in kv.members
+    assert (f"{attn}.k_proj.weight", 0, 0, (), 8) in kv.members
+    assert (f"{attn}.q_proj.weight", 0, 0, ((2, 16),), 8) in query.members
+    assert not any(m[0] == f"{attn}.k_proj.weight" for m in query.members)  # k is shared by queries
+    sites = {s.module: s for s in spec.sites}
+    for proj, groups in (("q_proj", {kv.name, query.name}), ("k_proj", {kv.name}), ("v_proj", {kv.name, v_dims.name})):
+        site = sites[f"{attn}.{proj}"]
+        assert site.group is None and site.layout and set(site.groups()) == groups, proj
+    # gate and up feed one elementwise product: one group of MLP units.
+    mlp = spec.groups["model.layers.0.mlp.gate_proj"]
+    assert ("model.layers.0.mlp.up_proj.weight", 0) in mlp.members
+    assert ("model.layers.0.mlp.down_proj.weight", 1) in mlp.members
+    corrected = correction_sites(spec)
+    assert corrected and {correction_mode(s) for s in corrected} == {"scale"}
+    assert f"{attn}.q_proj" in {s.module for s in corrected}
+
+
+@pytest.mark.parametrize("factory", [lambda: gpt2(use_cache=True), lambda: llama(False, use_cache=True)],
+                         ids=["gpt2", "llama"])
+def test_default_config_with_cache_exports(factory):
+    """Decoders default to use_cache=True, whose DynamicCache output torch.export cannot
+    flatten: discovery turns the cache off for the export, and leaves the config as it was."""
+    model = randomise(factory())
+    assert model.config.use_cache is True
+    inputs = token_ids()
+    spec = discover_spec(model, inputs)
+    assert model.config.use_cache is True
+    assert_preserved(model, spec, inputs)
+    model.config.use_cache = False
+    assert discover_spec(model, inputs).to_dict() == spec.to_dict()
+
+
+# ---- custom modules: GroupNorm, concatenation, padding, flatten ---------------------------
+
+class GroupNormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(1, 8, 3, padding=1)
+        self.norm = nn.GroupNorm(4, 8)
+        self.b = nn.Conv2d(8, 3, 3)
+
+    def forward(self, x):
+        return self.b(F.relu(self.norm(self.a(x))))
+
+
+def test_group_norm_permutes_whole_groups_and_within_groups():
+    """GroupNorm(4, 8) normalises channel pairs: the pairs may move as units and the two
+    channels of every pair may swap (the same way in every pair), but not cross pairs."""
+    model = randomise(GroupNormNet())
+    inputs = torch.randn(3, 1, 8, 8)
+    spec = discover_spec(model, inputs)
+    assert_preserved(model, spec, inputs)
+    assert ("norm.weight", 0) not in spec.fixed
+    on_norm = {m[2:]: g for g in spec.groups.values() for m in g.members if m[:2] == ("norm.weight", 0)}
+    assert on_norm.keys() == {(0, (), 2), (0, ((4, 2),), 1)}
+    assert on_norm[(0, (), 2)].size == 4 and on_norm[(0, ((4, 2),), 1)].size == 2
+    for group in on_norm.values():
+        assert {("a.weight", 0), ("b.weight", 1)} <= {m[:2] for m in group.members}
+    # Control: moving one channel into another group changes the function.
+    flat = PermutationGroup("c", 8, [("a.weight", 0), ("a.bias", 0), ("norm.weight", 0), ("norm.bias", 0),
+                                     ("b.weight", 1)])
+    swap = torch.tensor([0, 2, 1, 3, 4, 5, 6, 7])
+    with pytest.raises(SpecError):
+        check_function_preserved(model, permute_state_dict(model.state_dict(), PermutationSpec({"c": flat}),
+                                                           {"c": swap}), inputs)
+
+
+class Concat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(1, 4, 3, padding=1)
+        self.b = nn.Conv2d(1, 6, 3, padding=1)
+        self.c = nn.Conv2d(10, 3, 3)
+
+    def forward(self, x):
+        return self.c(torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], dim=1))
+
+
+def test_concatenated_branches_keep_their_own_groups():
+    model = randomise(Concat())
+    inputs = torch.randn(3, 1, 8, 8)
+    spec = discover_spec(model, inputs)
+    assert_preserved(model, spec, inputs)
+    on_input = {g.name: m[2:] for g in spec.groups.values() for m in g.members if m[:2] == ("c.weight", 1)}
+    assert len(on_input) == 2
+    group_a = next(g for g in spec.groups.values() if ("a.weight", 0) in g.members)
+    group_b = next(g for g in spec.groups.values() if ("b.weight", 0) in g.members)
+    assert group_a is not group_b and (group_a.size, group_b.size) == (4, 6)
+    assert on_input[group_a.name] == (0, (), 1) and on_input[group_b.name] == (4, (), 1)
+    assert ("c.weight", 1) not in spec.fixed
+
+
+class Padded(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(1, 6, 3)
+        self.b = nn.Conv2d(6, 3, 3)
+
+    def forward(self, x):
+        return self.b(F.pad(F.relu(self.a(x)), (1, 2, 1, 0)))
+
+
+def test_spatial_padding_keeps_the_channel_group():
+    model = randomise(Padded())
+    inputs = torch.randn(3, 1, 8, 8)
+    spec = discover_spec(model, inputs)
+    assert_preserved(model, spec, inputs)
+    assert len(spec.groups) == 1
+    (group,) = spec.groups.values()
+    assert {("a.weight", 0), ("a.bias", 0), ("b.weight", 1)} <= set(group.members)
+
+
+class Flattened(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(1, 6, 3, stride=2, padding=1)  # 8x8 -> 4x4
+        self.fc = nn.Linear(6 * 4 * 4, 5)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.relu(self.a(x)), 1))
+
+
+def test_flatten_into_linear_keeps_the_channel_group():
+    """fc reads channels x height x width: each channel owns 16 consecutive columns."""
+    model = randomise(Flattened())
+    inputs = torch.randn(3, 1, 8, 8)
+    spec = discover_spec(model, inputs)
+    assert_preserved(model, spec, inputs)
+    group = next(g for g in spec.groups.values() if ("a.weight", 0) in g.members)
+    assert group.size == 6 and group.kind == "channels"
+    assert ("fc.weight", 1, 0, (), 16) in group.members
+    assert ("fc.weight", 1) not in spec.fixed

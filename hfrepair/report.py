@@ -1,0 +1,95 @@
+"""What a merge did, as plain data: which groups were aligned (by kind and size), which axes
+stayed fixed and why, and which sites REPAIR corrected, corrected scale-only, or could not.
+
+In: the spec, the matched correlations, the method and the model. Out: dicts that
+``merge_results.json``, the printed table and the model card show as they are, so that no
+report can say "aligned" or "REPAIRed" about weights that were not.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .repair import correction_mode, correction_sites
+from .spec import PermutationSpec
+
+UNCORRECTABLE = "no bias, BatchNorm or norm affine to fold a correction into"
+
+
+def alignment_summary(spec: PermutationSpec, matched: dict[str, float], unaligned: dict[str, float]) -> dict:
+    """Per group kind: how many groups, their unit sizes, and the mean matched correlation
+    (against the correlation of the units in their original order)."""
+    by_kind: dict[str, list] = defaultdict(list)
+    for name, group in spec.groups.items():
+        by_kind[group.kind].append(name)
+    return {
+        kind: {
+            "groups": len(names),
+            "sizes": sorted({spec.groups[n].size for n in names}),
+            "units": sum(spec.groups[n].size for n in names),
+            "matched_correlation": sum(matched[n] for n in names) / len(names),
+            "unaligned_correlation": sum(unaligned[n] for n in names) / len(names),
+        }
+        for kind, names in by_kind.items()
+    }
+
+
+def fixed_summary(spec: PermutationSpec) -> dict[str, int]:
+    """Why weight axes stayed fixed: reason -> number of axes, most frequent first."""
+    return dict(Counter(spec.fixed.values()).most_common())
+
+
+def unsupported_ops(spec: PermutationSpec) -> list[str]:
+    """Ops without a discovery rule that fixed some axes."""
+    prefix = "unsupported op "
+    return sorted({r[len(prefix):] for r in spec.fixed.values() if r.startswith(prefix)})
+
+
+def repair_summary(spec: PermutationSpec, method: str, model: nn.Module) -> dict[str, list]:
+    """Sites REPAIR corrected, by how (``affine``, ``scale``, ``batchnorm``), and the layer
+    outputs it could not correct; ``none`` corrects nothing and ``reset`` only BatchNorms."""
+    report: dict[str, list] = {"affine": [], "scale": [], "batchnorm": [], "uncorrected": []}
+    if method == "none":
+        return report
+    if method == "reset":
+        report["batchnorm"] = [n for n, m in model.named_modules() if isinstance(m, _BatchNorm)]
+        return report
+    corrected = correction_sites(spec)
+    for site in corrected:
+        report[correction_mode(site)].append(site.batchnorm or site.module)
+    done = {s.module for s in corrected}
+    report["uncorrected"] = [s.module for s in spec.sites if s.kind == "linear" and s.module not in done]
+    return report
+
+
+def corrected_count(summary: dict[str, list]) -> int:
+    return sum(len(summary[k]) for k in ("affine", "scale", "batchnorm"))
+
+
+def describe(result) -> list[str]:
+    """The report in a few lines, for the printed table."""
+    if result.aligned:
+        kinds = ", ".join(f"{k} {v['groups']} x {'/'.join(map(str, v['sizes']))} units "
+                          f"(corr {v['matched_correlation']:.2f} vs {v['unaligned_correlation']:.2f})"
+                          for k, v in result.aligned.items())
+        lines = [f"aligned: {kinds}"]
+    else:
+        lines = ["aligned: nothing (no permutation group)"]
+    fixed = sum(result.fixed.values())
+    if fixed:
+        top = "; ".join(f"{reason} ({count})" for reason, count in list(result.fixed.items())[:3])
+        lines.append(f"fixed: {fixed} weight axes, e.g. {top}")
+    corrected = result.corrected
+    if corrected_count(corrected):
+        parts = [f"{len(corrected[k])} {label}" for k, label in
+                 (("affine", "scale+shift"), ("scale", "scale-only"), ("batchnorm", "BatchNorm re-estimated"))
+                 if corrected[k]]
+        lines.append(f"REPAIR corrected {corrected_count(corrected)} sites: {', '.join(parts)}"
+                     + (f"; {len(corrected['uncorrected'])} layer outputs could not be corrected ({UNCORRECTABLE})"
+                        if corrected["uncorrected"] else ""))
+    else:
+        lines.append(f"REPAIR: nothing corrected (method {result.method})")
+    return lines
