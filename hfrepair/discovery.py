@@ -140,32 +140,44 @@ class _AxisSets:
                         changed = True
 
     def layout(self, item) -> list[tuple]:
-        """``(root, offset, outers, inner)`` blocks of the free classes that make up ``item``."""
+        """``(root, offset, outers, inner, tags)`` blocks of the free classes that make up
+        ``item``; ``tags`` names the class of each outer loop (the heads around head dims)."""
         root = self.find(item)
         if root in self.reason:
             return []
         if root not in self.parts:
-            return [(root, 0, (), 1)]
+            return [(root, 0, (), 1, ())]
         kind, elements = self.parts[root]
         sizes = [self.size(e) for e in elements]
         blocks = []
         for index, element in enumerate(elements):
             if kind == "concat":
                 start = sum(sizes[:index])
-                blocks += [(r, offset + start, outers, inner) for r, offset, outers, inner in self.layout(element)]
+                blocks += [(r, offset + start, *rest) for r, offset, *rest in self.layout(element)]
                 continue
             after = 1
             for size in sizes[index + 1:]:
                 after *= size
-            before = 1
-            for size in sizes[:index]:
-                before *= size
-            head = ((before, sizes[index] * after),) if before > 1 else ()
+            loops = [loop for e in elements[:index] for loop in self._loops(e)]
+            strides, stride = [], sizes[index] * after
+            for count, _ in reversed(loops):
+                strides.insert(0, stride)
+                stride *= count
+            head = tuple((count, st) for (count, _), st in zip(loops, strides))
+            head_tags = tuple(tag for _, tag in loops)
             blocks += [
-                (r, offset * after, head + tuple((c, st * after) for c, st in outers), inner * after)
-                for r, offset, outers, inner in self.layout(element)
+                (r, offset * after, head + tuple((c, st * after) for c, st in outers), inner * after, head_tags + tags)
+                for r, offset, outers, inner, tags in self.layout(element)
             ]
         return blocks
+
+    def _loops(self, item) -> list[tuple]:
+        """(count, class) of each index an element stands for, product parts expanded."""
+        root = self.find(item)
+        kind, elements = self.parts.get(root, (None, []))
+        if kind != "product":
+            return [(self.size(root), root)]
+        return [loop for e in elements for loop in self._loops(e)]
 
 
 def _shape(value) -> tuple[int, ...] | None:
@@ -178,6 +190,7 @@ class _GraphAxes:
     def __init__(self, graph: torch.fx.Graph) -> None:
         self.sets = _AxisSets(lambda item: self.shapes[item[0]][item[1]])
         self.roles: list = []  # (axis class, role) of attention heads and head dims, to name groups
+        self.attention: list = []  # (heads, q/k dims, v dims) axes of every attention op
         self.conv_modules: set[str] = set()
         self.shapes: dict[tuple[str, int], tuple[int, ...]] = {}
         for node in graph.nodes:
@@ -636,6 +649,7 @@ def _rule_attention(g: _GraphAxes, node) -> None:
     g.tie(query, -1, key, -1)
     g.tie(value, -1, out, -1)
     g.roles += [((query, g.rank(query) - 1), "qk_dims"), ((value, g.rank(value) - 1), "v_dims")]
+    g.attention.append(((query, g.rank(query) - 3), (query, g.rank(query) - 1), (value, g.rank(value) - 1)))
     if mask is not None:
         g.fix_all(mask, "attention mask")
         g.fix(query, -2, "sequence positions")
@@ -782,7 +796,7 @@ def _collect_groups(g: _GraphAxes, graph, placeholder_keys, aliases):
         for axis in range(g.rank(tensor)):
             item = (tensor, axis)
             blocks = g.sets.layout(item) if g.size(tensor, axis) > 1 else []
-            covered = sum(g.sets.size(root) * inner * _copies(outers) for root, _, outers, inner in blocks)
+            covered = sum(g.sets.size(root) * inner * _copies(outers) for root, _, outers, inner, _ in blocks)
             for alias in aliases[key]:
                 if g.size(tensor, axis) == 1:
                     fixed[(alias, axis)] = g.sets.fixed_reason(item) or "size 1"
@@ -790,18 +804,56 @@ def _collect_groups(g: _GraphAxes, graph, placeholder_keys, aliases):
                     fixed[(alias, axis)] = _fixed_reason(g, item)
                 elif covered < g.size(tensor, axis):
                     fixed[(alias, axis)] = f"partly fixed ({_fixed_reason(g, _first_fixed_part(g, item))})"
-                for root, offset, outers, inner in blocks:
-                    whole = offset == 0 and not outers and inner == 1 and g.sets.size(root) == g.size(tensor, axis)
-                    members[root].append((alias, axis) if whole else (alias, axis, offset, outers, inner))
+                for block in blocks:
+                    members[block[0]].append((alias, axis, g.size(tensor, axis), block))
+    g.per_head = _per_head_dims(g, members)
     groups: dict[str, PermutationGroup] = {}
     group_of_class: dict = {}
-    for root, axes in members.items():
-        name = axes[0][0].rsplit(".", 1)[0] or axes[0][0]
+    for root, raw in members.items():
+        name = raw[0][0].rsplit(".", 1)[0] or raw[0][0]
         while name in groups:
             name += "'"
-        groups[name] = PermutationGroup(name, g.sets.size(root), axes)
+        axes = []
+        for alias, axis, length, block in raw:
+            pattern = _pattern(g, block)
+            whole = pattern == (0, (), 1) and g.sets.size(root) == length
+            axes.append((alias, axis) if whole else (alias, axis, *pattern))
+        heads = g.sets.size(g.per_head[root]) if root in g.per_head else 1
+        groups[name] = PermutationGroup(name, g.sets.size(root) * heads, axes, blocks=heads)
         group_of_class[root] = name
     return groups, fixed, group_of_class
+
+
+def _per_head_dims(g: _GraphAxes, members: dict) -> dict:
+    """Head-dim classes that can take one permutation per head: dims class -> heads class.
+
+    That holds when every weight holding those dims lays them out inside the heads (each
+    head's rows or columns apart), as q/k/v/o projections do; a per-dim weight shared by all
+    heads (a q/k norm over head dims) keeps one permutation for all heads. Under
+    grouped-query attention the dims follow the kv heads.
+    """
+    per_head = {}
+    for heads_item, *dims_items in g.attention:
+        heads = g.sets.find(heads_item)
+        kind, parts = g.sets.parts.get(heads, (None, []))
+        if kind == "product":
+            heads = g.sets.find(parts[0])
+        for item in dims_items:
+            dims = g.sets.find(item)
+            if dims in members and dims not in per_head and all(heads in block[4] for *_, block in members[dims]):
+                per_head[dims] = heads
+    return per_head
+
+
+def _pattern(g: _GraphAxes, block: tuple) -> tuple:
+    """``(offset, outers, inner[, units])`` of a layout block, as members and sites store it;
+    per-head dims take the heads' loop as their leading unit index."""
+    root, offset, outers, inner, tags = block
+    if root not in g.per_head:
+        return offset, outers, inner
+    k = tags.index(g.per_head[root])
+    units = (outers[k], (g.sets.size(root), inner))
+    return offset, outers[:k] + outers[k + 1:], inner, units
 
 
 def _copies(outers) -> int:
@@ -921,11 +973,13 @@ def _find_sites(model, graph, g: _GraphAxes, group_of_class, groups) -> list[Act
         if len(axes) != 1:
             continue
         axis, blocks = axes[0]
-        root, offset, outers, inner = blocks[0]
-        if len(blocks) == 1 and offset == 0 and not outers and inner == 1 and g.sets.size(root) == g.size(out, axis):
+        root = blocks[0][0]
+        if len(blocks) == 1 and _pattern(g, blocks[0]) == (0, (), 1) and g.sets.size(root) == g.size(out, axis):
             site = ActivationSite(module=path, axis=axis, group=group_of_class[root], kind=kind)
         else:
-            layout = [(group_of_class[r], o, outs, i) for r, o, outs, i in blocks]
+            # Per-head dims last: they are applied after the heads they sit in have moved.
+            blocks = sorted(blocks, key=lambda b: b[0] in g.per_head)
+            layout = [(group_of_class[b[0]], *_pattern(g, b)) for b in blocks]
             site = ActivationSite(module=path, axis=axis, group=None, kind=kind, layout=layout)
         if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             g.conv_modules.add(path)

@@ -346,8 +346,10 @@ def test_gpt2_fused_qkv_is_three_blocks_of_heads():
         return sorted(m[2:] for m in spec.groups[f"{attn}.{group}"].members if m[:2] == (key, 1))
 
     assert blocks("heads") == [(0, (), 8), (32, (), 8), (64, (), 8)]
-    assert blocks("qk_dims") == [(0, ((4, 8),), 1), (32, ((4, 8),), 1)]
-    assert blocks("v_dims") == [(64, ((4, 8),), 1)]
+    # Head dims take one permutation per head: units are (head, dim), each head's 8 dims apart.
+    assert blocks("qk_dims") == [(0, (), 1, ((4, 8), (8, 1))), (32, (), 1, ((4, 8), (8, 1)))]
+    assert blocks("v_dims") == [(64, (), 1, ((4, 8), (8, 1)))]
+    assert spec.groups[f"{attn}.qk_dims"].blocks == 4 and spec.groups[f"{attn}.qk_dims"].size == 32
     assert (key, 0) in spec.groups["stream"].members  # Conv1D: rows read the stream
     assert (f"{attn}.c_proj.weight", 1) in spec.groups["stream"].members
     # The site on c_attn's output carries the same blocks, Conv1D's weight is transposed.
@@ -367,7 +369,8 @@ def test_llama_gqa_sites_are_block_layouts_and_scale_only():
     spec = discover_spec(model, token_ids())
     attn = "model.layers.0.self_attn"
     kv, query, v_dims = (spec.groups[f"{attn}.{r}"] for r in ("kv_heads", "query_heads", "v_dims"))
-    assert (kv.size, query.size, v_dims.size) == (2, 2, 8)
+    # v dims: one permutation per kv head (shared by the query heads that read it).
+    assert (kv.size, query.size, v_dims.size, v_dims.blocks) == (2, 2, 16, 2)
     assert (f"{attn}.q_proj.weight", 0, 0, (), 16) in kv.members
     assert (f"{attn}.k_proj.weight", 0, 0, (), 8) in kv.members
     assert (f"{attn}.q_proj.weight", 0, 0, ((2, 16),), 8) in query.members
