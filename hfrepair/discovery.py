@@ -916,6 +916,16 @@ def _name_kinds(g: _GraphAxes, groups, group_of_class, sites) -> dict[str, Permu
     return renamed
 
 
+_LAYOUT_OPS = {"permute", "transpose", "view", "reshape", "contiguous", "clone", "to", "_to_copy", "dropout", "alias"}
+
+
+def _through_layout_ops(node):
+    """The node a tensor comes from once permutes, reshapes and casts are looked through."""
+    while node.op == "call_function" and _op_name(node) in _LAYOUT_OPS and node.all_input_nodes:
+        node = node.all_input_nodes[0]
+    return node
+
+
 def _is_conv1d(module: nn.Module) -> bool:
     """transformers' ``Conv1D`` (GPT-2): a linear layer whose weight is stored (in, out)."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
@@ -954,6 +964,7 @@ def _find_sites(model, graph, g: _GraphAxes, group_of_class, groups) -> list[Act
         nodes_of[path].append(node)
         calls_of[path].add(key)
     sites = []
+    exit_of = {}  # output node of each site's module
     for path, nodes in nodes_of.items():
         module = modules.get(path)
         kind = _module_kind(module) if module is not None else None
@@ -965,6 +976,7 @@ def _find_sites(model, graph, g: _GraphAxes, group_of_class, groups) -> list[Act
         out = g.tensor(exits[-1]) if exits else None
         if out is None:
             continue
+        sources = {a for n in nodes for a in n.all_input_nodes if a not in inside and a.op == "call_function"}
         axes = []
         for axis in range(g.rank(out)):
             blocks = [b for b in g.sets.layout((out, axis)) if b[0] in group_of_class]
@@ -1005,5 +1017,8 @@ def _find_sites(model, graph, g: _GraphAxes, group_of_class, groups) -> list[Act
                    for name, p in affine.items() if p is not None) and affine["weight"] is not None:
                 site.weight = f"{path}.weight"
                 site.bias = f"{path}.bias" if affine["bias"] is not None else None
+            if len(sources) == 1:
+                site.source = exit_of.get(_through_layout_ops(next(iter(sources))))
+        exit_of[exits[-1]] = path
         sites.append(site)
     return sites

@@ -91,23 +91,19 @@ def site_goal(stats: Statistics, site: ActivationSite, perm: torch.Tensor, alpha
 
 def correction_sites(spec: PermutationSpec) -> list[ActivationSite]:
     """Outputs REPAIR can correct and fold: conv/linear outputs with a bias or a BN, and the
-    outputs of per-unit-affine norms (LayerNorm, GroupNorm) fed by a conv/linear that has
-    neither (e.g. a bias-free conv before a LayerNorm: the correction folds into the norm).
+    outputs of per-unit-affine norms (LayerNorm, GroupNorm) whose input is not already a
+    corrected output: a norm after a bias-free conv (the correction folds into the norm),
+    or a norm that reads a transformer's residual stream. A norm right after a corrected
+    layer (ConvNeXt's LayerNorm after its depthwise conv) is left alone.
     Networks with no bias anywhere (Llama: bias-free projections, RMSNorm) get a scale-only
     correction of every projection output and norm output (:func:`correction_mode`)."""
-    sites, feeding = [], {}
+    sites, corrected = [], set()
     biased = any(s.bias or s.batchnorm for s in spec.sites if s.kind in ("linear", "norm"))
-    for site in spec.sites:  # graph order: a norm's feeding layer comes before it
-        if site.kind == "linear":
-            if site.group is not None:
-                feeding[site.group] = site
-            if site.batchnorm or site.bias or (not biased and site.weight):
-                sites.append(site)
-        elif site.kind == "norm" and site.bias and site.group in feeding:
-            layer = feeding[site.group]
-            if not (layer.batchnorm or layer.bias):
-                sites.append(site)
-        elif site.kind == "norm" and site.weight and not site.bias and not biased:
+    for site in spec.sites:  # graph order: a norm's input comes before it
+        if site.kind == "linear" and (site.batchnorm or site.bias or (not biased and site.weight)):
+            sites.append(site)
+            corrected.add(site.module)
+        elif site.kind == "norm" and site.weight and (site.bias or not biased) and site.source not in corrected:
             sites.append(site)
     return sites
 

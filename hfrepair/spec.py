@@ -114,6 +114,7 @@ class ActivationSite:
     bias: str | None = None
     layout: list | None = None
     weight_axis: int = 0
+    source: str | None = None  # a norm site's input when that is another site's output
 
     def groups(self) -> list[str]:
         """Every group whose units this site carries."""

@@ -24,15 +24,21 @@ def train_classifier(
     weight_decay: float = 5e-4,
     translate: int = 0,
     seed: int = 0,
+    optimizer: str = "sgd",
 ) -> nn.Module:
     """Train ``model`` in place on preprocessed ``images`` and return it in eval mode.
 
     ``translate`` shifts each training image by up to that many pixels (the paper's MNIST
     augmentation). The seed fixes batch order and shifts; seed the model's construction
-    separately for different endpoints.
+    separately for different endpoints. ``optimizer="adamw"`` suits transformers, which
+    SGD trains poorly.
     """
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
+    if optimizer == "adamw":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay,
+                                    nesterov=True)
     steps = epochs * ((len(images) + batch_size - 1) // batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.25)
     model.train()
