@@ -154,10 +154,7 @@ def vit_folders(mnist_folder, tmp_path_factory):
         ViTImageProcessor(do_resize=False, image_mean=[0.1307], image_std=[0.3081]).save_pretrained(str(folder))
         data = image_batches(str(mnist_folder), "train", model_transform(folder), batch_size=4000)
         images, labels = next(iter(data))
-        train_classifier(model, images, labels, epochs=VIT_EPOCHS, lr=0.1, seed=seed)
+        train_classifier(model, images, labels, epochs=30, lr=3e-3, weight_decay=0.05, seed=seed, optimizer="adamw")
         model.save_pretrained(str(folder))
         folders.append(folder)
     return folders
-
-
-VIT_EPOCHS = 30

@@ -33,3 +33,23 @@ def test_convnext_merges_and_repair_helps(mnist_folder, tmp_path):
     assert min(result.endpoints[k]["test"]["accuracy"] for k in "AB") > 0.8
     assert repaired > aligned + 0.05
     assert repaired == pytest.approx(result.merged["test"]["accuracy"])
+
+
+def test_vit_pair_aligns_heads_and_stream_and_repair_helps(vit_folders, mnist_folder):
+    """A trained ViT pair (4 layers, width 64, 4 heads): heads, head dims, stream and MLP units
+    are aligned, REPAIR corrects projections and LayerNorms, and the saved, fused model is
+    the REPAIRed midpoint."""
+    model_a, model_b = (load_model(f) for f in vit_folders)
+    transform = model_transform(vit_folders[0])
+    calibration = image_batches(str(mnist_folder), "train", transform, limit=4000, batch_size=500)
+    test = image_batches(str(mnist_folder), "test", transform, batch_size=500)
+    merged, result = merge(model_a, model_b, calibration, {"test": test}, grid=3)
+    assert isinstance(merged, type(model_a))
+    assert set(result.aligned) == {"stream", "heads", "head_dims", "mlp"}
+    assert result.aligned["heads"]["groups"] == 4 and result.aligned["head_dims"]["groups"] == 8
+    assert result.corrected["affine"] and not result.corrected["uncorrected"]
+    midpoint = {label: result.curves[label]["test"][1]["accuracy"] for label in ("naive", "aligned", "repaired")}
+    # Measured here: endpoints 92.6% / 93.4%; naive 29.7%, aligned 57.3%, REPAIR 65.2%.
+    assert min(result.endpoints[k]["test"]["accuracy"] for k in "AB") > 0.9
+    assert midpoint["naive"] + 0.15 < midpoint["aligned"] < midpoint["repaired"] - 0.03
+    assert midpoint["repaired"] == pytest.approx(result.merged["test"]["accuracy"])

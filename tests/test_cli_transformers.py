@@ -1,0 +1,143 @@
+"""``hfrepair merge`` on transformers image models stored as Hub-style folders with a
+grayscale image processor: a ViT (heads, head dims, residual stream, MLP aligned) and a
+one-channel transformers ResNet (images must reach the model as one channel, not RGB)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from safetensors import safe_open
+
+from hfrepair.data import image_batches, model_transform
+from hfrepair.evaluate import evaluate
+from hfrepair.training import train_classifier
+
+EVAL_SAMPLES = 500
+FAST = ["--grid", "3", "--num-samples", "1000", "--eval-samples", str(EVAL_SAMPLES), "--batch-size", "500"]
+ENV = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+OUTPUT_FILES = ["README.md", "barrier_curve.png", "config.json", "merge_results.json", "model.safetensors",
+                "preprocessor_config.json", "variance_ratio.png"]
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "hfrepair.cli", *map(str, args)],
+                          capture_output=True, text=True, env=ENV, timeout=600)
+
+
+def merge_folders(a, b, dataset, out, *extra):
+    done = run_cli("merge", a, b, "--dataset", dataset, "--output", out, *FAST, *extra)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    return done, json.loads((out / "merge_results.json").read_text())
+
+
+def tensor_names(path):
+    with safe_open(str(path), framework="pt") as weights:
+        return set(weights.keys())
+
+
+def reloaded_test_metrics(model, folder, dataset):
+    """The saved model on the CLI's evaluation examples: same split, cap and shuffle seed."""
+    test = image_batches(str(dataset), "test", model_transform(folder), limit=EVAL_SAMPLES, batch_size=500, seed=0)
+    return evaluate(model, test)
+
+
+def stdout_lines(done):
+    return [line.strip() for line in done.stdout.splitlines()]
+
+
+def test_vit_merges_end_to_end_and_reloads_with_the_reported_accuracy(vit_folders, mnist_folder, tmp_path):
+    from transformers import ViTForImageClassification
+
+    a, b = vit_folders
+    out = tmp_path / "merged-vit"
+    done, results = merge_folders(a, b, mnist_folder, out)
+    assert sorted(p.name for p in out.iterdir()) == OUTPUT_FILES
+    assert tensor_names(out / "model.safetensors") == tensor_names(a / "model.safetensors")
+
+    model = ViTForImageClassification.from_pretrained(str(out))
+    assert type(model) is ViTForImageClassification and model.config.num_channels == 1
+    reloaded = reloaded_test_metrics(model, out, mnist_folder)
+    assert reloaded.examples == EVAL_SAMPLES
+    assert reloaded.accuracy == pytest.approx(results["merged"]["test"]["accuracy"], abs=1e-6)
+
+    assert {"stream", "heads", "head_dims", "mlp"} <= set(results["aligned"])
+    assert results["corrected"]["affine"]
+    lines = stdout_lines(done)
+    assert any(line.startswith("aligned:") for line in lines), done.stdout
+    assert any(line.startswith("REPAIR corrected") for line in lines), done.stdout
+
+    card_text = (out / "README.md").read_text()
+    assert "attention heads" in card_text and "residual stream" in card_text
+    assert "repair" in ModelCard.load(out / "README.md").data.tags
+
+    endpoints = {k: v["test"]["accuracy"] for k, v in results["endpoints"].items()}
+    mid = min(range(len(results["alphas"])), key=lambda i: abs(results["alphas"][i] - 0.5))
+    print(f"ViT: endpoints {endpoints}, aligned {results['curves']['aligned']['test'][mid]['accuracy']}, "
+          f"repaired {results['curves']['repaired']['test'][mid]['accuracy']}, "
+          f"merged {results['merged']['test']['accuracy']}")
+
+
+def test_vit_merge_without_correction_is_reported_as_plain_interpolation(vit_folders, mnist_folder, tmp_path):
+    a, b = vit_folders
+    out = tmp_path / "merged-none"
+    done, results = merge_folders(a, b, mnist_folder, out, "--method", "none")
+    assert results["method"] == "none"
+    assert results["corrected"] and all(v == [] for v in results["corrected"].values()), results["corrected"]
+    assert "plain interpolation" in (out / "README.md").read_text()
+    assert "repair" not in ModelCard.load(out / "README.md").data.tags
+    assert any(line.startswith("REPAIR: nothing corrected") for line in stdout_lines(done)), done.stdout
+
+
+def grayscale_resnet():
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    return ResNetForImageClassification(ResNetConfig(
+        num_channels=1, embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic", num_labels=10))
+
+
+@pytest.fixture(scope="module")
+def grayscale_resnet_folders(mnist_folder, tmp_path_factory):
+    """Two one-channel transformers ResNets with a one-value-mean ``ViTImageProcessor``,
+    trained on the processor's own output (as ``train_hf_pair`` in conftest does)."""
+    from transformers import ViTImageProcessor
+
+    root = tmp_path_factory.mktemp("gray_resnet")
+    folders = []
+    for seed in (1, 2):
+        folder = root / f"endpoint-{seed}"
+        torch.manual_seed(seed)
+        model = grayscale_resnet()
+        model.save_pretrained(str(folder))
+        ViTImageProcessor(do_resize=False, image_mean=[0.1307], image_std=[0.3081]).save_pretrained(str(folder))
+        data = image_batches(str(mnist_folder), "train", model_transform(folder), batch_size=4000)
+        images, labels = next(iter(data))
+        assert images.shape[1] == 1
+        train_classifier(model, images, labels, epochs=4, lr=0.05, seed=seed)
+        model.save_pretrained(str(folder))
+        folders.append(folder)
+    return folders
+
+
+def test_grayscale_transformers_resnet_merges_through_the_cli(grayscale_resnet_folders, mnist_folder, tmp_path):
+    from transformers import ResNetForImageClassification
+
+    a, b = grayscale_resnet_folders
+    out = tmp_path / "merged-resnet"
+    done, results = merge_folders(a, b, mnist_folder, out)
+    assert sorted(p.name for p in out.iterdir()) == OUTPUT_FILES
+    model = ResNetForImageClassification.from_pretrained(str(out))
+    assert type(model) is ResNetForImageClassification and model.config.num_channels == 1
+    assert results["merged"]["test"]["accuracy"] > 0.5, done.stdout
+    reloaded = reloaded_test_metrics(model, out, mnist_folder)
+    assert reloaded.accuracy == pytest.approx(results["merged"]["test"]["accuracy"], abs=1e-6)
+
+    endpoints = {k: v["test"]["accuracy"] for k, v in results["endpoints"].items()}
+    mid = min(range(len(results["alphas"])), key=lambda i: abs(results["alphas"][i] - 0.5))
+    print(f"ResNet: endpoints {endpoints}, aligned {results['curves']['aligned']['test'][mid]['accuracy']}, "
+          f"repaired {results['curves']['repaired']['test'][mid]['accuracy']}, "
+          f"merged {results['merged']['test']['accuracy']}")
