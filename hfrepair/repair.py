@@ -135,17 +135,23 @@ def repair(
     batches: Iterable | None = None,
     max_examples: int | None = None,
     accelerator: Accelerator | None = None,
+    sites: list[ActivationSite] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The corrected, fused state dict of the interpolated network ``state_dict``.
 
     ``model`` only supplies the architecture; it is not modified. With an ``accelerator``
     the exact variant's pass runs on every process and its statistics are reduced.
+    ``sites`` overrides :func:`correction_sites` (for ablations: a subset, or sites with
+    ``bias=None`` for scale-only corrections).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, not {method!r}")
     if method == "none":
         return dict(state_dict)
-    sites = correction_sites(spec) if method != "reset" else []
+    if method == "reset":
+        sites = []
+    elif sites is None:
+        sites = correction_sites(spec)
     net, added = _corrected_network(model, state_dict, sites, stats, perms, alpha, method, batches, max_examples,
                                     accelerator)
     return _fold(net.state_dict(), sites, added)

@@ -82,6 +82,22 @@ def endpoint_folders(resnet_pair, tmp_path_factory):
     return str(root / "a"), str(root / "b")
 
 
+@pytest.fixture(scope="module")
+def vit_endpoint_folders(tmp_path_factory):
+    """Two randomly initialised ViTs with a grayscale processor: the transformer path (heads,
+    per-head dims, stream, LayerNorm corrections) across processes."""
+    from transformers import ViTImageProcessor
+
+    from .conftest import tiny_vit
+
+    root = tmp_path_factory.mktemp("distributed-vit")
+    for seed, name in ((1, "a"), (2, "b")):
+        torch.manual_seed(seed)
+        tiny_vit().save_pretrained(str(root / name))
+        ViTImageProcessor(do_resize=False, image_mean=[0.1307], image_std=[0.3081]).save_pretrained(str(root / name))
+    return str(root / "a"), str(root / "b")
+
+
 def assert_close_nested(a, b, rel):
     if isinstance(a, dict):
         assert a.keys() == b.keys()
@@ -97,10 +113,12 @@ def assert_close_nested(a, b, rel):
         assert a == b
 
 
-def test_two_processes_equal_one(endpoint_folders, mnist_folder, tmp_path):
+@pytest.mark.parametrize("pair", ["endpoint_folders", "vit_endpoint_folders"])
+def test_two_processes_equal_one(pair, mnist_folder, tmp_path, request):
     from accelerate import debug_launcher
     from accelerate.state import AcceleratorState
 
+    endpoint_folders = request.getfixturevalue(pair)
     out = tmp_path / "two.json"
     AcceleratorState._reset_state(reset_partial_state=True)  # the forked workers must not inherit it
     debug_launcher(two_process_worker, args=(endpoint_folders, str(mnist_folder), str(out)), num_processes=2)
