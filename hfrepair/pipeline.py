@@ -193,6 +193,9 @@ def merge(
         # Every spec, discovered or by hand, must pass the random-permutation check.
         verify_spec(model_a, spec, example)
     check_merge_does_something(spec, method, model_a, given_spec)
+    if "repaired+blocks" in curves and not block_output_sites(spec):
+        raise MergeError(f"{type(model_a).__name__} has no residual-block outputs (activations on a residual "
+                         "stream) to correct: drop --block-outputs")
     sites, cross_modules = statistics_plan(spec, method, match_at, curves)
     with _timed(seconds, "statistics"):
         stats = collect_statistics(model_a, model_b, sites, calibration, num_samples, cross_modules, accelerator)

@@ -25,10 +25,13 @@ def alignment_summary(spec: PermutationSpec, matched: dict[str, float], unaligne
     by_kind: dict[str, list] = defaultdict(list)
     for name, group in spec.groups.items():
         by_kind[group.kind].append(name)
+    def size(group) -> int | str:  # per-head groups: "heads x dims per head"
+        return group.size if group.blocks == 1 else f"{group.blocks}x{group.size // group.blocks}"
+
     return {
         kind: {
             "groups": len(names),
-            "sizes": sorted({spec.groups[n].size for n in names}),
+            "sizes": sorted({size(spec.groups[n]) for n in names}, key=str),
             "units": sum(spec.groups[n].size for n in names),
             "matched_correlation": sum(matched[n] for n in names) / len(names),
             "unaligned_correlation": sum(unaligned[n] for n in names) / len(names),

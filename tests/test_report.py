@@ -72,3 +72,10 @@ def test_the_report_lists_groups_fixed_axes_and_corrections():
     assert not any(plain.corrected.values())
     assert "plain interpolation" in repair_text(plain.to_dict())[0]
     assert "REPAIR: nothing corrected (method none)" in describe(plain)
+
+
+def test_block_outputs_need_block_outputs():
+    """An MLP has no residual stream: a 'repaired+blocks' curve would only repeat 'repaired'."""
+    a, b = pair(lambda: MLP(depth=2, width=16, image_size=4, in_channels=1))
+    with pytest.raises(MergeError, match="no residual-block outputs"):
+        merge(a, b, data((1, 4, 4), 10), curves=("naive", "aligned", "repaired", "repaired+blocks"))

@@ -1,6 +1,11 @@
 """transformers image classifiers merge like the built-ins: ConvNeXt (LayerNorm, depthwise
-convs, layer scale) through the API. (HF ResNet goes through the CLI and the Hub in
-test_hub.py.)"""
+convs, layer scale) and ViT (heads, per-head dims, residual stream) through the API, and
+the ViT study script behind docs/results.md. (HF ResNet goes through the CLI and the Hub in
+test_hub.py; the ViT through the CLI in test_cli_transformers.py.)"""
+
+import importlib.util
+import json
+from pathlib import Path
 
 import pytest
 from transformers import ConvNextConfig, ConvNextForImageClassification
@@ -53,3 +58,17 @@ def test_vit_pair_aligns_heads_and_stream_and_repair_helps(vit_folders, mnist_fo
     assert min(result.endpoints[k]["test"]["accuracy"] for k in "AB") > 0.9
     assert midpoint["naive"] + 0.15 < midpoint["aligned"] < midpoint["repaired"] - 0.03
     assert midpoint["repaired"] == pytest.approx(result.merged["test"]["accuracy"])
+
+
+def test_vit_study_script_quick(tmp_path):
+    """examples/transformers/vit_digits.py --quick: trains a small pair, runs every
+    measurement of the docs' transformer section, and holds its claim."""
+    path = Path(__file__).resolve().parents[1] / "examples" / "transformers" / "vit_digits.py"
+    spec = importlib.util.spec_from_file_location("vit_digits", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    status = script.main(["--quick", "--cache", str(tmp_path / "cache"), "--output", str(tmp_path / "out")])
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert status == 0 and all(results["claims"].values())
+    assert set(results["variance_ratio"]) == {"aligned", "repaired"} and results["ablation"]["all (default)"] > 0
+    assert (tmp_path / "out" / "vit_digits.png").stat().st_size > 0

@@ -16,7 +16,7 @@ with the public API only:
 * where unit correlations are measured (``match_at``).
 
 Writes ``results.md``, ``results.json`` and ``vit_digits.png`` into ``docs/results/transformers``
-(or ``--output``). ``--quick`` trains for 4 epochs on 1,000 digits and exits 1 unless
+(or ``--output``). ``--quick`` trains for 12 epochs on 2,000 digits and exits 1 unless
 naive < aligned < aligned + REPAIR at the midpoint.
 """
 
@@ -47,7 +47,7 @@ RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results" / "transforme
 FAMILIES = {  # site family -> module name endings
     "patch embedding": ("projection",),
     "q": ("q_proj",), "k": ("k_proj",), "v": ("v_proj",), "attention output": ("o_proj",),
-    "MLP in": ("fc1",), "MLP out": ("fc2",), "LayerNorms": ("layernorm_before", "layernorm_after", "layernorm"),
+    "MLP in": ("fc1",), "MLP activation": ("activation_fn",), "MLP out": ("fc2",), "LayerNorms": ("layernorm_before", "layernorm_after", "layernorm"),
 }
 
 
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    epochs, examples = (4, 1000) if args.quick else (30, 4000)
+    epochs, examples = (12, 2000) if args.quick else (30, 4000)
     args.cache.mkdir(parents=True, exist_ok=True)
     data = args.cache / "mnist"
     if not (data / "train.parquet").is_file():
