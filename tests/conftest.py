@@ -138,23 +138,30 @@ def tiny_vit():
         intermediate_size=128, num_labels=10))
 
 
-@pytest.fixture(scope="session")
-def vit_folders(mnist_folder, tmp_path_factory):
-    """Two ViT endpoints (seeds 1 and 2) with a one-channel ``ViTImageProcessor``, as a
-    grayscale model ships on the Hub; trained on the processor's own output."""
+def train_grayscale_pair(factory, mnist_folder, root, **training):
+    """Two one-channel transformers endpoints (seeds 1 and 2) saved with a one-value-mean
+    ``ViTImageProcessor``, as a grayscale model ships on the Hub; trained on the processor's
+    own output."""
     from transformers import ViTImageProcessor
 
-    root = tmp_path_factory.mktemp("vit")
     folders = []
     for seed in (1, 2):
-        folder = root / f"vit-{seed}"
+        folder = root / f"endpoint-{seed}"
         torch.manual_seed(seed)
-        model = tiny_vit()
+        model = factory()
         model.save_pretrained(str(folder))
         ViTImageProcessor(do_resize=False, image_mean=[0.1307], image_std=[0.3081]).save_pretrained(str(folder))
         data = image_batches(str(mnist_folder), "train", model_transform(folder), batch_size=4000)
         images, labels = next(iter(data))
-        train_classifier(model, images, labels, epochs=30, lr=3e-3, weight_decay=0.05, seed=seed, optimizer="adamw")
+        assert images.shape[1] == 1
+        train_classifier(model, images, labels, seed=seed, **training)
         model.save_pretrained(str(folder))
         folders.append(folder)
     return folders
+
+
+@pytest.fixture(scope="session")
+def vit_folders(mnist_folder, tmp_path_factory):
+    """Two trained ViT endpoints with a grayscale processor (AdamW: SGD trains ViTs poorly)."""
+    return train_grayscale_pair(tiny_vit, mnist_folder, tmp_path_factory.mktemp("vit"), epochs=30, lr=3e-3,
+                                weight_decay=0.05, optimizer="adamw")

@@ -8,13 +8,13 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from huggingface_hub import ModelCard
 from safetensors import safe_open
 
 from hfrepair.data import image_batches, model_transform
 from hfrepair.evaluate import evaluate
-from hfrepair.training import train_classifier
+
+from .conftest import train_grayscale_pair
 
 EVAL_SAMPLES = 500
 FAST = ["--grid", "3", "--num-samples", "1000", "--eval-samples", str(EVAL_SAMPLES), "--batch-size", "500"]
@@ -102,25 +102,9 @@ def grayscale_resnet():
 
 @pytest.fixture(scope="module")
 def grayscale_resnet_folders(mnist_folder, tmp_path_factory):
-    """Two one-channel transformers ResNets with a one-value-mean ``ViTImageProcessor``,
-    trained on the processor's own output (as ``train_hf_pair`` in conftest does)."""
-    from transformers import ViTImageProcessor
-
-    root = tmp_path_factory.mktemp("gray_resnet")
-    folders = []
-    for seed in (1, 2):
-        folder = root / f"endpoint-{seed}"
-        torch.manual_seed(seed)
-        model = grayscale_resnet()
-        model.save_pretrained(str(folder))
-        ViTImageProcessor(do_resize=False, image_mean=[0.1307], image_std=[0.3081]).save_pretrained(str(folder))
-        data = image_batches(str(mnist_folder), "train", model_transform(folder), batch_size=4000)
-        images, labels = next(iter(data))
-        assert images.shape[1] == 1
-        train_classifier(model, images, labels, epochs=4, lr=0.05, seed=seed)
-        model.save_pretrained(str(folder))
-        folders.append(folder)
-    return folders
+    """Two one-channel transformers ResNets with a one-value-mean ``ViTImageProcessor``."""
+    return train_grayscale_pair(grayscale_resnet, mnist_folder, tmp_path_factory.mktemp("gray_resnet"), epochs=4,
+                                lr=0.05)
 
 
 def test_grayscale_transformers_resnet_merges_through_the_cli(grayscale_resnet_folders, mnist_folder, tmp_path):
