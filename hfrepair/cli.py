@@ -14,11 +14,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from .card import write_card
-from .data import SHUFFLE_BUFFER, DataError, image_batches, model_transform
-from .discovery import ExportError
+from .data import SHUFFLE_BUFFER, DataError, image_batches, image_mode, model_transform
+from .discovery import ExportError, discover_spec
 from .distributed import ProcessDataError, is_main_process, make_accelerator
 from .evaluate import EvaluationError
 from .hub import HubAccessError, push_folder, read_license, resolve_dataset, resolve_model
@@ -26,8 +28,8 @@ from .io import ModelLoadError, config_differences, load_model, read_config, sav
 from .matching import MATCH_LOCATIONS, MatchingError
 from .pipeline import MergeError, MergeResult, merge
 from .repair import METHODS
-from .report import describe
-from .spec import PermutationSpec, SpecError
+from .report import describe, describe_spec
+from .spec import PermutationSpec, SpecError, verify_spec
 
 USER_ERRORS = (DataError, EvaluationError, ExportError, HubAccessError, MatchingError, MergeError, ModelLoadError,
                ProcessDataError, SpecError)
@@ -120,6 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--output", default="hfrepair-demo", help="folder for the merged model (default hfrepair-demo)")
     d.add_argument("--cache", default=None, help="where endpoints and data are cached (default ~/.cache/hfrepair/demo)")
     add_merge_arguments(d)
+
+    s = commands.add_parser("spec", help="show (and save) the permutation spec discovered for a model", description=(
+        "Discover MODEL's permutation spec from its torch.export graph and print it: the groups (kind, "
+        "size, the tensors they tie), the fixed axes with reasons, and the sites REPAIR would correct. "
+        "--output writes the editable JSON that `hfrepair merge --spec` takes."))
+    s.add_argument("model", help="local folder, or Hub repo id with optional @revision")
+    s.add_argument("--output", default=None, help="write the spec as JSON to this file")
+    s.add_argument("--trust-remote-code", action="store_true",
+                   help="allow transformers to run modelling code shipped in the model repo")
 
     p = commands.add_parser("push", help="publish an existing merge output folder to the Hub", description=(
         "Upload OUTPUT (as written by hfrepair merge) to REPO in one commit, creating the repo if needed."))
@@ -265,12 +276,40 @@ def format_table(result: MergeResult) -> str:
     return "\n".join(rows)
 
 
+def run_spec(args: argparse.Namespace) -> None:
+    """``hfrepair spec``: discover, check and print a model's spec; save it if asked."""
+    source = resolve_model(args.model, trust_remote_code=args.trust_remote_code)
+    model = load_model(source.folder, args.trust_remote_code)
+    inputs = example_images(source.folder)
+    spec = discover_spec(model, inputs)
+    check = verify_spec(model, spec, inputs)
+    print(describe_spec(spec, model, check))
+    if args.output:
+        spec.save(args.output)
+        print(f"spec written to {args.output} (edit it and pass --spec {args.output} to hfrepair merge)")
+
+
+def example_images(folder: Path, count: int = 2) -> torch.Tensor:
+    """Random images put through the model's own preprocessing: inputs of the right shape."""
+    config = read_config(folder)
+    size = config.get("image_size", 224)
+    size = size if isinstance(size, int) else size[0]
+    mode = image_mode(folder)
+    generator = np.random.default_rng(0)
+    channels = 1 if mode == "L" else 3
+    images = [Image.fromarray(generator.integers(0, 256, (size, size, channels)[: 2 if channels == 1 else 3],
+                                                 dtype=np.uint8), mode) for _ in range(count)]
+    return model_transform(folder)(images)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
         if args.command == "merge":
             run_merge(args, argv)
+        elif args.command == "spec":
+            run_spec(args)
         elif args.command == "push":
             if not (Path(args.output) / "merge_results.json").is_file():
                 raise MergeError(f"{args.output} is not an hfrepair output folder (no merge_results.json)")

@@ -96,3 +96,31 @@ def describe(result) -> list[str]:
     else:
         lines.append(f"REPAIR: nothing corrected (method {result.method})")
     return lines
+
+
+def describe_spec(spec: PermutationSpec, model: nn.Module, check: dict[str, float] | None = None) -> str:
+    """What discovery found, for ``hfrepair spec``: the groups (kind, size, tied tensors),
+    the fixed axes with their reasons, and the sites REPAIR would correct."""
+    lines = [f"{type(model).__name__}: {len(spec.groups)} permutation groups, {len(spec.sites)} activation sites"]
+    if check is not None:
+        lines.append(f"checked: a random permutation per group leaves the outputs unchanged (max diff "
+                     f"{check['max_abs_diff']:.2g}; an inconsistent one changes them by {check['inconsistent_diff']:.2g})")
+    for name, group in spec.groups.items():
+        size = group.size if group.blocks == 1 else f"{group.blocks} x {group.size // group.blocks} (per head)"
+        tensors = list(dict.fromkeys(m[0] for m in group.members))
+        shown = ", ".join(tensors[:3]) + (f", ... ({len(tensors)} tensors)" if len(tensors) > 3 else "")
+        lines.append(f"  {name} [{group.kind}]: {size} units; {shown}")
+    if spec.fixed:
+        lines.append(f"fixed: {len(spec.fixed)} weight axes")
+        examples: dict[str, list[str]] = defaultdict(list)
+        for (key, axis), reason in spec.fixed.items():
+            examples[reason].append(f"{key}:{axis}")
+        for reason, axes in sorted(examples.items(), key=lambda item: -len(item[1])):
+            lines.append(f"  {reason} ({len(axes)}): {', '.join(axes[:3])}{' ...' if len(axes) > 3 else ''}")
+    corrected = repair_summary(spec, "repair", model)
+    count = corrected_count(corrected)
+    modes = ", ".join(f"{len(corrected[k])} {k}" for k in ("affine", "scale", "batchnorm") if corrected[k])
+    lines.append(f"REPAIR would correct {count} sites" + (f" ({modes})" if modes else "") +
+                 (f"; {len(corrected['uncorrected'])} layer outputs cannot be corrected ({UNCORRECTABLE})"
+                  if corrected["uncorrected"] else ""))
+    return "\n".join(lines)

@@ -15,6 +15,7 @@ from hfrepair.data import builtin_transform
 from hfrepair.io import load_model, save_merged
 from hfrepair.models import MLP, ResNet
 from hfrepair.pipeline import merge
+from hfrepair.spec import PermutationSpec
 
 from .conftest import assert_one_line_error, batches
 
@@ -151,3 +152,25 @@ def test_builtin_transform_matches_training_preprocessing(mnist_folder, mnist):
     data = datasets.load_dataset(str(mnist_folder), split="test")
     config = {"image_size": 14, "in_channels": 1, "mean": [0.1307], "std": [0.3081]}
     torch.testing.assert_close(builtin_transform(config)(data["image"][:5]), mnist(14)[2][:5])
+
+
+def test_spec_command_shows_and_saves_the_spec_that_merge_takes(endpoint_folders, mnist_folder, tmp_path):
+    """``hfrepair spec``: what discovery found, checked, as the JSON ``--spec`` takes; a merge
+    with that file equals the merge that discovers it."""
+    a, b = endpoint_folders
+    done = run_cli("spec", a, "--output", tmp_path / "spec.json")
+    assert done.returncode == 0, done.stderr
+    assert "permutation groups" in done.stdout and "leaves the outputs unchanged" in done.stdout
+    assert "[stream]" in done.stdout and "REPAIR would correct" in done.stdout
+    spec = PermutationSpec.load(tmp_path / "spec.json")
+    assert any(g.kind == "stream" for g in spec.groups.values())
+    merged = {}
+    for name, extra in (("discovered", []), ("given", ["--spec", tmp_path / "spec.json"])):
+        done = run_cli("merge", a, b, "--dataset", mnist_folder, "--output", tmp_path / name, *FAST, *extra)
+        assert done.returncode == 0, done.stderr
+        merged[name] = load_file(tmp_path / name / "model.safetensors")
+    assert merged["given"].keys() == merged["discovered"].keys()
+    assert all(torch.equal(merged["given"][k], merged["discovered"][k]) for k in merged["given"])
+    missing = run_cli("spec", tmp_path / "nowhere")
+    assert missing.returncode == 2
+    assert_one_line_error(missing.stderr, "is neither a local model folder nor a Hub repo id")
