@@ -69,6 +69,16 @@ def _percent(value: float) -> str:
     return f"{100 * value:.1f}%"
 
 
+def _points(value: float) -> str:
+    """An accuracy gap, in percentage points (not a percentage of anything)."""
+    return f"{100 * value:.1f} points"
+
+
+def _name(source: dict) -> str:
+    """A source as the card names it: its Hub id, or a local folder's own name (never the
+    absolute path of the machine that merged it)."""
+    return source["repo_id"] or Path(source["reference"]).name
+
 def barrier_table(record: dict) -> str:
     mid = min(range(len(record["alphas"])), key=lambda i: abs(record["alphas"][i] - 0.5))
     rows = ["| interpolation | midpoint accuracy | accuracy barrier | test-loss barrier | train-loss barrier |",
@@ -77,7 +87,7 @@ def barrier_table(record: dict) -> str:
         barriers = record["barriers"][label]
         train = f"{barriers['train']['loss']['max']:.3f}" if "train" in barriers else "-"
         rows.append(f"| {label} | {_percent(curves['test'][mid]['accuracy'])} | "
-                    f"{_percent(barriers['test']['accuracy']['max'])} | {barriers['test']['loss']['max']:.3f} | {train} |")
+                    f"{_points(barriers['test']['accuracy']['max'])} | {barriers['test']['loss']['max']:.3f} | {train} |")
     return "\n".join(rows)
 
 
@@ -143,7 +153,7 @@ def _versions() -> str:
 def model_card(record: dict, configs: tuple[dict, dict], licenses: tuple[str | None, str | None]) -> ModelCard:
     """The card of a merge; ``configs`` are the endpoints' config.json, ``licenses`` theirs."""
     a, b = record["sources"]["model_a"], record["sources"]["model_b"]
-    name_a, name_b = a["repo_id"] or a["reference"], b["repo_id"] or b["reference"]
+    name_a, name_b = _name(a), _name(b)
     dataset = record["sources"]["dataset"]
     hub_dataset = dataset["repo_id"]
     split = record["eval_split"]
@@ -159,14 +169,15 @@ def model_card(record: dict, configs: tuple[dict, dict], licenses: tuple[str | N
          record["barriers"]["aligned"]["test"]["accuracy"]["max"]),
     ]
     eval_results = [
-        EvalResult(task_type="image-classification", dataset_type=hub_dataset or dataset["reference"],
-                   dataset_name=hub_dataset or dataset["reference"], dataset_split=split,
+        EvalResult(task_type="image-classification", dataset_type=_name(dataset),
+                   dataset_name=_name(dataset), dataset_split=split,
                    metric_type=metric, metric_name=label, metric_value=round(value, 6))
         for metric, label, value in metrics
     ]
     is_transformers = "architectures" in configs[0]
     card_data = ModelCardData(
         base_model=[n for n in (a["repo_id"], b["repo_id"]) if n] or None,
+        base_model_relation="merge" if a["repo_id"] or b["repo_id"] else None,
         tags=["merge", "hfrepair", *(["repair"] if repaired else [])],
         datasets=[hub_dataset] if hub_dataset else None,
         library_name="transformers" if is_transformers else "hfrepair",
@@ -186,7 +197,7 @@ def model_card(record: dict, configs: tuple[dict, dict], licenses: tuple[str | N
         model_b_url=f"https://huggingface.co/{name_b}" if b["repo_id"] else name_b,
         revision_a=a["revision"] or "local", revision_b=b["revision"] or "local",
         alpha=record["alpha"], method=record["method"], match_at=record["match_at"],
-        calibration_examples=record["calibration_examples"], dataset=hub_dataset or dataset["reference"],
+        calibration_examples=record["calibration_examples"], dataset=_name(dataset),
         split=record["split"], eval_split=split, num_groups=len(record["groups"]), grid=len(record["alphas"]),
         table=barrier_table(record), merged_accuracy=_percent(record["merged"]["test"]["accuracy"]),
         merged_loss=f"{record['merged']['test']['loss']:.4f}",

@@ -265,12 +265,12 @@ def format_table(result: MergeResult) -> str:
         barriers = result.barriers[label]
         train = f"{barriers['train']['loss']['max']:>20.3f}" if "train" in barriers else f"{'-':>20}"
         rows.append(f"{label:<16}{100 * curves['test'][mid]['accuracy']:>8.1f}%"
-                    f"{100 * barriers['test']['accuracy']['max']:>12.1f}%"
+                    f"{100 * barriers['test']['accuracy']['max']:>9.1f} pts"
                     f"{barriers['test']['loss']['max']:>19.3f}{train}")
     a, b = result.endpoints["A"]["test"]["accuracy"], result.endpoints["B"]["test"]["accuracy"]
     rows.append(f"endpoints: {100 * a:.1f}% / {100 * b:.1f}%; saved model at alpha={result.alpha}: "
                 f"{100 * result.merged['test']['accuracy']:.1f}% test accuracy")
-    rows.append("barriers: max over alpha of the gap to the endpoints' line (paper Eq. 1)")
+    rows.append("barriers: max over alpha of the gap to the endpoints' line (paper Eq. 1); accuracy in points")
     rows += describe(result)
     rows += [f"note: {note}" for note in result.notes]
     return "\n".join(rows)

@@ -73,6 +73,11 @@ def test_vit_merges_end_to_end_and_reloads_with_the_reported_accuracy(vit_folder
 
     card_text = (out / "README.md").read_text()
     assert "attention heads" in card_text and "residual stream" in card_text
+    # Local endpoints are named by their folder, never by this machine's absolute path (the
+    # reproduce block keeps the command as typed); accuracy barriers are in points.
+    body = card_text.split("## Reproduce")[0]
+    assert str(vit_folders[0]) not in body and vit_folders[0].name in body
+    assert " points |" in body
     assert "repair" in ModelCard.load(out / "README.md").data.tags
 
     endpoints = {k: v["test"]["accuracy"] for k, v in results["endpoints"].items()}

@@ -114,6 +114,7 @@ def pull_and_evaluate(hub, tmp_path, repo: str) -> dict:
         metrics = {{r.metric_type: r.metric_value for r in card.data.eval_results}}
         result(cls=type(model).__name__, accuracy=evaluate(model, test).accuracy, card=metrics,
                base=card.data.base_model, license=card.data.license, tags=card.data.tags,
+               relation=card.data.to_dict().get("base_model_relation"),
                files=sorted(os.listdir(folder)), commits=len(list_repo_commits("{repo}")),
                text=card.text)
     """)
@@ -140,7 +141,7 @@ def test_merge_from_hub_ids_and_push(hub, merged_from_hub, tmp_path):
     assert pulled["card"]["accuracy"] == pytest.approx(record["merged"]["test"]["accuracy"], abs=1e-6)
     assert pulled["card"]["accuracy_barrier"] == pytest.approx(
         record["barriers"]["repaired"]["test"]["accuracy"]["max"], abs=1e-6)
-    assert pulled["base"] == ["user/resnet-a", "user/resnet-b"]
+    assert pulled["base"] == ["user/resnet-a", "user/resnet-b"] and pulled["relation"] == "merge"
     assert pulled["license"] == "mit" and {"merge", "hfrepair", "repair"} <= set(pulled["tags"])
     assert "barrier_curve.png" in pulled["files"] and "merge_results.json" in pulled["files"]
     assert pulled["commits"] == 2  # the repo's creation, then ONE commit with everything
