@@ -14,6 +14,7 @@ import importlib.resources
 import platform
 from pathlib import Path
 
+import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 # model_cards/ at the repository's top level, installed as the package hfrepair.model_cards.
@@ -205,6 +206,7 @@ def model_card(record: dict, configs: tuple[dict, dict], licenses: tuple[str | N
         notes=record.get("notes", []), command=record["command"], versions=_versions(),
         aligned_text=aligned_sentence, alignment_table=alignment_table, repair_text=repair_sentence,
         corrected_text=corrected_details, fixed_text=fixed_text(record),
+        config=yaml.safe_dump(record["config"], sort_keys=False) if record.get("config") else "",
     )
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from PIL import Image
 
 from .card import write_card
@@ -99,11 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
         "Merge MODEL_A and MODEL_B (folders with config.json + safetensors) using calibration data "
         "from DATASET (a folder of split-named parquet files, or anything datasets.load_dataset "
         "reads). OUTPUT receives the merged model and merge_results.json."))
-    m.add_argument("model_a", help="local folder, or Hub repo id with optional @revision")
-    m.add_argument("model_b", help="local folder, or Hub repo id with optional @revision")
-    m.add_argument("--dataset", required=True,
-                   help="calibration/evaluation dataset: folder, or Hub id with optional @revision (streamed)")
-    m.add_argument("--output", required=True, help="folder to create for the merged model")
+    m.add_argument("model_a", nargs="?", help="local folder, or Hub repo id with optional @revision")
+    m.add_argument("model_b", nargs="?", help="local folder, or Hub repo id with optional @revision")
+    m.add_argument("--config", default=None,
+                   help="YAML file with any of these options (keys as the flags' names, e.g. num_samples: 1000, "
+                        "model_a: ..., dataset: ...); flags on the command line override it")
+    m.add_argument("--dataset", help="calibration/evaluation dataset: folder, or Hub id with optional @revision "
+                                     "(streamed)")
+    m.add_argument("--output", help="folder to create for the merged model")
     m.add_argument("--split", default="train", help="calibration split (default train)")
     m.add_argument("--eval-split", default="test", help="evaluation split (default test)")
     m.add_argument("--image-column", default=None, help="image column (default: detected)")
@@ -114,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--trust-remote-code", action="store_true",
                    help="allow transformers to run modelling code shipped in the model repos")
     add_merge_arguments(m)
+    parser.merge_parser = m
 
     d = commands.add_parser("demo", help="train two MNIST endpoints (cached) and merge them", description=(
         "The built-in default job: trains (or reuses) two BatchNorm ResNets on the 5,000 MNIST "
@@ -139,6 +144,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--private", action="store_true", help="create the repo as private")
     p.add_argument("--revision", default=None, help="branch to push to (created if needed)")
     return parser
+
+
+REQUIRED_FOR_MERGE = ("model_a", "model_b", "dataset", "output")
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """The command line; for ``merge`` with ``--config``, the file's options first and the
+    command line's flags over them."""
+    args = parser.parse_args(argv)
+    if args.command != "merge":
+        return args
+    if args.config:
+        parser.merge_parser.set_defaults(**read_merge_config(args.config, parser.merge_parser))
+        args = parser.parse_args(argv)
+    missing = [name for name in REQUIRED_FOR_MERGE if getattr(args, name) is None]
+    if missing:
+        names = ", ".join(name.upper() if name.startswith("model") else f"--{name}" for name in missing)
+        parser.merge_parser.error(f"the following arguments are required: {names} (on the command line or in --config)")
+    return args
+
+
+def read_merge_config(path: str, merge_parser: argparse.ArgumentParser) -> dict:
+    """``--config``'s options, checked and converted like the flags they stand for."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise MergeError(f"cannot read the merge config {path}: {str(error).splitlines()[0]}") from error
+    if not isinstance(data, dict):
+        raise MergeError(f"merge config {path} must be a mapping of option names to values")
+    actions = {a.dest: a for a in merge_parser._actions if a.dest not in ("help", "config")}
+    values = {}
+    for key, value in data.items():
+        dest = str(key).replace("-", "_")
+        action = actions.get(dest)
+        if action is None:
+            raise MergeError(f"merge config {path}: unknown option {key!r}")
+        if isinstance(action, argparse._StoreTrueAction):
+            if not isinstance(value, bool):
+                raise MergeError(f"merge config {path}: {key} must be true or false, not {value!r}")
+        elif value is not None:
+            try:
+                value = action.type(str(value)) if action.type else str(value)
+            except (ValueError, argparse.ArgumentTypeError) as error:
+                raise MergeError(f"merge config {path}: {key}: {error}") from error
+            if action.choices and value not in action.choices:
+                raise MergeError(f"merge config {path}: {key} must be one of {', '.join(map(str, action.choices))}")
+        values[dest] = value
+    return values
+
+
+def effective_config(args: argparse.Namespace, merge_parser: argparse.ArgumentParser) -> dict:
+    """Every merge option as used: what ``--config`` takes to repeat this merge."""
+    return {a.dest: getattr(args, a.dest) for a in merge_parser._actions if a.dest not in ("help", "config")}
 
 
 def check_output(output: Path, inputs: list[str], overwrite: bool) -> None:
@@ -201,6 +259,7 @@ def run_merge(args: argparse.Namespace, argv: list[str]) -> MergeResult:
                     "dataset": data_source.to_dict()},
         "split": args.split, "eval_split": args.eval_split, "torch": torch.__version__,
         "processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
+        "config": getattr(args, "effective_config", None),
         **result.to_dict(),
     }
     if accelerator.is_main_process:
@@ -304,9 +363,11 @@ def example_images(folder: Path, count: int = 2) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
     try:
+        args = parse(parser, argv)
         if args.command == "merge":
+            args.effective_config = effective_config(args, parser.merge_parser)
             run_merge(args, argv)
         elif args.command == "spec":
             run_spec(args)

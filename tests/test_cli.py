@@ -174,3 +174,38 @@ def test_spec_command_shows_and_saves_the_spec_that_merge_takes(endpoint_folders
     missing = run_cli("spec", tmp_path / "nowhere")
     assert missing.returncode == 2
     assert_one_line_error(missing.stderr, "is neither a local model folder nor a Hub repo id")
+
+
+def test_config_file_repeats_a_merge_and_flags_override_it(endpoint_folders, mnist_folder, tmp_path):
+    """``--config``: every option from YAML; the record and the card carry the effective config,
+    which repeats the merge exactly; bad keys and types are one-line errors."""
+    import yaml
+
+    a, b = endpoint_folders
+    flags = run_cli("merge", a, b, "--dataset", mnist_folder, "--output", tmp_path / "flags", *FAST)
+    assert flags.returncode == 0, flags.stderr
+    config = {"model_a": str(a), "model_b": str(b), "dataset": str(mnist_folder), "output": str(tmp_path / "cfg"),
+              "grid": 3, "num_samples": 1000, "eval_samples": 500, "batch_size": 500, "alpha": 0.3}
+    (tmp_path / "merge.yaml").write_text(yaml.safe_dump(config))
+    done = run_cli("merge", "--config", tmp_path / "merge.yaml", "--alpha", "0.5")  # the flag wins
+    assert done.returncode == 0, done.stderr
+    record = json.loads((tmp_path / "cfg" / "merge_results.json").read_text())
+    assert record["alpha"] == 0.5 and record["config"]["alpha"] == 0.5 and record["config"]["grid"] == 3
+    weights = {name: load_file(tmp_path / name / "model.safetensors") for name in ("flags", "cfg")}
+    assert all(torch.equal(weights["flags"][k], weights["cfg"][k]) for k in weights["flags"])
+    card = (tmp_path / "cfg" / "README.md").read_text()
+    assert "hfrepair merge --config merge.yaml" in card and "num_samples: 1000" in card
+    # The recorded config repeats the merge (into another folder).
+    again = {**record["config"], "output": str(tmp_path / "again")}
+    (tmp_path / "again.yaml").write_text(yaml.safe_dump(again))
+    assert run_cli("merge", "--config", tmp_path / "again.yaml").returncode == 0
+    repeated = load_file(tmp_path / "again" / "model.safetensors")
+    assert all(torch.equal(repeated[k], weights["cfg"][k]) for k in repeated)
+    for bad, message in (({"gird": 3}, "unknown option 'gird'"), ({"grid": "many"}, "grid: invalid literal"),
+                         ({"method": "magic"}, "method must be one of"), ({"overwrite": "yes"}, "true or false")):
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**config, "output": str(tmp_path / "bad"), **bad}))
+        refused = run_cli("merge", "--config", tmp_path / "bad.yaml")
+        assert refused.returncode == 2 and not (tmp_path / "bad").exists()
+        assert_one_line_error(refused.stderr, message)
+    missing = run_cli("merge", a, b, "--output", tmp_path / "nodata")
+    assert missing.returncode == 2 and "--dataset" in missing.stderr
