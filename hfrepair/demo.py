@@ -63,7 +63,7 @@ def train_endpoint(model_factory, dataset: str | Path, seed: int, folder: str | 
     torch.manual_seed(seed)
     model = model_factory()
     images, labels = load_tensors(dataset, "train", model.config)
-    train_classifier(model, images, labels, seed=seed, **training)
+    train_classifier(model, images, labels, seed=seed, desc=f"training {Path(folder).name}", **training)
     model.save_pretrained(str(folder))
     return folder
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from .spec import model_outputs
 
@@ -25,13 +26,15 @@ def train_classifier(
     translate: int = 0,
     seed: int = 0,
     optimizer: str = "sgd",
+    desc: str | None = None,
 ) -> nn.Module:
     """Train ``model`` in place on preprocessed ``images`` and return it in eval mode.
 
     ``translate`` shifts each training image by up to that many pixels (the paper's MNIST
     augmentation). The seed fixes batch order and shifts; seed the model's construction
     separately for different endpoints. ``optimizer="adamw"`` suits transformers, which
-    SGD trains poorly.
+    SGD trains poorly. With ``desc``, a progress bar shows each epoch's training loss and
+    accuracy.
     """
     generator = torch.Generator().manual_seed(seed)
     if optimizer == "adamw":
@@ -42,8 +45,10 @@ def train_classifier(
     steps = epochs * ((len(images) + batch_size - 1) // batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.25)
     model.train()
-    for _ in range(epochs):
+    epochs_bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=desc is None)
+    for _ in epochs_bar:
         order = torch.randperm(len(images), generator=generator)
+        loss_sum, correct = 0.0, 0
         for start in range(0, len(images), batch_size):
             index = order[start : start + batch_size]
             if len(index) < 2:
@@ -51,11 +56,15 @@ def train_classifier(
             batch = images[index]
             if translate:
                 batch = _translate(batch, translate, generator)
-            loss = F.cross_entropy(model_outputs(model, batch), labels[index])
+            logits = model_outputs(model, batch)
+            loss = F.cross_entropy(logits, labels[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
+            loss_sum += loss.item() * len(index)
+            correct += int((logits.argmax(-1) == labels[index]).sum())
+        epochs_bar.set_postfix(loss=f"{loss_sum / len(images):.3f}", accuracy=f"{correct / len(images):.3f}")
     return model.eval()
 
 
