@@ -42,24 +42,47 @@ BN_EPS = 1e-5
 class ChannelBatchNorm(nn.BatchNorm1d):
     """BatchNorm over the units on ``axis`` of any tensor (conv: 1, linear: -1).
 
+    In train mode it normalises each batch with that batch's statistics (the paper's exact
+    variant: later layers already see corrected inputs) and accumulates float64 sums over
+    every example, so the statistics it folds weight all examples alike whatever the batch
+    sizes (a cumulative BatchNorm weights batches alike: a last batch of 2 would count as
+    much as one of 256). A batch with one example, which has no statistics of its own, is
+    normalised with those accumulated so far. :meth:`finish` turns the sums into the
+    running statistics used in eval mode and folded into the layer.
+
     ``scale_only``: the corrector of a layer without a bias (Llama's projections, RMSNorm):
-    it measures like a BatchNorm but only rescales, ``x * weight / std``, so that it folds
-    into weight rows alone.
+    it only rescales, ``x * weight / std``, so that it folds into weight rows alone.
     """
 
     def __init__(self, channels: int, axis: int, eps: float = BN_EPS, scale_only: bool = False) -> None:
         super().__init__(channels, eps=eps, momentum=None)
         self.axis = axis
         self.scale_only = scale_only
+        self.register_buffer("sums", torch.zeros(3, channels, dtype=torch.float64), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         moved = x.movedim(self.axis, -1)
         flat = moved.reshape(-1, moved.shape[-1]).float()
-        out = super().forward(flat)
-        if self.scale_only:
-            var = flat.var(0, unbiased=False) if self.training else self.running_var
-            out = flat * (self.weight / torch.sqrt(var + self.eps))
+        if self.training:
+            wide = flat.double()
+            self.sums += torch.stack([torch.full_like(wide[0], len(wide)), wide.sum(0), (wide * wide).sum(0)])
+            mean, var = (flat.mean(0), flat.var(0, unbiased=False)) if len(flat) > 1 else self.accumulated()
+        else:
+            mean, var = self.running_mean, self.running_var
+        scale = self.weight / torch.sqrt(var + self.eps)
+        out = flat * scale if self.scale_only else (flat - mean) * scale + self.bias
         return out.to(x.dtype).reshape(moved.shape).movedim(-1, self.axis)
+
+    def accumulated(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and (population) variance of every example seen in train mode."""
+        count, total, squares = self.sums
+        mean = total / count
+        return mean.float(), (squares / count - mean * mean).clamp_min(0).float()
+
+    def finish(self) -> None:
+        mean, var = self.accumulated()
+        self.running_mean.copy_(mean)
+        self.running_var.copy_(var)
 
 
 def corrector_eps(goal_std: torch.Tensor) -> float:
@@ -236,8 +259,9 @@ def _estimate(net, modules, added, reset, batches, max_examples, accelerator) ->
 
     The correctors normalise with batch statistics during the pass, so each layer already
     sees corrected inputs, as in the paper's exact variant. Each process sees whole
-    batches, so its batch statistics are those of a single-process run; the cumulative
-    averages are then combined over processes (:func:`_average_over_processes`).
+    batches, so its batch statistics are those of a single-process run; the correctors'
+    float64 sums are then added over processes, and the existing BatchNorms' cumulative
+    averages combined (:func:`_average_over_processes`).
     """
     device = next(net.parameters()).device
     momenta = {}
@@ -257,7 +281,12 @@ def _estimate(net, modules, added, reset, batches, max_examples, accelerator) ->
                 net(inputs.to(device))
             examples += inputs.shape[0]
         require_data_everywhere(examples, accelerator, "REPAIR pass")
-        _average_over_processes([*reset, *added.values()], accelerator)
+        _average_over_processes(reset, accelerator)
+        correctors = list(added.values())
+        totals = sum_across([c.sums for c in correctors], accelerator) if correctors else []
+        for corrector, sums in zip(correctors, totals):
+            corrector.sums.copy_(sums)
+            corrector.finish()
     finally:
         for handle in handles:
             handle.remove()
@@ -273,7 +302,7 @@ def _average_over_processes(norms: list[_BatchNorm], accelerator) -> None:
     Each tracker holds the mean of its process's per-batch statistics; weighting by its
     batch count and dividing by the total reproduces the single-process average.
     """
-    if accelerator is None or accelerator.num_processes == 1:
+    if accelerator is None or accelerator.num_processes == 1 or not norms:
         return
     local = []
     for norm in norms:

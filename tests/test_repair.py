@@ -152,3 +152,21 @@ def test_block_output_correction_meets_goals_and_stays_in_memory():
         torch.testing.assert_close(measured[site.module].std, goal.std, atol=5e-2, rtol=3e-2)
     fused_only = with_state_dict(a, net.state_dict())
     assert not torch.allclose(fused_only(inputs), net(inputs))  # the hooks matter
+
+
+def test_exact_repair_weights_every_example_alike_whatever_the_batches():
+    """Batches of 256, 256 and 2 (and a last batch of one example) give the statistics of one
+    batch of all examples: REPAIR's sums count examples, not batches."""
+    from hfrepair.models import MLP
+
+    a, b = endpoints(lambda: MLP(depth=2, width=16, image_size=4, in_channels=1))
+    torch.manual_seed(3)
+    inputs = torch.randn(514, 1, 4, 4)
+    spec, stats, perms, mixed = prepare(a, b, inputs)
+    whole = repair(a, mixed, spec, stats, perms, 0.5, "repair", [inputs])
+    for sizes in ((256, 256, 2), (256, 257, 1)):
+        split = list(torch.split(inputs, list(sizes)))
+        parts = repair(a, mixed, spec, stats, perms, 0.5, "repair", split)
+        first = correction_sites(spec)[0]
+        assert torch.allclose(parts[first.weight], whole[first.weight], rtol=1e-4, atol=1e-6)
+        assert torch.allclose(parts[first.bias], whole[first.bias], rtol=1e-4, atol=1e-6)
