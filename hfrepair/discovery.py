@@ -9,6 +9,13 @@ ties its input features to its weight columns ...). Axes reachable from the mode
 inputs or outputs, and all axes touched by an op without a rule, are fixed. Each class
 that holds state_dict axes and no fixed axis is a permutation group.
 
+A class can be split into parts that are classes of their own: a reshape of ``H * D``
+into ``H, D`` makes heads and head dims, ``split``/``cat``/``slice`` make concatenated
+pieces (GPT-2's fused QKV, skip concatenations). Weights then hold a group's units in a
+block pattern (see :mod:`hfrepair.spec`). The attention op names the heads and head-dim
+classes; head dims laid out inside their heads in every weight get one permutation per
+head. Groups get a kind (stream, heads, head_dims, mlp, channels) for reports.
+
 We wrote this rather than use a symbolic tracer: ``torch.fx.symbolic_trace`` fails on the
 transformers vision models, while ``torch.export(strict=False)`` captures them, with each
 node's module path and shape.

@@ -175,7 +175,7 @@ def markdown(record: dict, spec) -> str:
              "| interpolation (alpha = 0.5) | test accuracy | accuracy barrier | train-loss barrier |", "|---|---|---|---|"]
     for label, value in record["midpoint"].items():
         barriers = record["barriers"][label]
-        lines.append(f"| {label} | {pct(value)} | {pct(barriers['test']['accuracy']['max'])} | "
+        lines.append(f"| {label} | {pct(value)} | {100 * barriers['test']['accuracy']['max']:.1f} points | "
                      f"{barriers['train']['loss']['max']:.3f} |")
     lines += ["", "Aligned: " + ", ".join(f"{k} {v['groups']} x {'/'.join(map(str, v['sizes']))} "
                                           f"(correlation {v['matched_correlation']:.2f} vs {v['unaligned_correlation']:.2f})"
