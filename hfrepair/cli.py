@@ -180,6 +180,8 @@ def read_merge_config(path: str, merge_parser: argparse.ArgumentParser) -> dict:
         action = actions.get(dest)
         if action is None:
             raise MergeError(f"merge config {path}: unknown option {key!r}")
+        if isinstance(value, bool) and action.choices and "no" in action.choices:
+            value = "no" if not value else value  # YAML reads an unquoted `no` as false
         if isinstance(action, argparse._StoreTrueAction):
             if not isinstance(value, bool):
                 raise MergeError(f"merge config {path}: {key} must be true or false, not {value!r}")
@@ -339,12 +341,18 @@ def run_spec(args: argparse.Namespace) -> None:
     """``hfrepair spec``: discover, check and print a model's spec; save it if asked."""
     source = resolve_model(args.model, trust_remote_code=args.trust_remote_code)
     model = load_model(source.folder, args.trust_remote_code)
+    if args.output and not Path(args.output).resolve().parent.is_dir():
+        raise SpecError(f"cannot write {args.output}: no folder {Path(args.output).parent}")
     inputs = example_images(source.folder)
     spec = discover_spec(model, inputs)
+    if args.output:  # saved before the check, so that a spec that fails it can be edited
+        try:
+            spec.save(args.output)
+        except OSError as error:
+            raise SpecError(f"cannot write {args.output}: {error.strerror or error}") from error
     check = verify_spec(model, spec, inputs)
     print(describe_spec(spec, model, check))
     if args.output:
-        spec.save(args.output)
         print(f"spec written to {args.output} (edit it and pass --spec {args.output} to hfrepair merge)")
 
 

@@ -111,8 +111,9 @@ def model_transform(folder: str | Path):
 
         return transform
     config = json.loads((folder / "config.json").read_text())
-    if "image_size" not in config and "num_channels" in config:
-        config = {"in_channels": config["num_channels"], "image_size": config.get("image_size", 224)}
+    if "in_channels" not in config and "num_channels" in config:  # a transformers config
+        size = config.get("image_size", 224)
+        config = {"in_channels": config["num_channels"], "image_size": size if isinstance(size, int) else size[0]}
     return builtin_transform(config)
 
 

@@ -658,7 +658,15 @@ def _rule_attention(g: _GraphAxes, node) -> None:
     g.roles += [((query, g.rank(query) - 1), "qk_dims"), ((value, g.rank(value) - 1), "v_dims")]
     g.attention.append(((query, g.rank(query) - 3), (query, g.rank(query) - 1), (value, g.rank(value) - 1)))
     if mask is not None:
-        g.fix_all(mask, "attention mask")
+        # A per-head mask (a relative-position bias: Swin, BEiT) moves with the heads.
+        offset = g.rank(query) - g.rank(mask)
+        for axis in range(g.rank(mask)):
+            if axis >= g.rank(mask) - 2:
+                g.fix(mask, axis, "attention mask")
+            elif g.size(mask, axis) != 1 and axis + offset >= 0 and g.size(mask, axis) == g.size(query, axis + offset):
+                g.tie(mask, axis, query, axis + offset)
+            else:
+                g.fix(mask, axis, "attention mask")
         g.fix(query, -2, "sequence positions")
         g.fix(key, -2, "sequence positions")
 
@@ -760,7 +768,10 @@ def discover_spec(model: nn.Module, example_inputs: torch.Tensor) -> Permutation
             name = _op_name(node)
             if name in _IGNORED:
                 continue
-            _RULES.get(name, _rule_unknown)(g, node)
+            try:
+                _RULES.get(name, _rule_unknown)(g, node)
+            except Exception:  # an argument pattern a rule does not expect: treat the op as unknown
+                _rule_unknown(g, node)
         else:
             for out in _outputs(g, node):
                 g.fix_all(out, f"unsupported graph node {node.op}")
@@ -849,6 +860,18 @@ def _per_head_dims(g: _GraphAxes, members: dict) -> dict:
             dims = g.sets.find(item)
             if dims in members and dims not in per_head and all(heads in block[4] for *_, block in members[dims]):
                 per_head[dims] = heads
+    # Any tensor that holds the dims without their heads (a mean over heads) mixes the heads'
+    # dims: those keep one permutation for all heads.
+    for tensor, shape in g.shapes.items():
+        present, around = set(), set()
+        for axis in range(len(shape)):
+            around.add(g.sets.find((tensor, axis)))
+            for root, *_, tags in g.sets.layout((tensor, axis)):
+                present.add(root)
+                around.update(tags)
+                around.add(root)
+        for dims in [d for d in per_head if d in present and per_head[d] not in around]:
+            del per_head[dims]
     return per_head
 
 

@@ -209,3 +209,25 @@ def test_config_file_repeats_a_merge_and_flags_override_it(endpoint_folders, mni
         assert_one_line_error(refused.stderr, message)
     missing = run_cli("merge", a, b, "--output", tmp_path / "nodata")
     assert missing.returncode == 2 and "--dataset" in missing.stderr
+
+
+def test_config_reads_yaml_no_as_the_choice_no(tmp_path):
+    """YAML reads an unquoted `no` as false: for an option whose choices include "no" it means "no"."""
+    from hfrepair.cli import build_parser, read_merge_config
+
+    (tmp_path / "c.yaml").write_text("mixed_precision: no\ngrid: 5\n")
+    assert read_merge_config(str(tmp_path / "c.yaml"), build_parser().merge_parser) == {
+        "mixed_precision": "no", "grid": 5}
+
+
+def test_spec_command_on_a_transformers_model_without_a_processor(tmp_path, capsys):
+    """RGB ViT saved without preprocessor_config.json: example images follow its config."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    ViTForImageClassification(ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32,
+                                         num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                                         num_labels=3)).save_pretrained(str(tmp_path / "vit"))
+    assert main(["spec", str(tmp_path / "vit")]) == 0
+    assert "[heads]" in capsys.readouterr().out
+    assert main(["spec", str(tmp_path / "vit"), "--output", str(tmp_path / "nowhere" / "spec.json")]) == 2
+    assert "hfrepair: error: cannot write" in capsys.readouterr().err

@@ -503,3 +503,37 @@ def test_flatten_into_linear_keeps_the_channel_group():
     assert group.size == 6 and group.kind == "channels"
     assert ("fc.weight", 1, 0, (), 16) in group.members
     assert ("fc.weight", 1) not in spec.fixed
+
+
+class BiasedAttention(nn.Module):
+    """Self-attention with a learned per-head bias passed as the mask (Swin/BEiT's relative
+    position bias), and optionally a feature that mixes every head's dims (a mean over heads)."""
+
+    def __init__(self, mix_heads=False):
+        super().__init__()
+        self.inp, self.q, self.k, self.v, self.o = (nn.Linear(8, 16) for _ in range(5))
+        self.o = nn.Linear(16, 8)
+        self.bias = nn.Parameter(torch.randn(4, 5, 5))
+        self.head = nn.Linear(8, 3)
+        self.mix_heads = mix_heads
+
+    def forward(self, x):  # x: (N, 5, 8)
+        h = self.inp(x)[..., :8]
+        n = x.shape[0]
+        q, k, v = (p(h).view(n, 5, 4, 4).transpose(1, 2) for p in (self.q, self.k, self.v))
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)
+        if self.mix_heads:
+            out = out * torch.sigmoid(out.mean(1, keepdim=True))
+        return self.head(self.o(out.transpose(1, 2).reshape(n, 5, 16)).mean(1))
+
+
+@pytest.mark.parametrize("mix_heads", [False, True])
+def test_per_head_mask_moves_with_the_heads_and_mixed_dims_stay_shared(mix_heads):
+    model = randomise(BiasedAttention(mix_heads))
+    inputs = torch.randn(3, 5, 8)
+    spec = discover_spec(model, inputs)
+    verify_spec(model, spec, inputs)
+    heads = next(g for g in spec.groups.values() if g.kind == "heads")
+    assert any(m[:2] == ("bias", 0) for m in heads.members)
+    v_dims = next(g for g in spec.groups.values() if g.name.endswith("v_dims"))
+    assert v_dims.blocks == (1 if mix_heads else 4)
