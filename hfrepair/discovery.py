@@ -534,8 +534,7 @@ def _rule_slice(g: _GraphAxes, node) -> None:
     if piece == length:
         g.tie(src, dim, out, dim)
         return
-    sizes = [size for size in (start, piece, length - start - piece)]
-    parts = g.split(src, dim, [size for size in sizes if size], "concat")
+    parts = g.split(src, dim, [size for size in (start, piece, length - start - piece) if size], "concat")
     g.tie_part(parts[1 if start else 0], out, dim)
 
 
@@ -792,10 +791,12 @@ def _aliases(model: nn.Module) -> dict[str, list[str]]:
 
 
 def _fixed_reason(g: _GraphAxes, item) -> str:
+    """Why ``item`` is fixed: its class's reason, else that of its first fixed part."""
     reason = g.sets.fixed_reason(item)
-    if reason is None and g.sets.find(item) in g.sets.parts:
-        for element in g.sets.parts[g.sets.find(item)][1]:
-            return _fixed_reason(g, element)
+    for element in g.sets.parts.get(g.sets.find(item), (None, []))[1] if reason is None else ():
+        part = _fixed_reason(g, element)
+        if part != "fixed":
+            return part
     return reason or "fixed"
 
 
@@ -821,7 +822,7 @@ def _collect_groups(g: _GraphAxes, graph, placeholder_keys, aliases):
                 elif not blocks:
                     fixed[(alias, axis)] = _fixed_reason(g, item)
                 elif covered < g.size(tensor, axis):
-                    fixed[(alias, axis)] = f"partly fixed ({_fixed_reason(g, _first_fixed_part(g, item))})"
+                    fixed[(alias, axis)] = f"partly fixed ({_fixed_reason(g, item)})"
                 for block in blocks:
                     members[block[0]].append((alias, axis, g.size(tensor, axis), block))
     g.per_head = _per_head_dims(g, members)
@@ -891,18 +892,6 @@ def _copies(outers) -> int:
     for number, _ in outers:
         count *= number
     return count
-
-
-def _first_fixed_part(g: _GraphAxes, item):
-    """The first fixed class among the parts of ``item`` (for a partly fixed axis's reason)."""
-    root = g.sets.find(item)
-    if root in g.sets.reason or root not in g.sets.parts:
-        return item
-    for element in g.sets.parts[root][1]:
-        found = _first_fixed_part(g, element)
-        if g.sets.find(found) in g.sets.reason:
-            return found
-    return item
 
 
 def _name_kinds(g: _GraphAxes, groups, group_of_class, sites) -> dict[str, PermutationGroup]:

@@ -111,7 +111,8 @@ def statistics_plan(
     return [s for s in spec.sites if s.module in match_modules | repair_modules], cross_modules
 
 
-def check_merge_does_something(spec: PermutationSpec, method: str, model: nn.Module, given_spec: bool) -> None:
+def check_merge_does_something(spec: PermutationSpec, method: str, model: nn.Module, given_spec: bool,
+                               corrected: dict[str, list]) -> None:
     """Refuse a merge that would align nothing or REPAIR nothing without being asked to.
 
     A discovered spec without groups means discovery failed (ops without a rule, or every
@@ -124,7 +125,7 @@ def check_merge_does_something(spec: PermutationSpec, method: str, model: nn.Mod
         cause = f"ops without a rule: {', '.join(ops[:5])}" if ops else "every axis is fixed"
         raise MergeError(f"nothing to align in {name}: discovery found no permutation group ({cause}); "
                          "pass a spec by hand (--spec) to align, or one without groups to merge unaligned")
-    if method != "none" and not corrected_count(repair_summary(spec, method, model)):
+    if method != "none" and not corrected_count(corrected):
         raise MergeError(f"REPAIR ({method}) has nothing to correct in {name}: no layer output with a bias "
                          "or BatchNorm, and no norm affine to fold into; pass --method none for plain "
                          "interpolation")
@@ -192,7 +193,8 @@ def merge(
         spec = spec or discover_spec(model_a, example)
         # Every spec, discovered or by hand, must pass the random-permutation check.
         verify_spec(model_a, spec, example)
-    check_merge_does_something(spec, method, model_a, given_spec)
+    corrected = repair_summary(spec, method, model_a)
+    check_merge_does_something(spec, method, model_a, given_spec, corrected)
     if "repaired+blocks" in curves and not block_output_sites(spec):
         raise MergeError(f"{type(model_a).__name__} has no residual-block outputs (activations on a residual "
                          "stream) to correct: drop --block-outputs")
@@ -223,7 +225,7 @@ def merge(
         permuted_max_abs_diff=permuted_diff,
         matched_correlation=mean_matched_correlation(spec, stats, perms, match_at),
         unaligned_correlation=mean_matched_correlation(spec, stats, identity, match_at),
-        fixed=fixed_summary(spec), corrected=repair_summary(spec, method, model_a),
+        fixed=fixed_summary(spec), corrected=corrected,
     )
     result.aligned = alignment_summary(spec, result.matched_correlation, result.unaligned_correlation)
     if not spec.groups:
