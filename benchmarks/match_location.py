@@ -2,7 +2,7 @@
 
     python benchmarks/match_location.py [--cache DIR] [--method repair]
 
-Uses the demo's endpoints and MNIST split (trained and cached on first use, like
+Uses the demo's shipped endpoint pair and its MNIST split (cached on first use, like
 ``hfrepair demo``); prints aligned-only and REPAIRed midpoint test accuracy for each
 location. The figures behind the default are recorded in benchmarks/README.md.
 """

@@ -6,8 +6,8 @@ split the data between them, and only the main process saves.
         --mixed_precision no --dynamo_backend no examples/accelerate_merge.py   # two processes
     torchrun --nproc_per_node 2 examples/accelerate_merge.py  # the same with torchrun
 
-Uses the demo's MNIST dataset and endpoints (trained and cached on first use by the main
-process, as ``hfrepair demo`` does). Runs on the GPUs where there are any. Each process
+Uses the demo's MNIST dataset (cached on first use by the main process) and the endpoint
+pair that ships with ``hfrepair demo``. Runs on the GPUs where there are any. Each process
 reports the statistics pass's throughput and its own peak memory (resident, and CUDA on a
 GPU): the figures ``benchmarks/bench_distributed.py`` gives, for a whole merge.
 """
@@ -35,7 +35,7 @@ def main() -> None:
     # Your script's own Accelerator. Without a GPU, cpu=True joins the launched processes
     # into one gloo group (hfrepair.make_accelerator() makes the same choice for you).
     accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no", cpu=not torch.cuda.is_available())
-    with accelerator.main_process_first():  # the main process trains/caches, the others reuse
+    with accelerator.main_process_first():  # the main process writes the dataset, the others reuse it
         dataset, folders = demo_endpoints(args.cache)
     model_a, model_b = hfrepair.load_model(folders[0]), hfrepair.load_model(folders[1])
     transform = model_transform(folders[0])

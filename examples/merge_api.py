@@ -2,8 +2,8 @@
 
     python examples/merge_api.py [--cache DIR]
 
-Uses the demo's MNIST dataset and endpoints (trained and cached on first use, as
-``hfrepair demo`` does), then runs the pipeline one public function at a time.
+Uses the demo's MNIST dataset (cached on first use) and the endpoint pair that ships with
+``hfrepair demo``, then runs the pipeline one public function at a time.
 """
 
 from __future__ import annotations

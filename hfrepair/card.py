@@ -11,6 +11,7 @@ of the measured barriers and accuracies), plus ``barrier_curve.png`` and
 from __future__ import annotations
 
 import importlib.resources
+import math
 import platform
 from pathlib import Path
 
@@ -80,16 +81,68 @@ def _name(source: dict) -> str:
     absolute path of the machine that merged it)."""
     return source["repo_id"] or Path(source["reference"]).name
 
+def is_language_model(record: dict) -> bool:
+    return record.get("task") == "text-generation"
+
+
 def barrier_table(record: dict) -> str:
     mid = min(range(len(record["alphas"])), key=lambda i: abs(record["alphas"][i] - 0.5))
-    rows = ["| interpolation | midpoint accuracy | accuracy barrier | test-loss barrier | train-loss barrier |",
-            "|---|---|---|---|---|"]
+    language_model = is_language_model(record)
+    first = "midpoint loss | midpoint perplexity" if language_model else "midpoint accuracy"
+    accuracy = "next-token accuracy barrier" if language_model else "accuracy barrier"
+    rows = [f"| interpolation | {first} | {accuracy} | test-loss barrier | train-loss barrier |",
+            "|---|---|---|---|---|" + ("---|" if language_model else "")]
     for label, curves in record["curves"].items():
         barriers = record["barriers"][label]
+        point = curves["test"][mid]
         train = f"{barriers['train']['loss']['max']:.3f}" if "train" in barriers else "-"
-        rows.append(f"| {label} | {_percent(curves['test'][mid]['accuracy'])} | "
-                    f"{_points(barriers['test']['accuracy']['max'])} | {barriers['test']['loss']['max']:.3f} | {train} |")
+        first = (f"{point['loss']:.3f} | {math.exp(point['loss']):.1f}" if language_model
+                 else _percent(point["accuracy"]))
+        rows.append(f"| {label} | {first} | {_points(barriers['test']['accuracy']['max'])} | "
+                    f"{barriers['test']['loss']['max']:.3f} | {train} |")
     return "\n".join(rows)
+
+
+def merged_summary(record: dict) -> str:
+    """The sentence on the saved model's own score against the endpoints'."""
+    merged, endpoints = record["merged"]["test"], record["endpoints"]
+    a, b = endpoints["A"]["test"], endpoints["B"]["test"]
+    if is_language_model(record):
+        return (f"The merged model saved here has a test loss of **{merged['loss']:.3f}** per token (perplexity "
+                f"{math.exp(merged['loss']):.1f}, next-token accuracy {_percent(merged['accuracy'])}, over "
+                f"{merged['predictions']} predicted tokens); the endpoints have {a['loss']:.3f} and {b['loss']:.3f} "
+                f"(perplexity {math.exp(a['loss']):.1f} and {math.exp(b['loss']):.1f}).")
+    return (f"The merged model saved here scores **{_percent(merged['accuracy'])}** test accuracy (loss "
+            f"{merged['loss']:.4f}); the endpoints score {_percent(a['accuracy'])} and {_percent(b['accuracy'])}.")
+
+
+def card_metrics(record: dict, saved: str) -> list[tuple[str, str, float]]:
+    """The model-index entries: (metric type, name, value), named as the task's metrics."""
+    merged = record["merged"]["test"]
+    barriers, aligned = record["barriers"]["repaired"]["test"], record["barriers"]["aligned"]["test"]
+    if is_language_model(record):
+        return [
+            ("loss", "Merged model loss (per token)", merged["loss"]),
+            ("perplexity", "Merged model perplexity", math.exp(merged["loss"])),
+            ("accuracy", "Merged model next-token accuracy", merged["accuracy"]),
+            ("loss_barrier", f"Loss barrier ({saved})", barriers["loss"]["max"]),
+            ("loss_barrier_aligned", "Loss barrier (aligned only)", aligned["loss"]["max"]),
+        ]
+    return [
+        ("accuracy", "Merged model accuracy", merged["accuracy"]),
+        ("loss", "Merged model loss", merged["loss"]),
+        ("accuracy_barrier", f"Accuracy barrier ({saved})", barriers["accuracy"]["max"]),
+        ("loss_barrier", f"Loss barrier ({saved})", barriers["loss"]["max"]),
+        ("accuracy_barrier_aligned", "Accuracy barrier (aligned only)", aligned["accuracy"]["max"]),
+    ]
+
+
+def tokenizer_text(record: dict) -> str:
+    tokenizer = record.get("tokenizer")
+    if not tokenizer:
+        return ""
+    return (f"`{tokenizer['class']}` from `{tokenizer['source']}` ({tokenizer['vocabulary']} tokens, EOS "
+            f"`{tokenizer['eos_token']}`), saved with this model")
 
 
 KIND_LABELS = {"stream": "residual stream", "heads": "attention heads", "head_dims": "dims within heads",
@@ -161,19 +214,12 @@ def model_card(record: dict, configs: tuple[dict, dict], licenses: tuple[str | N
     corrected = record.get("corrected") or {}
     repaired = any(corrected.get(k) for k in ("affine", "scale", "batchnorm"))
     saved = "REPAIR" if repaired else "saved merge, uncorrected"
-    metrics = [
-        ("accuracy", "Merged model accuracy", record["merged"]["test"]["accuracy"]),
-        ("loss", "Merged model loss", record["merged"]["test"]["loss"]),
-        ("accuracy_barrier", f"Accuracy barrier ({saved})", record["barriers"]["repaired"]["test"]["accuracy"]["max"]),
-        ("loss_barrier", f"Loss barrier ({saved})", record["barriers"]["repaired"]["test"]["loss"]["max"]),
-        ("accuracy_barrier_aligned", "Accuracy barrier (aligned only)",
-         record["barriers"]["aligned"]["test"]["accuracy"]["max"]),
-    ]
+    task = record.get("task", "image-classification")
     eval_results = [
-        EvalResult(task_type="image-classification", dataset_type=_name(dataset),
+        EvalResult(task_type=task, dataset_type=_name(dataset),
                    dataset_name=_name(dataset), dataset_split=split,
                    metric_type=metric, metric_name=label, metric_value=round(value, 6))
-        for metric, label, value in metrics
+        for metric, label, value in card_metrics(record, saved)
     ]
     is_transformers = "architectures" in configs[0]
     card_data = ModelCardData(
@@ -182,12 +228,12 @@ def model_card(record: dict, configs: tuple[dict, dict], licenses: tuple[str | N
         tags=["merge", "hfrepair", *(["repair"] if repaired else [])],
         datasets=[hub_dataset] if hub_dataset else None,
         library_name="transformers" if is_transformers else "hfrepair",
+        pipeline_tag=task if is_transformers else None,
         license=licenses[0] if licenses[0] and licenses[0] == licenses[1] else None,
         model_name=record.get("title", "merged"),
         eval_results=eval_results,
         base_model_revisions={n: r for n, r in ((a["repo_id"], a["revision"]), (b["repo_id"], b["revision"])) if n},
     )
-    endpoints = record["endpoints"]
     aligned_sentence, alignment_table = alignment_text(record)
     repair_sentence, corrected_details = repair_text(record)
     return ModelCard.from_template(
@@ -200,9 +246,8 @@ def model_card(record: dict, configs: tuple[dict, dict], licenses: tuple[str | N
         alpha=record["alpha"], method=record["method"], match_at=record["match_at"],
         calibration_examples=record["calibration_examples"], dataset=_name(dataset),
         split=record["split"], eval_split=split, num_groups=len(record["groups"]), grid=len(record["alphas"]),
-        table=barrier_table(record), merged_accuracy=_percent(record["merged"]["test"]["accuracy"]),
-        merged_loss=f"{record['merged']['test']['loss']:.4f}",
-        accuracy_a=_percent(endpoints["A"]["test"]["accuracy"]), accuracy_b=_percent(endpoints["B"]["test"]["accuracy"]),
+        table=barrier_table(record), merged_summary=merged_summary(record), tokenizer=tokenizer_text(record),
+        unit="blocks of text" if is_language_model(record) else "examples",
         notes=record.get("notes", []), command=record["command"], versions=_versions(),
         aligned_text=aligned_sentence, alignment_table=alignment_table, repair_text=repair_sentence,
         corrected_text=corrected_details, fixed_text=fixed_text(record),

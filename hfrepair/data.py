@@ -41,25 +41,27 @@ def open_split(dataset: str, split: str, revision: str | None = None) -> dataset
         raise DataError(f"dataset {dataset!r} not found") from error
 
 
+def pick_column(features, given: str | None, kind: str, usual: tuple[str, ...], types: tuple) -> str:
+    """A ``kind`` column: the given name, else the first of a matching feature type, else a
+    usual name."""
+    names = list(features)
+    if given is not None:
+        if given not in names:
+            raise DataError(f"dataset has no {kind} column {given!r} (columns: {', '.join(names)})")
+        return given
+    typed = [n for n in names if isinstance(features[n], types)]
+    if typed:
+        return typed[0]
+    for name in usual:
+        if name in names:
+            return name
+    raise DataError(f"dataset has no {kind} column (columns: {', '.join(names)}); pass --{kind}-column")
+
+
 def detect_columns(features, image_column: str | None = None, label_column: str | None = None) -> tuple[str, str]:
     """The image and label columns: given names, else by feature type, else by usual names."""
-    names = list(features)
-
-    def pick(given, kind, usual, types):
-        if given is not None:
-            if given not in names:
-                raise DataError(f"dataset has no {kind} column {given!r} (columns: {', '.join(names)})")
-            return given
-        typed = [n for n in names if isinstance(features[n], types)]
-        if typed:
-            return typed[0]
-        for name in usual:
-            if name in names:
-                return name
-        raise DataError(f"dataset has no {kind} column (columns: {', '.join(names)}); pass --{kind}-column")
-
-    image = pick(image_column, "image", IMAGE_NAMES, (datasets.Image,))
-    label = pick(label_column, "label", LABEL_NAMES, (datasets.ClassLabel,))
+    image = pick_column(features, image_column, "image", IMAGE_NAMES, (datasets.Image,))
+    label = pick_column(features, label_column, "label", LABEL_NAMES, (datasets.ClassLabel,))
     return image, label
 
 
@@ -125,8 +127,44 @@ def _decoder(feature):
     return lambda cells: cells
 
 
+class SplitBatches:
+    """What the image and text streams share: one process's part of the batches, a length
+    when capped, and the seeded shuffle of the rows.
+
+    Subclasses are frozen dataclasses with ``stream``, ``batch_size``, ``limit``, ``seed``,
+    ``buffer_size`` and ``part`` fields; ``limit`` counts what a batch holds (examples, or
+    packed blocks of text).
+    """
+
+    def shard(self, index: int, count: int, limit: int | None = None):
+        """This stream's part for process ``index`` of ``count``, optionally capped lower."""
+        if limit is not None and self.limit is not None:
+            limit = min(limit, self.limit)
+        return dataclasses.replace(self, part=(index, count), limit=self.limit if limit is None else limit)
+
+    def __len__(self) -> int:
+        """Batches this part yields; known only when the stream is capped."""
+        if self.limit is None:
+            raise TypeError("an uncapped stream has no known length")
+        index, count = self.part
+        batches = (self.limit + self.batch_size - 1) // self.batch_size
+        return len(range(index, batches, count))
+
+    def shuffled_rows(self) -> datasets.IterableDataset:
+        if self.seed is None:
+            return self.stream
+        # One input shard in the buffer at a time (shard order is still shuffled): with
+        # several, datasets interleaves them in threads and sleeps 5 s after every pass.
+        return self.stream.shuffle(seed=self.seed, buffer_size=self.buffer_size, max_buffer_input_shards=1)
+
+    def is_mine(self, number: int) -> bool:
+        """Whether batch ``number`` belongs to this process's part."""
+        index, count = self.part
+        return number % count == index
+
+
 @dataclasses.dataclass(frozen=True)
-class ImageStream:
+class ImageStream(SplitBatches):
     """Re-iterable ``(pixel_values, labels)`` batches streamed from one split.
 
     Each iteration restarts the stream: with a ``seed`` the rows pass through a seeded
@@ -149,41 +187,22 @@ class ImageStream:
     strict_limit: bool = False
     part: tuple[int, int] = (0, 1)
 
-    def shard(self, index: int, count: int, limit: int | None = None) -> ImageStream:
-        """This stream's part for process ``index`` of ``count``, optionally capped lower."""
-        if limit is not None and self.limit is not None:
-            limit = min(limit, self.limit)
-        return dataclasses.replace(self, part=(index, count), limit=self.limit if limit is None else limit)
-
-    def __len__(self) -> int:
-        """Batches this part yields; known only when the stream is capped."""
-        if self.limit is None:
-            raise TypeError("an uncapped stream has no known length")
-        index, count = self.part
-        batches = (self.limit + self.batch_size - 1) // self.batch_size
-        return len(range(index, batches, count))
-
     def __iter__(self):
-        rows = self.stream
-        if self.seed is not None:
-            # One input shard in the buffer at a time (shard order is still shuffled): with
-            # several, datasets interleaves them in threads and sleeps 5 s after every pass.
-            rows = rows.shuffle(seed=self.seed, buffer_size=self.buffer_size, max_buffer_input_shards=1)
+        rows = self.shuffled_rows()
         if self.limit is not None:
             rows = rows.take(self.limit)
         decode = _decoder((self.stream.features or {}).get(self.image_column))
-        index, count = self.part
         seen = 0
         for number, batch in enumerate(rows.iter(batch_size=self.batch_size)):
             labels = batch[self.label_column]
             seen += len(labels)
-            if number % count == index:
+            if self.is_mine(number):
                 yield self.transform(decode(batch[self.image_column])), torch.as_tensor(labels)
         if self.strict_limit and self.limit is not None and seen < self.limit:
             raise DataError(f"--num-samples {self.limit} asks for more examples than {self.name} has ({seen})")
 
 
-def _features(stream: datasets.IterableDataset, name: str):
+def split_features(stream: datasets.IterableDataset, name: str):
     """The stream's features; an empty split is an error (checked by reading one row)."""
     first = next(iter(stream.take(1)), None)
     if first is None:
@@ -200,7 +219,7 @@ def image_batches(dataset: str, split: str, transform, *, limit: int | None = No
     runs out)."""
     stream = open_split(dataset, split, revision)
     name = f"split {split!r} of dataset {dataset!r}"
-    features = _features(stream, name)
+    features = split_features(stream, name)
     image, label = detect_columns(features, image_column, label_column)
     feature = features[label]
     if feature is not None and not isinstance(feature, datasets.ClassLabel) and not str(
@@ -209,6 +228,8 @@ def image_batches(dataset: str, split: str, transform, *, limit: int | None = No
     known = stream.info.splits[split].num_examples if stream.info.splits and split in stream.info.splits else None
     if strict_limit and limit is not None and known and limit > known:
         raise DataError(f"--num-samples {limit} asks for more examples than {name} has ({known})")
+    if known and (limit is None or limit > known):
+        limit = known  # so that the stream knows its length (progress bars count its real batches)
     if isinstance(features[image], datasets.Image):
         stream = stream.cast_column(image, datasets.Image(decode=False))
     return ImageStream(stream, transform, image, label, name, batch_size, limit, seed, buffer_size, strict_limit)

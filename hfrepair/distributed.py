@@ -23,6 +23,8 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from .batches import first_rows, rows
+
 
 class ProcessDataError(ValueError):
     """Some process got no calibration batch: its statistics would be undefined."""
@@ -81,12 +83,13 @@ def local_batches(batches: Iterable, limit: int | None, accelerator: Accelerator
     for number, batch in enumerate(batches):
         if limit is not None and seen >= limit:
             return
-        size = (batch[0] if isinstance(batch, (tuple, list)) else batch).shape[0]
+        size = rows(batch[0] if isinstance(batch, (tuple, list)) else batch)
         keep = size if limit is None else min(size, limit - seen)
         seen += keep
         if number % count == index:
             if keep < size:
-                batch = tuple(t[:keep] for t in batch) if isinstance(batch, (tuple, list)) else batch[:keep]
+                batch = (tuple(first_rows(t, keep) for t in batch) if isinstance(batch, (tuple, list))
+                         else first_rows(batch, keep))
             yield batch
 
 

@@ -17,35 +17,54 @@ from accelerate import Accelerator
 from torch import nn
 
 from .distributed import autocast, local_batches, progress, sum_across
-from .spec import model_outputs
+from .batches import model_outputs, to_device
 
 
 class EvaluationError(ValueError):
     """Labels that do not fit the model's outputs, or no data."""
 
 
+IGNORED_LABEL = -100  # transformers' label for positions that are not scored (padding)
+
+
 @dataclass
 class Metrics:
+    """Mean loss and accuracy per prediction: per example for classifiers, per predicted
+    token for language models (``predictions`` counts them; it equals ``examples`` for a
+    classifier)."""
+
     loss: float
     accuracy: float
     examples: int
+    predictions: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+def predictions_and_targets(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predictions, classes) and their targets. Labels with a sequence axis are next-token
+    targets, given as the input ids themselves (transformers' convention): position t is
+    scored on label t + 1. Ignored labels (-100) are dropped."""
+    if labels.dim() == 2 and logits.dim() == 3:
+        logits, labels = logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+    keep = labels != IGNORED_LABEL
+    return logits[keep], labels[keep]
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable, max_examples: int | None = None,
              accelerator: Accelerator | None = None) -> Metrics:
-    """Mean cross-entropy and accuracy of ``model`` over ``(inputs, labels)`` batches
-    (with an ``accelerator``: over the batches of all processes)."""
+    """Mean cross-entropy and accuracy of ``model`` over ``(inputs, labels)`` batches, per
+    prediction (with an ``accelerator``: over the batches of all processes)."""
     model.eval()
     device = next(model.parameters()).device
-    loss_sum, correct, seen, outside, classes = 0.0, 0, 0, 0, 0
+    loss_sum, correct, scored, examples, outside, classes = 0.0, 0, 0, 0, 0, 0
     for inputs, labels in local_batches(batches, max_examples, accelerator):
         with autocast(accelerator):
-            logits = model_outputs(model, inputs.to(device))
-        logits, labels = logits.float(), labels.to(device)
+            logits = model_outputs(model, to_device(inputs, device))
+        examples += len(labels)
+        logits, labels = predictions_and_targets(logits.float(), labels.to(device))
         classes = logits.shape[-1]
         # Counted, not raised here: a process must not leave the others waiting in the reduce.
         outside += int(((labels < 0) | (labels >= classes)).sum())
@@ -53,14 +72,14 @@ def evaluate(model: nn.Module, batches: Iterable, max_examples: int | None = Non
             continue
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
         correct += (logits.argmax(-1) == labels).sum().item()
-        seen += len(labels)
-    totals = sum_across([torch.tensor([loss_sum, correct, seen, outside])], accelerator)[0].tolist()
-    loss_sum, correct, seen, outside = totals
+        scored += len(labels)
+    totals = sum_across([torch.tensor([loss_sum, correct, scored, examples, outside])], accelerator)[0].tolist()
+    loss_sum, correct, scored, examples, outside = totals
     if outside:
         raise EvaluationError(f"{int(outside)} labels lie outside the model's {classes} classes (0-{classes - 1})")
-    if seen == 0:
+    if scored == 0:
         raise EvaluationError("evaluation data is empty")
-    return Metrics(loss_sum / seen, correct / seen, int(seen))
+    return Metrics(loss_sum / scored, correct / scored, int(examples), int(scored))
 
 
 def barrier(alphas: list[float], values: list[float], higher_is_better: bool = False) -> dict[str, float]:

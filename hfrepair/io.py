@@ -2,7 +2,9 @@
 
 A folder holds ``config.json`` and safetensors weights (single file or sharded with an
 index), as on the Hub. Built-in architectures are recognised by ``model_type`` in their
-config; anything else loads through transformers' ``AutoModelForImageClassification``.
+config; anything else loads through the transformers auto class of its task, which the
+config's ``architectures`` names (:func:`task_of`). Text models' tokenizers are saved
+with the merge by their own ``save_pretrained``.
 Pickle weights are never loaded, and remote code runs only when the caller trusts it.
 """
 
@@ -20,6 +22,12 @@ from .models import BUILTIN_MODELS
 
 # Files copied from endpoint A so that the merged folder loads like the endpoints.
 SIDECAR_FILES = ("config.json", "preprocessor_config.json", "generation_config.json")
+# The Hub's task names (pipeline tags), by the end of a transformers architecture's name.
+TASKS = {"ForCausalLM": "text-generation", "LMHeadModel": "text-generation",
+         "ForSequenceClassification": "text-classification", "ForImageClassification": "image-classification"}
+AUTO_CLASSES = {"text-generation": "AutoModelForCausalLM", "text-classification": "AutoModelForSequenceClassification",
+                "image-classification": "AutoModelForImageClassification"}
+TEXT_TASKS = ("text-generation", "text-classification")
 
 
 class ModelLoadError(ValueError):
@@ -34,6 +42,19 @@ def read_config(folder: str | Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ModelLoadError(f"{path}: not valid JSON ({error})") from error
+
+
+def task_of(config: dict) -> str:
+    """What the model does, as the Hub names it: from the class its config says it was saved
+    as (``architectures``); built-in models and unnamed classes are image classifiers."""
+    for architecture in config.get("architectures") or ():
+        for ending, task in TASKS.items():
+            if architecture.endswith(ending):
+                return task
+    if config.get("architectures"):
+        raise ModelLoadError(f"{config['architectures'][0]} is not a model hfrepair can merge (image or sequence "
+                             "classifiers and causal language models)")
+    return "image-classification"
 
 
 def load_model(folder: str | Path, trust_remote_code: bool = False) -> nn.Module:
@@ -56,10 +77,11 @@ def load_model(folder: str | Path, trust_remote_code: bool = False) -> nn.Module
             return BUILTIN_MODELS[model_type].from_folder(str(folder)).eval()
         except (TypeError, RuntimeError, FileNotFoundError) as error:
             raise ModelLoadError(f"{folder}: cannot load {model_type}: {str(error).splitlines()[0]}") from error
-    from transformers import AutoModelForImageClassification
+    import transformers
 
+    auto_class = getattr(transformers, AUTO_CLASSES[task_of(config)])
     try:
-        model = AutoModelForImageClassification.from_pretrained(
+        model = auto_class.from_pretrained(
             str(folder), use_safetensors=True, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError, OSError, RuntimeError, ImportError) as error:
         if "auto_map" in config and not trust_remote_code:
@@ -77,9 +99,10 @@ def config_differences(config_a: dict, config_b: dict) -> list[str]:
 
 
 def save_merged(model: nn.Module, folder: str | Path, source: str | Path,
-                max_shard_size: int | str = "5GB") -> None:
-    """Write ``model`` as safetensors next to endpoint A's config and preprocessing files;
-    above ``max_shard_size`` the weights are split into shards with an index, as on the Hub.
+                max_shard_size: int | str = "5GB", tokenizer=None) -> None:
+    """Write ``model`` as safetensors next to endpoint A's config and preprocessing files
+    (and ``tokenizer``, the endpoints' own, for a text model); above ``max_shard_size`` the
+    weights are split into shards with an index, as on the Hub.
 
     A transformers model is written by its own ``save_pretrained``: transformers 5 renames
     some tensors between file and memory (ViT's ``attention.attention.key`` is ``k_proj`` in
@@ -98,6 +121,8 @@ def save_merged(model: nn.Module, folder: str | Path, source: str | Path,
     for name in SIDECAR_FILES:  # after saving, so that A's own files win over generated ones
         if (Path(source) / name).is_file() and not (pretrained and name == "config.json"):
             shutil.copy2(Path(source) / name, folder / name)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
 
 
 def _is_transformers_model(model: nn.Module) -> bool:

@@ -16,6 +16,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from .batches import first_rows, to_device
 from .discovery import discover_spec
 from .distributed import make_accelerator
 from .evaluate import barriers_of, curve, evaluate, variance_ratios
@@ -186,7 +187,7 @@ def merge(
     example = next(iter_inputs(calibration, 8, "example"), None)
     if example is None:
         raise MergeError("the calibration data is empty")
-    example = example.to(next(model_a.parameters()).device)
+    example = to_device(first_rows(example, 8), next(model_a.parameters()).device)
 
     given_spec = spec is not None
     with _timed(seconds, "discover"):

@@ -33,6 +33,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .distributed import autocast, require_data_everywhere, sum_across
 from .fuse import fold_batchnorm
 from .spec import ActivationSite, PermutationSpec, with_state_dict
+from .batches import counted_rows, counting_real_tokens, rows, run_model, to_device
 from .statistics import Statistics, iter_inputs
 
 METHODS = ("repair", "closed-form", "reset", "none")
@@ -64,9 +65,10 @@ class ChannelBatchNorm(nn.BatchNorm1d):
         moved = x.movedim(self.axis, -1)
         flat = moved.reshape(-1, moved.shape[-1]).float()
         if self.training:
-            wide = flat.double()
+            samples = counted_rows(moved).float()  # padding is normalised, never counted
+            wide = samples.double()
             self.sums += torch.stack([torch.full_like(wide[0], len(wide)), wide.sum(0), (wide * wide).sum(0)])
-            mean, var = (flat.mean(0), flat.var(0, unbiased=False)) if len(flat) > 1 else self.accumulated()
+            mean, var = (samples.mean(0), samples.var(0, unbiased=False)) if len(samples) > 1 else self.accumulated()
         else:
             mean, var = self.running_mean, self.running_var
         scale = self.weight / torch.sqrt(var + self.eps)
@@ -277,9 +279,10 @@ def _estimate(net, modules, added, reset, batches, max_examples, accelerator) ->
     examples = 0
     try:
         for inputs in iter_inputs(batches, max_examples, "REPAIR pass", accelerator):
-            with autocast(accelerator):
-                net(inputs.to(device))
-            examples += inputs.shape[0]
+            inputs = to_device(inputs, device)
+            with autocast(accelerator), counting_real_tokens(inputs):
+                run_model(net, inputs)
+            examples += rows(inputs)
         require_data_everywhere(examples, accelerator, "REPAIR pass")
         _average_over_processes(reset, accelerator)
         correctors = list(added.values())

@@ -36,6 +36,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .batches import model_outputs
+
 
 @dataclass
 class PermutationGroup:
@@ -210,16 +212,6 @@ def block_diagonal(perms: list[torch.Tensor]) -> torch.Tensor:
     """One permutation made of independent permutations of consecutive blocks."""
     size = len(perms[0])
     return torch.cat([perm + index * size for index, perm in enumerate(perms)])
-
-
-def model_outputs(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """The logits of a plain module or of a transformers model (``.logits``)."""
-    out = model(inputs)
-    if hasattr(out, "logits"):
-        return out.logits
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    return out
 
 
 def with_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Module:

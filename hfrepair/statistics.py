@@ -19,6 +19,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from .batches import counted_rows, counting_padding, counting_real_tokens, rows, run_model, to_device
 from .distributed import (
     autocast,
     local_batches,
@@ -33,7 +34,8 @@ EPS = 1e-12
 
 
 def units_first(output: torch.Tensor, axis: int) -> torch.Tensor:
-    """(units, samples) float64 copy of a module output whose units live on ``axis``.
+    """(units, samples) float64 copy of a module output whose units live on ``axis``;
+    padded positions of a padded text batch are not samples (:func:`counted_rows`).
 
     Units-first rows make the C x C product ``x @ y.T`` a contiguous GEMM, several times
     faster on CPU than the (samples, units) layout for the same float64 result. The layout
@@ -41,6 +43,8 @@ def units_first(output: torch.Tensor, axis: int) -> torch.Tensor:
     copy, not the arithmetic, is what the statistics pass spends most on.
     """
     units = output.shape[axis]
+    if counting_padding():
+        return counted_rows(output.movedim(axis, -1)).T.to(torch.float64).contiguous()
     moved = output.movedim(axis, 0)
     flat = torch.empty(moved.shape, dtype=torch.float64, device=output.device)
     flat.copy_(moved)
@@ -202,11 +206,11 @@ def collect_statistics(
     examples = 0
     try:
         for inputs in iter_inputs(batches, max_examples, "statistics", accelerator):
-            inputs = inputs.to(device)
-            with autocast(accelerator):
-                model_a(inputs)
-                model_b(inputs)
-            examples += inputs.shape[0]
+            inputs = to_device(inputs, device)
+            with autocast(accelerator), counting_real_tokens(inputs):
+                run_model(model_a, inputs)
+                run_model(model_b, inputs)
+            examples += rows(inputs)
     finally:
         for handle in handles:
             handle.remove()
@@ -236,9 +240,10 @@ def collect_moments(
     examples = 0
     try:
         for inputs in iter_inputs(batches, max_examples, "moments", accelerator):
-            with autocast(accelerator):
-                model(inputs.to(device))
-            examples += inputs.shape[0]
+            inputs = to_device(inputs, device)
+            with autocast(accelerator), counting_real_tokens(inputs):
+                run_model(model, inputs)
+            examples += rows(inputs)
     finally:
         for handle in handles:
             handle.remove()

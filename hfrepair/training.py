@@ -1,4 +1,5 @@
-"""Train small endpoint classifiers (demo, tests, examples): SGD with a one-cycle schedule.
+"""Train small endpoints (demo, tests, examples): classifiers and causal language models,
+SGD or AdamW with a one-cycle schedule.
 
 hfrepair merges networks; it does not train them. This exists so that the built-in demo
 and the tests can make two independently trained endpoints offline in seconds.
@@ -11,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .spec import model_outputs
+from .evaluate import predictions_and_targets
+from .batches import model_outputs, rows, select_rows
 
 
 def train_classifier(
@@ -30,6 +32,10 @@ def train_classifier(
 ) -> nn.Module:
     """Train ``model`` in place on preprocessed ``images`` and return it in eval mode.
 
+    Labels with a sequence axis make it a causal LM's training: ``images`` are then blocks
+    of token ids, ``labels`` the same ids, and every position predicts the next token.
+    ``images`` may also be a mapping of tensors (a padded text classifier's tokenizer output).
+
     ``translate`` shifts each training image by up to that many pixels (the paper's MNIST
     augmentation). The seed fixes batch order and shifts; seed the model's construction
     separately for different endpoints. ``optimizer="adamw"`` suits transformers, which
@@ -42,29 +48,31 @@ def train_classifier(
     else:
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay,
                                     nesterov=True)
-    steps = epochs * ((len(images) + batch_size - 1) // batch_size)
+    examples = rows(images)
+    steps = epochs * ((examples + batch_size - 1) // batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.25)
     model.train()
     epochs_bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=desc is None)
     for _ in epochs_bar:
-        order = torch.randperm(len(images), generator=generator)
-        loss_sum, correct = 0.0, 0
-        for start in range(0, len(images), batch_size):
+        order = torch.randperm(examples, generator=generator)
+        loss_sum, correct, scored = 0.0, 0, 0
+        for start in range(0, examples, batch_size):
             index = order[start : start + batch_size]
             if len(index) < 2:
                 continue
-            batch = images[index]
+            batch = select_rows(images, index)
             if translate:
                 batch = _translate(batch, translate, generator)
-            logits = model_outputs(model, batch)
-            loss = F.cross_entropy(logits, labels[index])
+            logits, targets = predictions_and_targets(model_outputs(model, batch), labels[index])
+            loss = F.cross_entropy(logits, targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
-            loss_sum += loss.item() * len(index)
-            correct += int((logits.argmax(-1) == labels[index]).sum())
-        epochs_bar.set_postfix(loss=f"{loss_sum / len(images):.3f}", accuracy=f"{correct / len(images):.3f}")
+            loss_sum += loss.item() * len(targets)
+            correct += int((logits.argmax(-1) == targets).sum())
+            scored += len(targets)
+        epochs_bar.set_postfix(loss=f"{loss_sum / scored:.3f}", accuracy=f"{correct / scored:.3f}")
     return model.eval()
 
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: the MNIST digits as a Hub-style parquet dataset, and trained endpoints.
+"""Shared fixtures: the MNIST digits and CPython's documentation as Hub-style parquet
+datasets, and trained endpoints.
 
 Endpoints are trained once per test run (session scope), from different seeds, with one
 torch thread so that runs are deterministic.
@@ -165,3 +166,115 @@ def vit_folders(mnist_folder, tmp_path_factory):
     """Two trained ViT endpoints with a grayscale processor (AdamW: SGD trains ViTs poorly)."""
     return train_grayscale_pair(tiny_vit, mnist_folder, tmp_path_factory.mktemp("vit"), epochs=30, lr=3e-3,
                                 weight_decay=0.05, optimizer="adamw")
+
+
+LM_LENGTH = 64  # tokens per packed block, and the tiny language models' positions
+
+
+@pytest.fixture(scope="session")
+def text_folder(tmp_path_factory):
+    from hfrepair.corpora import write_text_dataset
+
+    return write_text_dataset(tmp_path_factory.mktemp("pydoc"))
+
+
+def tiny_gpt2(tokenizer):
+    """A 2-layer GPT-2 of width 64 with 4 heads (tied LM head), without dropout."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(
+        vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=LM_LENGTH, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id))
+
+
+def train_language_model_pair(factory, text_folder, root, **training):
+    """Two causal LMs (seeds 1 and 2) trained on the packed train split, each saved with the
+    byte-level BPE tokenizer trained on that split, as a Hub repo ships its tokenizer."""
+    import datasets
+
+    from hfrepair.corpora import train_tokenizer
+    from hfrepair.text import packed_batches
+
+    tokenizer = train_tokenizer(datasets.load_dataset(str(text_folder), split="train")["text"])
+    blocks = torch.cat([ids for ids, _ in packed_batches(str(text_folder), "train", tokenizer, LM_LENGTH,
+                                                         batch_size=512) if ids.shape[1] == LM_LENGTH])
+    folders = []
+    for seed in (1, 2):
+        folder = root / f"endpoint-{seed}"
+        torch.manual_seed(seed)
+        model = factory(tokenizer)
+        train_classifier(model, blocks, blocks, seed=seed, optimizer="adamw", **training)
+        model.save_pretrained(str(folder))
+        tokenizer.save_pretrained(str(folder))
+        folders.append(folder)
+    return folders
+
+
+@pytest.fixture(scope="session")
+def gpt2_folders(text_folder, tmp_path_factory):
+    return train_language_model_pair(tiny_gpt2, text_folder, tmp_path_factory.mktemp("gpt2"), epochs=4, lr=5e-3,
+                                     weight_decay=0.01, batch_size=32)
+
+
+def tiny_llama(tokenizer):
+    """A 2-layer Llama of width 64: RMSNorm, RoPE, SwiGLU, no biases, 4 query heads sharing
+    2 key/value heads, untied LM head."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, max_position_embeddings=LM_LENGTH, tie_word_embeddings=False,
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id))
+
+
+@pytest.fixture(scope="session")
+def llama_folders(text_folder, tmp_path_factory):
+    """Briefly trained: a smoke test of the bias-free path, not a study."""
+    return train_language_model_pair(tiny_llama, text_folder, tmp_path_factory.mktemp("llama"), epochs=2, lr=5e-3,
+                                     weight_decay=0.01, batch_size=32)
+
+
+@pytest.fixture(scope="session")
+def docstring_folder(tmp_path_factory):
+    from hfrepair.corpora import write_docstring_dataset
+
+    return write_docstring_dataset(tmp_path_factory.mktemp("docstrings"))
+
+
+def tiny_bert_classifier(tokenizer):
+    """A 2-layer BERT of width 32 with 4 heads, classifying a docstring's package."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from hfrepair.corpora import DOCSTRING_PACKAGES
+
+    return BertForSequenceClassification(BertConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=LM_LENGTH, num_labels=len(DOCSTRING_PACKAGES), pad_token_id=tokenizer.pad_token_id,
+        id2label=dict(enumerate(DOCSTRING_PACKAGES)), label2id={n: i for i, n in enumerate(DOCSTRING_PACKAGES)},
+        attention_probs_dropout_prob=0.0))
+
+
+@pytest.fixture(scope="session")
+def bert_folders(docstring_folder, tmp_path_factory):
+    """Two BERT classifiers (seeds 1 and 2) trained on the padded docstrings (cut at 64
+    tokens), each saved with the [CLS]/[SEP]/[PAD] BPE tokenizer trained on the train split."""
+    import datasets
+
+    from hfrepair.corpora import train_tokenizer
+    from hfrepair.text import padded_batches
+
+    tokenizer = train_tokenizer(datasets.load_dataset(str(docstring_folder), split="train")["text"], 1000,
+                                classifier=True)
+    inputs, labels = next(iter(padded_batches(str(docstring_folder), "train", tokenizer, LM_LENGTH, 5,
+                                              batch_size=100_000)))
+    folders = []
+    for seed in (1, 2):
+        folder = tmp_path_factory.mktemp("bert") / f"endpoint-{seed}"
+        torch.manual_seed(seed)
+        model = tiny_bert_classifier(tokenizer)
+        train_classifier(model, inputs, labels, epochs=15, lr=2e-3, weight_decay=0.01, batch_size=32, seed=seed,
+                         optimizer="adamw")
+        model.save_pretrained(str(folder))
+        tokenizer.save_pretrained(str(folder))
+        folders.append(folder)
+    return folders

@@ -176,7 +176,7 @@ def test_spec_command_shows_and_saves_the_spec_that_merge_takes(endpoint_folders
     assert_one_line_error(missing.stderr, "is neither a local model folder nor a Hub repo id")
 
 
-def test_config_file_repeats_a_merge_and_flags_override_it(endpoint_folders, mnist_folder, tmp_path):
+def test_config_file_repeats_a_merge_and_flags_override_it(endpoint_folders, mnist_folder, tmp_path, capsys):
     """``--config``: every option from YAML; the record and the card carry the effective config,
     which repeats the merge exactly; bad keys and types are one-line errors."""
     import yaml
@@ -204,11 +204,11 @@ def test_config_file_repeats_a_merge_and_flags_override_it(endpoint_folders, mni
     for bad, message in (({"gird": 3}, "unknown option 'gird'"), ({"grid": "many"}, "grid: invalid literal"),
                          ({"method": "magic"}, "method must be one of"), ({"overwrite": "yes"}, "true or false")):
         (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**config, "output": str(tmp_path / "bad"), **bad}))
-        refused = run_cli("merge", "--config", tmp_path / "bad.yaml")
-        assert refused.returncode == 2 and not (tmp_path / "bad").exists()
-        assert_one_line_error(refused.stderr, message)
-    missing = run_cli("merge", a, b, "--output", tmp_path / "nodata")
-    assert missing.returncode == 2 and "--dataset" in missing.stderr
+        expect_error(capsys, ["merge", "--config", tmp_path / "bad.yaml"], message)
+        assert not (tmp_path / "bad").exists()
+    with pytest.raises(SystemExit) as missing:
+        main(["merge", str(a), str(b), "--output", str(tmp_path / "nodata")])
+    assert missing.value.code == 2 and "--dataset" in capsys.readouterr().err
 
 
 def test_config_reads_yaml_no_as_the_choice_no(tmp_path):
@@ -231,3 +231,24 @@ def test_spec_command_on_a_transformers_model_without_a_processor(tmp_path, caps
     assert "[heads]" in capsys.readouterr().out
     assert main(["spec", str(tmp_path / "vit"), "--output", str(tmp_path / "nowhere" / "spec.json")]) == 2
     assert "hfrepair: error: cannot write" in capsys.readouterr().err
+
+
+def test_unreadable_shard_size_is_refused_before_the_merge(endpoint_folders, mnist_folder, tmp_path, capsys):
+    from hfrepair.cli import build_parser, parse
+
+    a, b = endpoint_folders
+    out = tmp_path / "out"
+    argv = ["merge", str(a), str(b), "--dataset", str(mnist_folder), "--output", str(out), *FAST]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--max-shard-size", "abc"])
+    assert exit_info.value.code == 2
+    assert_one_line_error(capsys.readouterr().err, "argument --max-shard-size: must be a positive size")
+    assert not out.exists() and not list(tmp_path.iterdir())  # refused when read: nothing written, no staging
+    config = tmp_path / "merge.yaml"
+    config.write_text("max_shard_size: abc\n")
+    expect_error(capsys, [*argv, "--config", config], "max_shard_size: must be a positive size")
+    assert not out.exists()
+    parser = build_parser()
+    sizes = {text: parse(parser, [*argv, "--max-shard-size", text]).max_shard_size
+             for text in ("5GB", "1.5GB", "500MB", "40000")}
+    assert sizes == {"5GB": "5GB", "1.5GB": "1.5GB", "500MB": "500MB", "40000": 40000}

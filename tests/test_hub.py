@@ -116,7 +116,7 @@ def pull_and_evaluate(hub, tmp_path, repo: str) -> dict:
                base=card.data.base_model, license=card.data.license, tags=card.data.tags,
                relation=card.data.to_dict().get("base_model_relation"),
                files=sorted(os.listdir(folder)), commits=len(list_repo_commits("{repo}")),
-               text=card.text)
+               text=card.text, readme=open(os.path.join(folder, "README.md"), "rb").read().hex())
     """)
 
 
@@ -146,6 +146,7 @@ def test_merge_from_hub_ids_and_push(hub, merged_from_hub, tmp_path):
     assert "barrier_curve.png" in pulled["files"] and "merge_results.json" in pulled["files"]
     assert pulled["commits"] == 2  # the repo's creation, then ONE commit with everything
     assert "hfrepair merge user/resnet-a" in pulled["text"]
+    assert bytes.fromhex(pulled["readme"]) == (out / "README.md").read_bytes()  # the card exactly as pushed
 
 
 def test_transformers_model_round_trip(hub, uploaded, tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_wheel_ships_the_model_card_template(tmp_path):
+def test_wheel_ships_the_card_template_and_the_demo_endpoints(tmp_path):
     # Built from a copy: setuptools writes build/ and *.egg-info beside the sources.
     source = tmp_path / "source"
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__", "docs"))
@@ -20,5 +20,7 @@ def test_wheel_ships_the_model_card_template(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("hfrepair-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "hfrepair/model_cards/merged_model.md" in names
+    assert {"hfrepair/demo_endpoints/training.json", "hfrepair/demo_endpoints/resnet-a/model.safetensors",
+            "hfrepair/demo_endpoints/resnet-b/config.json"} <= set(names)  # `hfrepair demo` runs without training
     assert "hfrepair/distributed.py" in names and "hfrepair/models/resnet.py" in names
     assert not any(name.startswith("tests/") for name in names)

@@ -25,7 +25,8 @@ from transformers import (
 
 import hfrepair
 from hfrepair.pipeline import MergeError
-from hfrepair.spec import model_outputs, with_state_dict
+from hfrepair.batches import model_outputs
+from hfrepair.spec import with_state_dict
 
 torch.set_num_threads(1)
 
