@@ -157,6 +157,11 @@ class SplitBatches:
         # several, datasets interleaves them in threads and sleeps 5 s after every pass.
         return self.stream.shuffle(seed=self.seed, buffer_size=self.buffer_size, max_buffer_input_shards=1)
 
+    def first_rows(self) -> datasets.IterableDataset:
+        """The shuffled rows, the first ``limit`` of them (when ``limit`` counts rows)."""
+        rows = self.shuffled_rows()
+        return rows if self.limit is None else rows.take(self.limit)
+
     def is_mine(self, number: int) -> bool:
         """Whether batch ``number`` belongs to this process's part."""
         index, count = self.part
@@ -188,9 +193,7 @@ class ImageStream(SplitBatches):
     part: tuple[int, int] = (0, 1)
 
     def __iter__(self):
-        rows = self.shuffled_rows()
-        if self.limit is not None:
-            rows = rows.take(self.limit)
+        rows = self.first_rows()
         decode = _decoder((self.stream.features or {}).get(self.image_column))
         seen = 0
         for number, batch in enumerate(rows.iter(batch_size=self.batch_size)):

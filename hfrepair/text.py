@@ -247,9 +247,7 @@ class PaddedTextStream(SplitBatches):
     part: tuple[int, int] = (0, 1)
 
     def __iter__(self):
-        rows = self.shuffled_rows()
-        if self.limit is not None:
-            rows = rows.take(self.limit)
+        rows = self.first_rows()
         seen = texts_seen = 0
         for number, batch in enumerate(rows.iter(batch_size=self.batch_size)):
             texts = [text or "" for text in batch[self.text_column]]
