@@ -24,8 +24,27 @@ _REAL_TOKENS: ContextVar[torch.Tensor | None] = ContextVar("real_tokens", defaul
 
 
 def run_model(model: nn.Module, inputs):
-    """``model`` on a tensor, or on a mapping of keyword inputs."""
+    """``model`` on a tensor, or on a mapping of keyword inputs, in its own dtype."""
+    inputs = in_model_dtype(inputs, model)
     return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+
+
+def floating_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of ``model``'s floating-point weights (float16 for a half-precision endpoint)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
+def in_model_dtype(inputs, model: nn.Module):
+    """Floating inputs (images) cast to the model's dtype, so that half-precision endpoints
+    take the float32 batches the data streams produce; token ids and masks are left alone."""
+    dtype = floating_dtype(model)
+
+    def cast(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+    if isinstance(inputs, Mapping):
+        return {name: cast(tensor) for name, tensor in inputs.items()}
+    return cast(inputs)
 
 
 def model_outputs(model: nn.Module, inputs) -> torch.Tensor:

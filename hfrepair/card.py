@@ -243,7 +243,7 @@ def model_card(record: dict, configs: tuple[dict, dict], licenses: tuple[str | N
         model_a_url=f"https://huggingface.co/{name_a}" if a["repo_id"] else name_a,
         model_b_url=f"https://huggingface.co/{name_b}" if b["repo_id"] else name_b,
         revision_a=a["revision"] or "local", revision_b=b["revision"] or "local",
-        alpha=record["alpha"], method=record["method"], match_at=record["match_at"],
+        alpha=record["alpha"], method=record["method"], match_at=record["match_at"], dtype=record["dtype"],
         calibration_examples=record["calibration_examples"], dataset=_name(dataset),
         split=record["split"], eval_split=split, num_groups=len(record["groups"]), grid=len(record["alphas"]),
         table=barrier_table(record), merged_summary=merged_summary(record), tokenizer=tokenizer_text(record),

@@ -20,6 +20,7 @@ import torch
 import yaml
 from PIL import Image
 
+from .batches import floating_dtype
 from .card import write_card
 from .data import SHUFFLE_BUFFER, DataError, image_batches, image_mode, model_transform
 from .discovery import ExportError, discover_spec
@@ -301,7 +302,8 @@ def run_merge(args: argparse.Namespace, argv: list[str]) -> MergeResult:
         "command": "hfrepair " + " ".join(shlex.quote(a) for a in argv),
         "sources": {"model_a": source_a.to_dict(), "model_b": source_b.to_dict(),
                     "dataset": data_source.to_dict()},
-        "task": task, "tokenizer": describe_tokenizer(tokenizer, source_a.repo_id or Path(source_a.reference).name) if tokenizer else None,
+        "task": task, "dtype": str(floating_dtype(merged)).removeprefix("torch."),
+        "tokenizer": describe_tokenizer(tokenizer, source_a.repo_id or Path(source_a.reference).name) if tokenizer else None,
         "split": args.split, "eval_split": args.eval_split, "torch": torch.__version__,
         "processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
         "config": getattr(args, "effective_config", None),

@@ -32,6 +32,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from .batches import in_model_dtype
 from .spec import ActivationSite, PermutationGroup, PermutationSpec
 
 Axis = tuple  # (tensor id, axis index)
@@ -725,6 +726,7 @@ def export_model(model: nn.Module, example_inputs) -> torch.export.ExportedProgr
     """The graph of ``model`` on a tensor, or on a mapping of keyword inputs (a padded text
     batch: ``input_ids``, ``attention_mask``, ...)."""
     model.eval()
+    example_inputs = in_model_dtype(example_inputs, model)
     if isinstance(example_inputs, Mapping):
         args, keywords = (), {**example_inputs, **_without_cache(model)}
     else:

@@ -44,12 +44,16 @@ class ChannelBatchNorm(nn.BatchNorm1d):
     """BatchNorm over the units on ``axis`` of any tensor (conv: 1, linear: -1).
 
     In train mode it normalises each batch with that batch's statistics (the paper's exact
-    variant: later layers already see corrected inputs) and accumulates float64 sums over
-    every example, so the statistics it folds weight all examples alike whatever the batch
-    sizes (a cumulative BatchNorm weights batches alike: a last batch of 2 would count as
-    much as one of 256). A batch with one example, which has no statistics of its own, is
-    normalised with those accumulated so far. :meth:`finish` turns the sums into the
-    running statistics used in eval mode and folded into the layer.
+    variant: later layers already see corrected inputs) and accumulates, in float64, each
+    batch's example count, ``count * mean`` and ``count * (var + mean**2)``, so the statistics
+    it folds weight all examples alike whatever the batch sizes (a cumulative BatchNorm
+    weights batches alike: a last batch of 2 would count as much as one of 256) and include
+    the spread between batch means. The batch's own mean and variance (two-pass, float32)
+    are needed to normalise anyway; combining them in float64 keeps the result exact to
+    float32 rounding without converting every activation to float64, which used to cost
+    more than the forward pass itself. A batch with one example, which has no statistics of
+    its own, is normalised with those accumulated so far. :meth:`finish` turns the sums into
+    the running statistics used in eval mode and folded into the layer.
 
     ``scale_only``: the corrector of a layer without a bias (Llama's projections, RMSNorm):
     it only rescales, ``x * weight / std``, so that it folds into weight rows alone.
@@ -66,9 +70,14 @@ class ChannelBatchNorm(nn.BatchNorm1d):
         flat = moved.reshape(-1, moved.shape[-1]).float()
         if self.training:
             samples = counted_rows(moved).float()  # padding is normalised, never counted
-            wide = samples.double()
-            self.sums += torch.stack([torch.full_like(wide[0], len(wide)), wide.sum(0), (wide * wide).sum(0)])
-            mean, var = (samples.mean(0), samples.var(0, unbiased=False)) if len(samples) > 1 else self.accumulated()
+            count = len(samples)
+            if count:
+                mean, var = samples.mean(0), samples.var(0, unbiased=False)
+                wide_mean = mean.double()
+                self.sums += torch.stack([torch.full_like(wide_mean, count), count * wide_mean,
+                                          count * (var.double() + wide_mean * wide_mean)])
+            if count < 2:
+                mean, var = self.accumulated()
         else:
             mean, var = self.running_mean, self.running_var
         scale = self.weight / torch.sqrt(var + self.eps)
@@ -241,7 +250,7 @@ def _corrected_network(model, state_dict, sites, stats, perms, alpha, method, ba
             corrector.running_var.copy_(goal.predicted_var)
         added[site.module] = corrector
     if method in ("repair", "reset"):
-        reset = [m for m in net.modules() if isinstance(m, _BatchNorm)]
+        reset = [m for m in net.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
         _estimate(net, modules, added, reset, batches, max_examples, accelerator)
     return net, added
 
@@ -257,25 +266,32 @@ def _fold(state: dict, sites: list[ActivationSite], added: dict) -> dict:
 
 
 def _estimate(net, modules, added, reset, batches, max_examples, accelerator) -> None:
-    """Forward pass with correctors and existing BatchNorms measuring cumulative statistics.
+    """Forward pass with correctors measuring, and the network's own BatchNorms re-measured.
 
     The correctors normalise with batch statistics during the pass, so each layer already
-    sees corrected inputs, as in the paper's exact variant. Each process sees whole
-    batches, so its batch statistics are those of a single-process run; the correctors'
-    float64 sums are then added over processes, and the existing BatchNorms' cumulative
-    averages combined (:func:`_average_over_processes`).
+    sees corrected inputs, as in the paper's exact variant. Each existing BatchNorm is
+    measured the same way: kept in eval mode, its output is replaced by that of a
+    :class:`ChannelBatchNorm` with its affine, which normalises like a training-mode
+    BatchNorm and counts every example alike (a cumulative BatchNorm would weight batches
+    alike, and fail on a last batch of one example). Each process sees whole batches, so
+    its batch statistics are those of a single-process run; the float64 sums are then added
+    over processes.
     """
     device = next(net.parameters()).device
-    momenta = {}
+    trackers = {}
     for norm in reset:
-        momenta[norm] = norm.momentum
-        norm.reset_running_stats()
-        norm.momentum = None
-        norm.train()
-    handles = []
-    for name, corrector in added.items():
-        corrector.to(device).train()
-        handles.append(modules[name].register_forward_hook(lambda _m, _i, out, c=corrector: c(out)))
+        tracker = ChannelBatchNorm(norm.num_features, axis=1, eps=norm.eps).to(device)
+        if norm.affine:
+            tracker.weight.copy_(norm.weight)
+            tracker.bias.copy_(norm.bias)
+        trackers[norm] = tracker
+    measuring = [*added.values(), *trackers.values()]
+    for tracker in measuring:
+        tracker.to(device).train()
+    handles = [modules[name].register_forward_hook(lambda _m, _i, out, c=corrector: c(out))
+               for name, corrector in added.items()]
+    handles += [norm.register_forward_hook(lambda _m, args, _out, t=tracker: t(args[0]))
+                for norm, tracker in trackers.items()]
     examples = 0
     try:
         for inputs in iter_inputs(batches, max_examples, "REPAIR pass", accelerator):
@@ -284,36 +300,15 @@ def _estimate(net, modules, added, reset, batches, max_examples, accelerator) ->
                 run_model(net, inputs)
             examples += rows(inputs)
         require_data_everywhere(examples, accelerator, "REPAIR pass")
-        _average_over_processes(reset, accelerator)
-        correctors = list(added.values())
-        totals = sum_across([c.sums for c in correctors], accelerator) if correctors else []
-        for corrector, sums in zip(correctors, totals):
-            corrector.sums.copy_(sums)
-            corrector.finish()
+        totals = sum_across([t.sums for t in measuring], accelerator) if measuring else []
+        for tracker, sums in zip(measuring, totals):
+            tracker.sums.copy_(sums)
+            tracker.finish()
     finally:
         for handle in handles:
             handle.remove()
-        for norm, momentum in momenta.items():
-            norm.momentum = momentum
-            norm.eval()
-
-
-
-def _average_over_processes(norms: list[_BatchNorm], accelerator) -> None:
-    """Cumulative (momentum None) BatchNorm averages over the batches of all processes.
-
-    Each tracker holds the mean of its process's per-batch statistics; weighting by its
-    batch count and dividing by the total reproduces the single-process average.
-    """
-    if accelerator is None or accelerator.num_processes == 1 or not norms:
-        return
-    local = []
-    for norm in norms:
-        count = norm.num_batches_tracked.double()
-        local += [count.reshape(1), norm.running_mean * count, norm.running_var * count]
-    total = sum_across(local, accelerator)
-    for i, norm in enumerate(norms):
-        count, mean_sum, var_sum = total[3 * i : 3 * i + 3]
-        norm.num_batches_tracked.fill_(int(count.item()))
-        norm.running_mean.copy_(mean_sum / count)
-        norm.running_var.copy_(var_sum / count)
+    for norm, tracker in trackers.items():
+        count = tracker.sums[0]
+        norm.running_mean.copy_(tracker.running_mean)
+        # BatchNorm keeps the unbiased variance for eval mode
+        norm.running_var.copy_((tracker.running_var.double() * count / (count - 1).clamp_min(1)).float())

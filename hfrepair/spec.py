@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .batches import model_outputs
+from .batches import floating_dtype, model_outputs
 
 
 @dataclass
@@ -225,17 +225,27 @@ class SpecError(RuntimeError):
     """A permutation spec that does not preserve the model's function."""
 
 
+def function_tolerance(model: nn.Module) -> float:
+    """How far a correctly permuted ``model``'s outputs may move, relative to their scale:
+    1e-5 in float32 and float64, 16 rounding steps of a half-precision dtype (float16:
+    0.016, bfloat16: 0.125), where reordering a sum moves the outputs by more than float32's
+    whole tolerance."""
+    return max(1e-5, 16 * torch.finfo(floating_dtype(model) or torch.float32).eps)
+
+
 @torch.no_grad()
 def check_function_preserved(
     model: nn.Module,
     permuted_state_dict: dict[str, torch.Tensor],
     inputs: torch.Tensor,
-    atol: float = 1e-5,
+    atol: float | None = None,
 ) -> float:
     """Max abs difference between the outputs of ``model`` and of its permuted weights.
 
-    Raises :class:`SpecError` above ``atol`` (relative to the logits' scale, at least 1).
+    Raises :class:`SpecError` above ``atol`` (relative to the logits' scale, at least 1;
+    by default :func:`function_tolerance`).
     """
+    atol = function_tolerance(model) if atol is None else atol
     model.eval()
     reference = model_outputs(model, inputs).float()
     permuted = with_state_dict(model, permuted_state_dict).eval()
@@ -251,14 +261,16 @@ def check_function_preserved(
 
 @torch.no_grad()
 def verify_spec(
-    model: nn.Module, spec: PermutationSpec, inputs: torch.Tensor, atol: float = 1e-5, seed: int = 0
+    model: nn.Module, spec: PermutationSpec, inputs: torch.Tensor, atol: float | None = None, seed: int = 0
 ) -> dict[str, float]:
     """Check that ``spec`` is right for ``model``.
 
     A random permutation per group must leave outputs unchanged (``max_abs_diff``), and
     permuting only part of one group must change them (``inconsistent_diff``: a control
-    that the check can fail). Raises :class:`SpecError` otherwise.
+    that the check can fail). Raises :class:`SpecError` otherwise. ``atol`` defaults to
+    :func:`function_tolerance`.
     """
+    atol = function_tolerance(model) if atol is None else atol
     generator = torch.Generator().manual_seed(seed)
     state = model.state_dict()
     perms = random_permutations(spec, generator)

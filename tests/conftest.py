@@ -1,15 +1,20 @@
 """Shared fixtures: the MNIST digits and CPython's documentation as Hub-style parquet
 datasets, and trained endpoints.
 
-Endpoints are trained once per test run (session scope), from different seeds, with one
-torch thread so that runs are deterministic.
+Endpoints are trained once per test run, from different seeds, with one torch thread so
+that runs are deterministic. The suite runs under pytest-xdist (see pyproject's addopts):
+what several test files need is built once for all workers by ``built_once``.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import io
 import os
+import pickle
 import shutil
+import subprocess
 import tempfile
 
 # A fresh Hugging Face cache per run, as on CI's fresh machine: nothing from earlier runs
@@ -20,8 +25,10 @@ atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)
 
 import pytest
 import torch
+from filelock import FileLock
 from transformers import ConvNextImageProcessor, ResNetConfig, ResNetForImageClassification
 
+from hfrepair.cli import main
 from hfrepair.data import image_batches, model_transform
 from hfrepair.demo import load_tensors, write_mnist_dataset
 from hfrepair.models import MLP, VGG, ResNet
@@ -32,9 +39,42 @@ torch.set_num_threads(1)
 SMALL = dict(image_size=14)  # 14x14 digits keep conv endpoints trainable in seconds
 
 
+# Test files that share an expensive session fixture run on one worker, one after the other
+# (pyproject's ``--dist loadgroup``), rather than one waiting for the other to train it;
+# every other file is a group of its own.
+WORKER_GROUPS = {"test_cli_transformers.py": "vit", "test_transformers_models.py": "vit"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(WORKER_GROUPS.get(item.path.name, item.path.name)))
+
+
+def built_once(tmp_path_factory, name: str, build):
+    """``build(folder)``'s result, built once per test run however many xdist workers ask.
+
+    Session fixtures are per worker under pytest-xdist; training an endpoint pair in each
+    worker would double the suite's heaviest work. The first worker that needs ``name``
+    builds it in the run's shared temporary folder under a file lock; the others wait for
+    it and read the pickled result (paths, or trained models).
+    """
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder = shared / "built" / name
+    result = folder.parent / f"{name}.pickle"
+    folder.parent.mkdir(exist_ok=True)
+    with FileLock(str(folder.parent / f"{name}.lock")):
+        if not result.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            value = build(folder)
+            result.write_bytes(pickle.dumps(value))
+    return pickle.loads(result.read_bytes())
+
+
 @pytest.fixture(scope="session")
 def mnist_folder(tmp_path_factory):
-    return write_mnist_dataset(tmp_path_factory.mktemp("mnist"))
+    return built_once(tmp_path_factory, "mnist", write_mnist_dataset)
 
 
 @pytest.fixture(scope="session")
@@ -49,6 +89,22 @@ def mnist(mnist_folder):
         return cache[size]
 
     return get
+
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    """``hfrepair ARGS`` run in this process, as ``python -m hfrepair`` would run it.
+
+    In-process because an interpreter start with torch, transformers and datasets imported
+    costs seconds per call; the tests that need a fresh process (entry point, launchers,
+    Hub client environment, reloading saved files) start one themselves.
+    """
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exit_info:  # argparse's own errors
+            code = exit_info.code
+    return subprocess.CompletedProcess(["hfrepair", *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 def assert_one_line_error(stderr: str, message: str) -> None:
@@ -78,9 +134,9 @@ def train_pair(factory, data, fold=False, **training):
 
 
 @pytest.fixture(scope="session")
-def resnet_pair(mnist):
+def resnet_pair(mnist, tmp_path_factory):
     factory = lambda: ResNet(width=1, blocks_per_stage=1, normalization="batchnorm", **SMALL)
-    return train_pair(factory, mnist(14), epochs=4, lr=0.1)
+    return built_once(tmp_path_factory, "resnet_pair", lambda _: train_pair(factory, mnist(14), epochs=4, lr=0.1))
 
 
 @pytest.fixture(scope="session")
@@ -127,7 +183,7 @@ def hf_resnet():
 @pytest.fixture(scope="session")
 def hf_resnet_folders(mnist_folder, tmp_path_factory):
     """transformers ResNetForImageClassification endpoints (basic blocks), with image processors."""
-    return train_hf_pair(hf_resnet, mnist_folder, tmp_path_factory.mktemp("hf_resnet"), epochs=4)
+    return built_once(tmp_path_factory, "hf_resnet", lambda root: train_hf_pair(hf_resnet, mnist_folder, root, epochs=4))
 
 
 def tiny_vit():
@@ -164,8 +220,8 @@ def train_grayscale_pair(factory, mnist_folder, root, **training):
 @pytest.fixture(scope="session")
 def vit_folders(mnist_folder, tmp_path_factory):
     """Two trained ViT endpoints with a grayscale processor (AdamW: SGD trains ViTs poorly)."""
-    return train_grayscale_pair(tiny_vit, mnist_folder, tmp_path_factory.mktemp("vit"), epochs=30, lr=3e-3,
-                                weight_decay=0.05, optimizer="adamw")
+    return built_once(tmp_path_factory, "vit", lambda root: train_grayscale_pair(
+        tiny_vit, mnist_folder, root, epochs=15, lr=3e-3, weight_decay=0.05, optimizer="adamw"))
 
 
 LM_LENGTH = 64  # tokens per packed block, and the tiny language models' positions
@@ -175,7 +231,7 @@ LM_LENGTH = 64  # tokens per packed block, and the tiny language models' positio
 def text_folder(tmp_path_factory):
     from hfrepair.corpora import write_text_dataset
 
-    return write_text_dataset(tmp_path_factory.mktemp("pydoc"))
+    return built_once(tmp_path_factory, "pydoc", write_text_dataset)
 
 
 def tiny_gpt2(tokenizer):
@@ -212,8 +268,8 @@ def train_language_model_pair(factory, text_folder, root, **training):
 
 @pytest.fixture(scope="session")
 def gpt2_folders(text_folder, tmp_path_factory):
-    return train_language_model_pair(tiny_gpt2, text_folder, tmp_path_factory.mktemp("gpt2"), epochs=4, lr=5e-3,
-                                     weight_decay=0.01, batch_size=32)
+    return built_once(tmp_path_factory, "gpt2", lambda root: train_language_model_pair(
+        tiny_gpt2, text_folder, root, epochs=4, lr=5e-3, weight_decay=0.01, batch_size=32))
 
 
 def tiny_llama(tokenizer):
@@ -230,15 +286,15 @@ def tiny_llama(tokenizer):
 @pytest.fixture(scope="session")
 def llama_folders(text_folder, tmp_path_factory):
     """Briefly trained: a smoke test of the bias-free path, not a study."""
-    return train_language_model_pair(tiny_llama, text_folder, tmp_path_factory.mktemp("llama"), epochs=2, lr=5e-3,
-                                     weight_decay=0.01, batch_size=32)
+    return built_once(tmp_path_factory, "llama", lambda root: train_language_model_pair(
+        tiny_llama, text_folder, root, epochs=2, lr=5e-3, weight_decay=0.01, batch_size=32))
 
 
 @pytest.fixture(scope="session")
 def docstring_folder(tmp_path_factory):
     from hfrepair.corpora import write_docstring_dataset
 
-    return write_docstring_dataset(tmp_path_factory.mktemp("docstrings"))
+    return built_once(tmp_path_factory, "docstrings", write_docstring_dataset)
 
 
 def tiny_bert_classifier(tokenizer):
@@ -254,8 +310,7 @@ def tiny_bert_classifier(tokenizer):
         attention_probs_dropout_prob=0.0))
 
 
-@pytest.fixture(scope="session")
-def bert_folders(docstring_folder, tmp_path_factory):
+def train_bert_pair(docstring_folder, root):
     """Two BERT classifiers (seeds 1 and 2) trained on the padded docstrings (cut at 64
     tokens), each saved with the [CLS]/[SEP]/[PAD] BPE tokenizer trained on the train split."""
     import datasets
@@ -269,7 +324,7 @@ def bert_folders(docstring_folder, tmp_path_factory):
                                               batch_size=100_000)))
     folders = []
     for seed in (1, 2):
-        folder = tmp_path_factory.mktemp("bert") / f"endpoint-{seed}"
+        folder = root / f"endpoint-{seed}"
         torch.manual_seed(seed)
         model = tiny_bert_classifier(tokenizer)
         train_classifier(model, inputs, labels, epochs=15, lr=2e-3, weight_decay=0.01, batch_size=32, seed=seed,
@@ -278,3 +333,8 @@ def bert_folders(docstring_folder, tmp_path_factory):
         tokenizer.save_pretrained(str(folder))
         folders.append(folder)
     return folders
+
+
+@pytest.fixture(scope="session")
+def bert_folders(docstring_folder, tmp_path_factory):
+    return built_once(tmp_path_factory, "bert", lambda root: train_bert_pair(docstring_folder, root))

@@ -17,9 +17,10 @@ from hfrepair.models import MLP, ResNet
 from hfrepair.pipeline import merge
 from hfrepair.spec import PermutationSpec
 
-from .conftest import assert_one_line_error, batches
+from .conftest import assert_one_line_error, batches, run_cli
 
-FAST = ["--grid", "3", "--num-samples", "1000", "--eval-samples", "500", "--batch-size", "500"]
+FAST = ["--grid", "3", "--num-samples", "1000", "--eval-samples", "500", "--batch-size", "500",
+        "--train-eval-samples", "250"]
 ENV = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
 
 
@@ -29,11 +30,6 @@ def endpoint_folders(resnet_pair, tmp_path_factory):
     for name, model in zip("ab", resnet_pair):
         model.save_pretrained(str(root / name))
     return root / "a", root / "b"
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "hfrepair.cli", *map(str, args)],
-                          capture_output=True, text=True, env=ENV, timeout=600)
 
 
 RELOAD = """
@@ -252,3 +248,41 @@ def test_unreadable_shard_size_is_refused_before_the_merge(endpoint_folders, mni
     sizes = {text: parse(parser, [*argv, "--max-shard-size", text]).max_shard_size
              for text in ("5GB", "1.5GB", "500MB", "40000")}
     assert sizes == {"5GB": "5GB", "1.5GB": "1.5GB", "500MB": "500MB", "40000": 40000}
+
+
+@pytest.mark.parametrize("kind, dtype", [("builtin", "float16"), ("builtin", "bfloat16"),
+                                         ("transformers", "float16")])
+def test_half_precision_endpoints_merge_and_are_saved_in_their_dtype(kind, dtype, endpoint_folders,
+                                                                     hf_resnet_folders, mnist_folder, tmp_path):
+    """Half-precision endpoints (transformers 5 loads Hub repos in their saved dtype): the spec
+    check uses the dtype's tolerance, interpolation and folding round once, and the merge is
+    saved, and reloads, in the endpoints' dtype with the accuracy it reported."""
+    import copy
+
+    from hfrepair.data import image_batches, model_transform
+    from hfrepair.evaluate import evaluate
+
+    half = getattr(torch, dtype)
+    sources = endpoint_folders if kind == "builtin" else hf_resnet_folders
+    folders = []
+    for name, source in zip("ab", sources):
+        model = copy.deepcopy(load_model(source)).to(half)
+        model.save_pretrained(str(tmp_path / name))
+        for sidecar in ("preprocessor_config.json",):
+            if (source / sidecar).is_file():
+                (tmp_path / name / sidecar).write_bytes((source / sidecar).read_bytes())
+        folders.append(tmp_path / name)
+    out = tmp_path / "merged"
+    # the last flags win: a lighter merge (bfloat16 convolutions are slow on CPU)
+    done = run_cli("merge", *folders, "--dataset", mnist_folder, "--output", out, *FAST, "--num-samples", "500",
+                   "--eval-samples", "300", "--train-eval-samples", "100")
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "merge_results.json").read_text())
+    assert results["dtype"] == dtype
+    saved = load_file(out / "model.safetensors")
+    assert {v.dtype for v in saved.values() if v.is_floating_point()} == {half}
+    reloaded = load_model(out)
+    assert {p.dtype for p in reloaded.parameters()} == {half}
+    test = image_batches(str(mnist_folder), "test", model_transform(out), limit=300, batch_size=500, seed=0)
+    assert evaluate(reloaded, test).accuracy == results["merged"]["test"]["accuracy"]
+    assert results["merged"]["test"]["accuracy"] > results["curves"]["aligned"]["test"][1]["accuracy"]

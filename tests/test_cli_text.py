@@ -14,6 +14,7 @@ written.
 
 import json
 import math
+import textwrap
 
 import datasets
 import pytest
@@ -21,9 +22,9 @@ import pytest
 from hfrepair.cli import main
 from hfrepair.evaluate import evaluate
 from hfrepair.text import load_tokenizer, packed_batches
-from tests.conftest import LM_LENGTH, assert_one_line_error
+from tests.conftest import LM_LENGTH, assert_one_line_error, run_cli
 from tests.hub_emulator import HubEmulator
-from tests.test_cli_transformers import run_cli, tensor_names
+from tests.test_cli_transformers import tensor_names
 from tests.test_hub import hub_cli
 from tests.test_hub_emulator import TOKEN, run_client
 
@@ -186,48 +187,79 @@ def test_bert_classifier_merges_with_padded_batches(bert_folders, docstring_fold
     assert "pipeline_tag: text-classification" in card and "midpoint accuracy" in card
 
 
-def test_gpt2_from_the_hub_pushed_and_pulled_back(gpt2_folders, text_folder, tmp_path_factory):
-    """Endpoints and corpus uploaded with the real client; merged from Hub ids, pushed; the
-    pulled repo loads with transformers and its tokenizer, and scores the card's loss."""
-    root = tmp_path_factory.mktemp("hub-text")
+def merged_through_the_hub(root, folders, dataset, model_repo: str, dataset_repo: str, flags, pull: str):
+    """Endpoints and corpus uploaded with the real client; merged from Hub ids, pushed as
+    ``user/{model_repo}-merged``; then ``pull`` (client code ending in ``result(...)``) run
+    on the pulled repo. Returns the merge record and what ``pull`` reported."""
+    merged = f"user/{model_repo}-merged"
     with HubEmulator(root / "hub", token=TOKEN) as hub:
         run_client(hub, root, f"""
             from huggingface_hub import HfApi
             api = HfApi()
-            for name, folder in (("gpt2-a", "{gpt2_folders[0]}"), ("gpt2-b", "{gpt2_folders[1]}")):
+            for name, folder in (("{model_repo}-a", "{folders[0]}"), ("{model_repo}-b", "{folders[1]}")):
                 api.create_repo(f"user/{{name}}")
                 api.upload_folder(repo_id=f"user/{{name}}", folder_path=folder)
-            api.create_repo("user/pydoc", repo_type="dataset")
-            api.upload_folder(repo_id="user/pydoc", repo_type="dataset", folder_path="{text_folder}")
+            api.create_repo("{dataset_repo}", repo_type="dataset")
+            api.upload_folder(repo_id="{dataset_repo}", repo_type="dataset", folder_path="{dataset}")
             result(ok=True)
         """)
         out = root / "merged"
-        done = hub_cli(hub, root, "merge", "user/gpt2-a", "user/gpt2-b", "--dataset", "user/pydoc", "--output",
-                       out, "--push-to-hub", "user/gpt2-merged", *FAST, "--num-samples", "200",
-                       "--train-eval-samples", "50")  # the last flags win: a lighter merge, the same round trip
+        done = hub_cli(hub, root, "merge", f"user/{model_repo}-a", f"user/{model_repo}-b", "--dataset", dataset_repo,
+                       "--output", out, "--push-to-hub", merged, *flags)
         assert done.returncode == 0, done.stderr[-3000:]
         record = json.loads((out / "merge_results.json").read_text())
-        pulled = run_client(hub, root, f"""
+        pulled = run_client(hub, root, textwrap.dedent(f"""
             from huggingface_hub import ModelCard, snapshot_download
-            from transformers import AutoModelForCausalLM
             from hfrepair.evaluate import evaluate
-            from hfrepair.text import load_tokenizer, packed_batches
-            folder = snapshot_download("user/gpt2-merged")
-            model = AutoModelForCausalLM.from_pretrained(folder).eval()
-            test = packed_batches("user/pydoc", "test", load_tokenizer(folder), {LM_LENGTH}, limit={EVAL_BLOCKS},
-                                  seed=0)
-            card = ModelCard.load("user/gpt2-merged")
+            from hfrepair.text import load_tokenizer, packed_batches, padded_batches
+            folder = snapshot_download("{merged}")
+            card = ModelCard.load("{merged}")
             metrics = {{r.metric_type: r.metric_value for r in card.data.eval_results}}
-            result(cls=type(model).__name__, loss=evaluate(model, test).loss, card=metrics,
-                   base=card.data.base_model, files=sorted(os.listdir(folder)))
-        """)
+        """) + textwrap.dedent(pull))
         assert hub.unhandled == [], hub.unhandled
+    assert pulled["base"] == [f"user/{model_repo}-a", f"user/{model_repo}-b"]
+    assert TOKENIZER_FILES <= set(pulled["files"])
+    assert record["sources"]["dataset"]["repo_id"] == dataset_repo
+    return record, pulled
+
+
+def test_gpt2_from_the_hub_pushed_and_pulled_back(gpt2_folders, text_folder, tmp_path_factory):
+    """The pulled repo loads with transformers and its tokenizer, and scores the card's loss."""
+    record, pulled = merged_through_the_hub(
+        tmp_path_factory.mktemp("hub-text"), gpt2_folders, text_folder, "gpt2", "user/pydoc",
+        [*FAST, "--num-samples", "200", "--train-eval-samples", "50"],  # the last flags win: a lighter merge
+        f"""
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        test = packed_batches("user/pydoc", "test", load_tokenizer(folder), {LM_LENGTH}, limit={EVAL_BLOCKS}, seed=0)
+        result(cls=type(model).__name__, loss=evaluate(model, test).loss, card=metrics, base=card.data.base_model,
+               files=sorted(os.listdir(folder)))
+        """)
     assert pulled["cls"] == "GPT2LMHeadModel"
     assert pulled["loss"] == pytest.approx(record["merged"]["test"]["loss"], rel=1e-6)
     assert pulled["card"]["loss"] == pytest.approx(record["merged"]["test"]["loss"], abs=1e-6)
-    assert pulled["base"] == ["user/gpt2-a", "user/gpt2-b"]
-    assert TOKENIZER_FILES <= set(pulled["files"])
-    assert record["sources"]["dataset"]["repo_id"] == "user/pydoc"
+
+
+def test_bert_from_the_hub_pushed_and_pulled_back(bert_folders, docstring_folder, tmp_path_factory):
+    """The BERT classifier the same way: padded batches streamed from the Hub dataset; the
+    pulled repo keeps its label names and scores the card's accuracy."""
+    record, pulled = merged_through_the_hub(
+        tmp_path_factory.mktemp("hub-bert"), bert_folders, docstring_folder, "bert", "user/docstrings",
+        ["--grid", "3", "--num-samples", "300", "--eval-samples", "150", "--train-eval-samples", "50"],
+        f"""
+        from transformers import AutoModelForSequenceClassification
+        model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+        test = padded_batches("user/docstrings", "test", load_tokenizer(folder), {LM_LENGTH}, 5, limit=150, seed=0)
+        result(cls=type(model).__name__, accuracy=evaluate(model, test).accuracy, card=metrics,
+               labels=model.config.id2label, base=card.data.base_model, files=sorted(os.listdir(folder)))
+        """)
+    from hfrepair.corpora import DOCSTRING_PACKAGES
+
+    assert pulled["cls"] == "BertForSequenceClassification"
+    assert pulled["accuracy"] == pytest.approx(record["merged"]["test"]["accuracy"])
+    assert pulled["card"]["accuracy"] == pytest.approx(record["merged"]["test"]["accuracy"], abs=1e-6)
+    assert list(pulled["labels"].values()) == list(DOCSTRING_PACKAGES)
+    assert record["merged"]["test"]["examples"] == 150
 
 
 def test_llama_pair_merges_through_the_cli(llama_folders, text_folder, tmp_path):

@@ -3,9 +3,6 @@ grayscale image processor: a ViT (heads, head dims, residual stream, MLP aligned
 one-channel transformers ResNet (images must reach the model as one channel, not RGB)."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 from huggingface_hub import ModelCard
@@ -14,18 +11,13 @@ from safetensors import safe_open
 from hfrepair.data import image_batches, model_transform
 from hfrepair.evaluate import evaluate
 
-from .conftest import train_grayscale_pair
+from .conftest import run_cli, train_grayscale_pair
 
 EVAL_SAMPLES = 500
-FAST = ["--grid", "3", "--num-samples", "1000", "--eval-samples", str(EVAL_SAMPLES), "--batch-size", "500"]
-ENV = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+FAST = ["--grid", "3", "--num-samples", "1000", "--eval-samples", str(EVAL_SAMPLES), "--batch-size", "500",
+        "--train-eval-samples", "250"]
 OUTPUT_FILES = ["README.md", "barrier_curve.png", "config.json", "merge_results.json", "model.safetensors",
                 "preprocessor_config.json", "variance_ratio.png"]
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "hfrepair.cli", *map(str, args)],
-                          capture_output=True, text=True, env=ENV, timeout=600)
 
 
 def merge_folders(a, b, dataset, out, *extra):

@@ -22,6 +22,8 @@ from hfrepair.io import load_model
 from hfrepair.pipeline import merge
 from hfrepair.statistics import collect_statistics
 
+from .conftest import run_cli
+
 NUM_SAMPLES = 1100  # with batches of 250: 4 full batches and one of 100, dealt 3 / 2
 EVAL_SAMPLES = 700
 BATCH = 250
@@ -155,9 +157,7 @@ def test_cli_under_accelerate_launch(endpoint_folders, mnist_folder, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("merged model written to") == 1  # the main process alone reports and writes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["two"]  # no staging folder left behind
-    single = subprocess.run([sys.executable, "-m", "hfrepair.cli", "merge", *endpoint_folders, "--output",
-                             one_out, *map(str, common)], capture_output=True, text=True, check=False,
-                            env={**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}, timeout=600)
+    single = run_cli("merge", *endpoint_folders, "--output", one_out, *common)
     assert single.returncode == 0, single.stderr[-3000:]
     two, one = (json.loads((o / "merge_results.json").read_text()) for o in (two_out, one_out))
     assert two["processes"] == 2 and one["processes"] == 1

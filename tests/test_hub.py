@@ -18,7 +18,8 @@ from tests.conftest import assert_one_line_error
 from tests.hub_emulator import HubEmulator
 from tests.test_hub_emulator import TOKEN, run_client
 
-FAST = ["--grid", "3", "--num-samples", "1000", "--eval-samples", "500", "--batch-size", "500"]
+FAST = ["--grid", "3", "--num-samples", "1000", "--eval-samples", "500", "--batch-size", "500",
+        "--train-eval-samples", "250"]
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +217,7 @@ def test_push_failing_midway_leaves_the_repo_unchanged(hub, merged_from_hub, tmp
     assert hub.load("model", "user/atomic") == before  # no commit, no file changed
 
 
-@pytest.mark.parametrize("args, token, message", [
+HUB_ERRORS = [
     (["user/missing", "user/resnet-b"], TOKEN, "model repo 'user/missing' not found"),
     (["user/resnet-a@nope", "user/resnet-b"], TOKEN, "revision not found"),
     (["user/resnet-a", "user/resnet-b"], None, "model repo 'user/resnet-a' not found on"),
@@ -229,15 +230,38 @@ def test_push_failing_midway_leaves_the_repo_unchanged(hub, merged_from_hub, tmp
     (["user/resnet-a", "user/resnet-b", "--label-column", "digit"], TOKEN, "no label column 'digit'"),
     (["user/resnet-a", "user/resnet-b", "--num-samples", "4001"], TOKEN,
      "asks for more examples than split 'train' of dataset 'user/mnist' has (4000)"),
-])
-def test_hub_errors_are_one_line(hub, uploaded, tmp_path, args, token, message):
+]
+
+
+def test_hub_errors_are_one_line(hub, uploaded, tmp_path):
+    """Each bad Hub input is one ``hfrepair: error:`` line and exit status 2, with nothing
+    written or pushed. The cases run one after another in one client process (``main`` per
+    case, its token set in the environment as ``HF_TOKEN``) so the imports are paid once;
+    ``hub_cli`` tests above cover the real process's exit status."""
     out = tmp_path / "never"
-    dataset = [] if "--dataset" in args else ["--dataset", "user/mnist"]
-    done = hub_cli(hub, tmp_path, "merge", *FAST, *args, *dataset, "--output", out,
-                   "--push-to-hub", "user/never", token=token)
-    assert done.returncode == 2
-    assert_one_line_error(done.stderr, message)
-    assert not out.exists()
+    cases = [(["merge", *FAST, *args, *([] if "--dataset" in args else ["--dataset", "user/mnist"]),
+               "--output", str(out), "--push-to-hub", "user/never"], token) for args, token, _ in HUB_ERRORS]
+    seen = run_client(hub, tmp_path, f"""
+        import contextlib, io
+        from hfrepair.cli import main
+        seen = []
+        for argv, token in {cases!r}:
+            os.environ.pop("HF_TOKEN", None)
+            if token:
+                os.environ["HF_TOKEN"] = token
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                try:
+                    code = main(argv)
+                except SystemExit as exit_info:
+                    code = exit_info.code
+            seen.append((code, err.getvalue(), os.path.exists("{out}")))
+        result(seen=seen)
+    """)
+    for (args, token, message), (code, stderr, wrote) in zip(HUB_ERRORS, seen["seen"], strict=True):
+        assert code == 2, (args, stderr)
+        assert_one_line_error(stderr, message)
+        assert not wrote, args
     assert hub.load("model", "user/never") is None
 
 

@@ -8,7 +8,7 @@ from hfrepair.discovery import discover_spec
 from hfrepair.fuse import fold_batchnorm
 from hfrepair.interpolate import interpolate
 from hfrepair.matching import match_permutations
-from hfrepair.models import VGG, ResNet
+from hfrepair.models import MLP, VGG, ResNet
 from hfrepair.repair import (
     ChannelBatchNorm,
     block_output_sites,
@@ -154,19 +154,36 @@ def test_block_output_correction_meets_goals_and_stays_in_memory():
     assert not torch.allclose(fused_only(inputs), net(inputs))  # the hooks matter
 
 
-def test_exact_repair_weights_every_example_alike_whatever_the_batches():
+@pytest.mark.parametrize("normalization, factory, shape", [
+    ("none", lambda: MLP(depth=3, width=16, image_size=4, in_channels=1), (1, 4, 4)),
+    ("batchnorm", lambda: MLP(depth=3, width=16, image_size=4, in_channels=1, normalization="batchnorm"), (1, 4, 4)),
+    ("batchnorm", lambda: ResNet(blocks_per_stage=1, base_channels=4, image_size=8, normalization="batchnorm"),
+     (1, 8, 8)),
+], ids=["mlp", "mlp-batchnorm", "resnet-batchnorm"])
+def test_exact_repair_weights_every_example_alike_whatever_the_batches(normalization, factory, shape):
     """Batches of 256, 256 and 2 (and a last batch of one example) give the statistics of one
-    batch of all examples: REPAIR's sums count examples, not batches."""
-    from hfrepair.models import MLP
-
-    a, b = endpoints(lambda: MLP(depth=2, width=16, image_size=4, in_channels=1))
+    batch of all examples: REPAIR's sums, and the re-measured statistics of the network's own
+    BatchNorms, count examples, not batches. The first corrected layer matches to float32
+    rounding; later layers differ only through the few examples that the small last batch
+    normalised with its own statistics during the pass (measured: at most 2.1% of a tensor's
+    largest value for the MLP, 1.3% with BatchNorm, 0.3% for the ResNet; a cumulative
+    BatchNorm gave up to 17.7x, and crashed on a batch of one (N, C) example)."""
+    a, b = endpoints(factory)
     torch.manual_seed(3)
-    inputs = torch.randn(514, 1, 4, 4)
+    inputs = torch.randn(514, *shape)
     spec, stats, perms, mixed = prepare(a, b, inputs)
     whole = repair(a, mixed, spec, stats, perms, 0.5, "repair", [inputs])
     for sizes in ((256, 256, 2), (256, 257, 1)):
-        split = list(torch.split(inputs, list(sizes)))
-        parts = repair(a, mixed, spec, stats, perms, 0.5, "repair", split)
+        parts = repair(a, mixed, spec, stats, perms, 0.5, "repair", list(torch.split(inputs, list(sizes))))
         first = correction_sites(spec)[0]
-        assert torch.allclose(parts[first.weight], whole[first.weight], rtol=1e-4, atol=1e-6)
-        assert torch.allclose(parts[first.bias], whole[first.bias], rtol=1e-4, atol=1e-6)
+        if normalization == "none":
+            assert torch.allclose(parts[first.weight], whole[first.weight], rtol=1e-4, atol=1e-6)
+            assert torch.allclose(parts[first.bias], whole[first.bias], rtol=1e-4, atol=1e-6)
+        else:
+            norm = first.batchnorm
+            for buffer in ("running_mean", "running_var"):
+                key = f"{norm}.{buffer}"
+                assert torch.allclose(parts[key], whole[key], rtol=1e-4, atol=1e-6), key
+        worst = max(((parts[k] - whole[k]).abs().max() / whole[k].abs().max().clamp_min(1e-12)).item()
+                    for k in whole if whole[k].is_floating_point())
+        assert worst < 0.03, (sizes, worst)

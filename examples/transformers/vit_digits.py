@@ -16,8 +16,8 @@ with the public API only:
 * where unit correlations are measured (``match_at``).
 
 Writes ``results.md``, ``results.json`` and ``vit_digits.png`` into ``docs/results/transformers``
-(or ``--output``). ``--quick`` trains for 12 epochs on 2,000 digits and exits 1 unless
-naive < aligned < aligned + REPAIR at the midpoint.
+(or ``--output``). ``--quick`` trains for 12 epochs on 2,000 digits, evaluates on 500 and
+exits 1 unless naive < aligned < aligned + REPAIR at the midpoint.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    epochs, examples = (12, 2000) if args.quick else (30, 4000)
+    epochs, examples, tested = (12, 2000, 500) if args.quick else (30, 4000, None)
     args.cache.mkdir(parents=True, exist_ok=True)
     data = args.cache / "mnist"
     if not (data / "train.parquet").is_file():
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     model_a, model_b = load_model(folder_a), load_model(folder_b)
     transform = model_transform(folder_a)
     calibration = list(image_batches(str(data), "train", transform, limit=examples, batch_size=500))
-    test = list(image_batches(str(data), "test", transform, batch_size=500))
+    test = list(image_batches(str(data), "test", transform, limit=tested, batch_size=500))
 
     merged, result = hfrepair.merge(model_a, model_b, calibration, {"test": test, "train": calibration},
                                     grid=3 if args.quick else 5)

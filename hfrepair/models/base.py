@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from huggingface_hub import PyTorchModelHubMixin, load_torch_model
+from safetensors import safe_open
 from torch import nn
 
 MNIST_MEAN = (0.1307,)
@@ -30,12 +32,28 @@ class BuiltinModel(nn.Module, PyTorchModelHubMixin, library_name="hfrepair", tag
     @classmethod
     def from_folder(cls, folder: str | Path) -> BuiltinModel:
         """Load a saved folder strictly (the mixin's loader ignores missing keys by default);
-        sharded weights (``model.safetensors.index.json``) load too."""
+        sharded weights (``model.safetensors.index.json``) load too. The model keeps the
+        floating dtype its weights were saved in (a float16 endpoint stays float16)."""
         config = json.loads((Path(folder) / "config.json").read_text())
         config.pop("model_type", None)
         model = cls(**config)
         load_torch_model(model, folder, strict=True, safe=True)
-        return model.eval()
+        return model.to(saved_floating_dtype(folder)).eval()
+
+
+# safetensors' dtype names, for the floating dtypes a checkpoint is saved in
+SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
+def saved_floating_dtype(folder: str | Path) -> torch.dtype:
+    """The dtype of the floating-point tensors in a folder's safetensors files (read from
+    their headers); float32 when they mix several, since it holds each of them exactly."""
+    found = set()
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as weights:
+            found |= {weights.get_slice(key).get_dtype() for key in weights.keys()}
+    floating = {SAFETENSORS_DTYPES[name] for name in found if name in SAFETENSORS_DTYPES}
+    return floating.pop() if len(floating) == 1 else torch.float32
 
 
 def init_weights(model: nn.Module) -> None:
