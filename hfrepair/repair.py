@@ -280,14 +280,14 @@ def _estimate(net, modules, added, reset, batches, max_examples, accelerator) ->
     device = next(net.parameters()).device
     trackers = {}
     for norm in reset:
-        tracker = ChannelBatchNorm(norm.num_features, axis=1, eps=norm.eps).to(device)
+        tracker = ChannelBatchNorm(norm.num_features, axis=1, eps=norm.eps)
         if norm.affine:
             tracker.weight.copy_(norm.weight)
             tracker.bias.copy_(norm.bias)
         trackers[norm] = tracker
     measuring = [*added.values(), *trackers.values()]
     for tracker in measuring:
-        tracker.to(device).train()
+        tracker.to(device).train()  # copies of float32 goals and affines, on the network's device
     handles = [modules[name].register_forward_hook(lambda _m, _i, out, c=corrector: c(out))
                for name, corrector in added.items()]
     handles += [norm.register_forward_hook(lambda _m, args, _out, t=tracker: t(args[0]))

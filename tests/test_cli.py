@@ -268,9 +268,9 @@ def test_half_precision_endpoints_merge_and_are_saved_in_their_dtype(kind, dtype
     for name, source in zip("ab", sources):
         model = copy.deepcopy(load_model(source)).to(half)
         model.save_pretrained(str(tmp_path / name))
-        for sidecar in ("preprocessor_config.json",):
-            if (source / sidecar).is_file():
-                (tmp_path / name / sidecar).write_bytes((source / sidecar).read_bytes())
+        processor = source / "preprocessor_config.json"
+        if processor.is_file():
+            (tmp_path / name / processor.name).write_bytes(processor.read_bytes())
         folders.append(tmp_path / name)
     out = tmp_path / "merged"
     # the last flags win: a lighter merge (bfloat16 convolutions are slow on CPU)
