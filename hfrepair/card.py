@@ -86,6 +86,9 @@ def is_language_model(record: dict) -> bool:
 
 
 def barrier_table(record: dict) -> str:
+    if not record["curves"]:
+        return ("No interpolation curve was measured (`--no-curves`): the endpoints and the saved model only, "
+                "so there is no barrier to report.")
     mid = min(range(len(record["alphas"])), key=lambda i: abs(record["alphas"][i] - 0.5))
     language_model = is_language_model(record)
     first = "midpoint loss | midpoint perplexity" if language_model else "midpoint accuracy"
@@ -119,22 +122,28 @@ def merged_summary(record: dict) -> str:
 def card_metrics(record: dict, saved: str) -> list[tuple[str, str, float]]:
     """The model-index entries: (metric type, name, value), named as the task's metrics."""
     merged = record["merged"]["test"]
-    barriers, aligned = record["barriers"]["repaired"]["test"], record["barriers"]["aligned"]["test"]
+    curves = record["barriers"]
+    barriers = curves["repaired"]["test"] if "repaired" in curves else None
+    aligned = curves["aligned"]["test"] if "aligned" in curves else None
     if is_language_model(record):
-        return [
+        metrics = [
             ("loss", "Merged model loss (per token)", merged["loss"]),
             ("perplexity", "Merged model perplexity", math.exp(merged["loss"])),
             ("accuracy", "Merged model next-token accuracy", merged["accuracy"]),
-            ("loss_barrier", f"Loss barrier ({saved})", barriers["loss"]["max"]),
-            ("loss_barrier_aligned", "Loss barrier (aligned only)", aligned["loss"]["max"]),
         ]
-    return [
+        if barriers and aligned:
+            metrics += [("loss_barrier", f"Loss barrier ({saved})", barriers["loss"]["max"]),
+                        ("loss_barrier_aligned", "Loss barrier (aligned only)", aligned["loss"]["max"])]
+        return metrics
+    metrics = [
         ("accuracy", "Merged model accuracy", merged["accuracy"]),
         ("loss", "Merged model loss", merged["loss"]),
-        ("accuracy_barrier", f"Accuracy barrier ({saved})", barriers["accuracy"]["max"]),
-        ("loss_barrier", f"Loss barrier ({saved})", barriers["loss"]["max"]),
-        ("accuracy_barrier_aligned", "Accuracy barrier (aligned only)", aligned["accuracy"]["max"]),
     ]
+    if barriers and aligned:
+        metrics += [("accuracy_barrier", f"Accuracy barrier ({saved})", barriers["accuracy"]["max"]),
+                    ("loss_barrier", f"Loss barrier ({saved})", barriers["loss"]["max"]),
+                    ("accuracy_barrier_aligned", "Accuracy barrier (aligned only)", aligned["accuracy"]["max"])]
+    return metrics
 
 
 def tokenizer_text(record: dict) -> str:
@@ -246,6 +255,7 @@ def model_card(record: dict, configs: tuple[dict, dict], licenses: tuple[str | N
         alpha=record["alpha"], method=record["method"], match_at=record["match_at"], dtype=record["dtype"],
         calibration_examples=record["calibration_examples"], dataset=_name(dataset),
         split=record["split"], eval_split=split, num_groups=len(record["groups"]), grid=len(record["alphas"]),
+        curves=bool(record["curves"]),
         table=barrier_table(record), merged_summary=merged_summary(record), tokenizer=tokenizer_text(record),
         unit="blocks of text" if is_language_model(record) else "examples",
         notes=record.get("notes", []), command=record["command"], versions=_versions(),
@@ -257,6 +267,7 @@ def model_card(record: dict, configs: tuple[dict, dict], licenses: tuple[str | N
 
 def write_card(folder: Path, record: dict, configs: tuple[dict, dict], licenses: tuple) -> None:
     """README.md and the two plots into ``folder``."""
-    plot_barrier(record, folder / "barrier_curve.png")
+    if record["curves"]:
+        plot_barrier(record, folder / "barrier_curve.png")
     plot_variance(record, folder / "variance_ratio.png")
     model_card(record, configs, licenses).save(folder / "README.md")

@@ -47,6 +47,7 @@ USER_ERRORS = (DataError, EvaluationError, ExportError, HubAccessError, Matching
 DEFAULT_NUM_SAMPLES = 5000
 # The train-loss curve re-evaluates these at every alpha of every curve: a sample suffices.
 TRAIN_EVAL_SAMPLES = 1000
+DEFAULT_CACHE_MEMORY = "2GB"  # prepared batches per data set held in memory (the rest go to a temporary folder)
 IMAGE_BATCH, TEXT_BATCH = 256, 32  # a text block holds up to 512 positions, an image one
 
 
@@ -64,10 +65,8 @@ def _positive(text: str) -> int:
     return value
 
 
-def _shard_size(text: str) -> int | str:
-    """A safetensors shard size as the savers take it (a byte count, or "5GB", "500MB", ...),
-    checked when the command is read rather than after the merge; kept as written, so that
-    records and cards show it so."""
+def size_in_bytes(text: str) -> int:
+    """A size such as 5GB, 500MB or a number of bytes; anything else is a usage error."""
     from huggingface_hub.serialization._base import parse_size_to_int  # the savers' own parser
 
     size = str(text).strip()
@@ -78,7 +77,22 @@ def _shard_size(text: str) -> int | str:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive size such as 5GB, 500MB or a number of bytes, "
                                          f"got {text!r}")
+    return value
+
+
+def _shard_size(text: str) -> int | str:
+    """A safetensors shard size as the savers take it (a byte count, or "5GB", "500MB", ...),
+    checked when the command is read rather than after the merge; kept as written, so that
+    records and cards show it so."""
+    size_in_bytes(text)
+    size = str(text).strip()
     return int(size) if size.isdigit() else size
+
+
+def _memory_size(text: str) -> str:
+    """The prepared-data bound, checked when read and kept as written (config and card)."""
+    size_in_bytes(text)
+    return str(text).strip()
 
 
 def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
@@ -95,6 +109,12 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
                         help="calibration examples the train-loss curve is measured on (the first of the "
                              f"calibration set; default {TRAIN_EVAL_SAMPLES})")
     parser.add_argument("--grid", type=_positive, default=11, help="alphas evaluated for the barrier (default 11)")
+    parser.add_argument("--no-curves", action="store_true",
+                        help="measure the endpoints and the saved model only: no interpolation curves or barriers "
+                             "(the fastest merge)")
+    parser.add_argument("--cache-memory", type=_memory_size, default=DEFAULT_CACHE_MEMORY,
+                        help="prepared batches held in memory per data set (each example is read and preprocessed "
+                             f"once per merge); beyond it they go to a temporary folder (default {DEFAULT_CACHE_MEMORY})")
     parser.add_argument("--batch-size", type=_positive, default=None,
                         help=f"examples per batch (default {IMAGE_BATCH} images, or {TEXT_BATCH} blocks of text)")
     parser.add_argument("--seed", type=int, default=0,
@@ -293,11 +313,14 @@ def run_merge(args: argparse.Namespace, argv: list[str]) -> MergeResult:
     model_a, model_b = load_model(folder_a, trust), load_model(folder_b, trust)
     calibration, evaluation = data_streams(args, task, folder_a, config_a, tokenizer, data_source)
     spec = load_spec(args.spec) if args.spec else None
-    curves = ("naive", *(("naive-repaired",) if args.unaligned else ()), "aligned", "repaired",
-              *(("repaired+blocks",) if args.block_outputs else ()))
+    curves = () if args.no_curves else (
+        "naive", *(("naive-repaired",) if args.unaligned else ()), "aligned", "repaired",
+        *(("repaired+blocks",) if args.block_outputs else ()))
     merged, result = merge(model_a, model_b, calibration, evaluation, alpha=args.alpha, method=args.method,
                            match_at=args.match_at, spec=spec, grid=args.grid, eval_samples=args.eval_samples,
-                           curves=curves, accelerator=accelerator)
+                           train_examples=args.train_eval_samples, curves=curves, accelerator=accelerator,
+                           cache_memory=size_in_bytes(args.cache_memory),
+                           announce=lambda plan: print(plan, file=sys.stderr, flush=True))
     record = {
         "command": "hfrepair " + " ".join(shlex.quote(a) for a in argv),
         "sources": {"model_a": source_a.to_dict(), "model_b": source_b.to_dict(),
@@ -316,8 +339,8 @@ def run_merge(args: argparse.Namespace, argv: list[str]) -> MergeResult:
 
 
 def data_streams(args: argparse.Namespace, task: str, folder_a: Path, config_a: dict, tokenizer, data_source):
-    """Calibration batches, and the named evaluation batches (``train``: the calibration
-    set's first ``--train-eval-samples``), in the form the endpoints' task reads: images
+    """Calibration batches and the test batches (the merge adds ``train``: the calibration
+    set's first ``--train-eval-samples``, replayed from its prepared batches), in the form the endpoints' task reads: images
     through A's preprocessing, or texts through the endpoints' tokenizer (packed for a
     causal LM, padded for a classifier)."""
     dataset = str(data_source.folder or data_source.repo_id)
@@ -345,9 +368,7 @@ def data_streams(args: argparse.Namespace, task: str, folder_a: Path, config_a: 
                                  label_column=args.label_column, **stream, **cap)
     calibration_size = args.num_samples or DEFAULT_NUM_SAMPLES
     calibration = open_split(args.split, limit=calibration_size, strict_limit=args.num_samples is not None)
-    # Same seed and split: the first examples of the calibration set.
-    train = open_split(args.split, limit=min(calibration_size, args.train_eval_samples))
-    return calibration, {"test": open_split(args.eval_split, limit=args.eval_samples), "train": train}
+    return calibration, {"test": open_split(args.eval_split, limit=args.eval_samples)}
 
 
 def describe_tokenizer(tokenizer, source: str) -> dict:
@@ -402,9 +423,13 @@ def write_atomically(output: Path, write) -> None:
 def format_table(result: MergeResult, task: str = "image-classification") -> str:
     """Barrier table: the midpoint's metric (accuracy; loss and perplexity for a causal LM),
     the accuracy barrier, test and train loss barriers."""
-    if not result.curves:
-        return "(no evaluation data: barriers not measured)"
     language_model = task == "text-generation"
+    if not result.curves:
+        if not result.merged:
+            return "(no evaluation data: barriers not measured)"
+        return "\n".join([*endpoint_lines(result, language_model),
+                          "no interpolation curves (--no-curves): barriers not measured", *describe(result),
+                          *(f"note: {note}" for note in result.notes)])
     first = f"{'mid loss':>10}{'mid ppl':>10}" if language_model else f"{'mid acc':>9}"
     header = (f"{'interpolation':<16}{first}{'acc barrier':>13}{'test loss barrier':>19}"
               f"{'train loss barrier':>20}")

@@ -167,6 +167,10 @@ class SplitBatches:
         index, count = self.part
         return number % count == index
 
+    def __iter__(self):
+        for _start, batch in self.numbered():
+            yield batch
+
 
 @dataclasses.dataclass(frozen=True)
 class ImageStream(SplitBatches):
@@ -192,15 +196,16 @@ class ImageStream(SplitBatches):
     strict_limit: bool = False
     part: tuple[int, int] = (0, 1)
 
-    def __iter__(self):
+    def numbered(self):
+        """This part's batches, each with the position of its first example in the split."""
         rows = self.first_rows()
         decode = _decoder((self.stream.features or {}).get(self.image_column))
         seen = 0
         for number, batch in enumerate(rows.iter(batch_size=self.batch_size)):
             labels = batch[self.label_column]
-            seen += len(labels)
             if self.is_mine(number):
-                yield self.transform(decode(batch[self.image_column])), torch.as_tensor(labels)
+                yield seen, (self.transform(decode(batch[self.image_column])), torch.as_tensor(labels))
+            seen += len(labels)
         if self.strict_limit and self.limit is not None and seen < self.limit:
             raise DataError(f"--num-samples {self.limit} asks for more examples than {self.name} has ({seen})")
 

@@ -69,28 +69,58 @@ def autocast(accelerator: Accelerator | None):
     return accelerator.autocast() if accelerator is not None else nullcontext()
 
 
+def numbered_batches(batches: Iterable, accelerator: Accelerator | None) -> Iterator[tuple[int, object]]:
+    """This process's batches of ``batches``, each with its first example's position in the
+    global order (so that a prefix of the data can be cut the same on every process).
+
+    A stream that can deal itself out (``shard``, ``numbered``) skips preprocessing the
+    others' batches; any other iterable is read whole and dealt out here.
+    """
+    index, count = part_of(accelerator)
+    if hasattr(batches, "numbered"):
+        yield from batches.shard(index, count).numbered()
+        return
+    start = 0
+    for number, batch in enumerate(batches):
+        if number % count == index:
+            yield start, batch
+        start += rows(batch[0] if isinstance(batch, (tuple, list)) else batch)
+
+
+def cut_batch(batch, keep: int):
+    """The first ``keep`` examples of a batch (a tensor, a mapping, or an (inputs, labels) pair)."""
+    if isinstance(batch, (tuple, list)):
+        return tuple(first_rows(t, keep) for t in batch)
+    return first_rows(batch, keep)
+
+
+def within(numbered: Iterable[tuple[int, object]], limit: int | None) -> Iterator:
+    """The batches of ``(start, batch)`` pairs up to ``limit`` examples in the global order,
+    the one that crosses it cut there."""
+    for start, batch in numbered:
+        if limit is not None and start >= limit:
+            return
+        size = rows(batch[0] if isinstance(batch, (tuple, list)) else batch)
+        yield batch if limit is None or start + size <= limit else cut_batch(batch, limit - start)
+        if limit is not None and start + size >= limit:
+            return  # without reading (and preprocessing) the next batch
+
+
 def local_batches(batches: Iterable, limit: int | None, accelerator: Accelerator | None) -> Iterator:
     """This process's batches of ``batches`` capped at ``limit`` examples over all processes.
 
     Batches are tensors or ``(inputs, labels)`` tuples; the last one kept is cut at the cap.
-    A stream that can deal itself out (``shard``) skips preprocessing the others' batches.
+    Prepared batches (:class:`~hfrepair.prepared.PreparedBatches`) are this process's part
+    already; a stream that can deal itself out applies the cap before preprocessing.
     """
-    index, count = part_of(accelerator)
+    if getattr(batches, "is_local", False):
+        yield from batches.up_to(limit)
+        return
     if hasattr(batches, "shard"):
+        index, count = part_of(accelerator)
         yield from batches.shard(index, count, limit)
         return
-    seen = 0
-    for number, batch in enumerate(batches):
-        if limit is not None and seen >= limit:
-            return
-        size = rows(batch[0] if isinstance(batch, (tuple, list)) else batch)
-        keep = size if limit is None else min(size, limit - seen)
-        seen += keep
-        if number % count == index:
-            if keep < size:
-                batch = (tuple(first_rows(t, keep) for t in batch) if isinstance(batch, (tuple, list))
-                         else first_rows(batch, keep))
-            yield batch
+    yield from within(numbered_batches(batches, accelerator), limit)
 
 
 def sum_across(tensors: list[torch.Tensor], accelerator: Accelerator | None) -> list[torch.Tensor]:

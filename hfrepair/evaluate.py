@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
-from .distributed import autocast, local_batches, progress, sum_across
-from .batches import model_outputs, to_device
+from .passes import Tap, run_pass
 
 
 class EvaluationError(ValueError):
@@ -52,34 +51,58 @@ def predictions_and_targets(logits: torch.Tensor, labels: torch.Tensor) -> tuple
     return logits[keep], labels[keep]
 
 
-@torch.no_grad()
+class Scores(Tap):
+    """Tap of the summed loss and accuracy of one model's predictions in a pass;
+    :attr:`metrics` after the pass. Labels outside the model's classes are counted, not
+    raised during the pass: a process must not leave the others waiting in the reduction."""
+
+    wants_outputs = True
+
+    def __init__(self, model_index: int = 0) -> None:
+        self.model_index = model_index
+        self.totals = torch.zeros(5, dtype=torch.float64)  # loss, correct, scored, examples, outside
+        self.classes = 0
+        self.metrics: Metrics | None = None
+
+    def observe(self, model_index, logits, labels):
+        if model_index != self.model_index:
+            return
+        if labels is None:
+            raise EvaluationError("evaluation batches need labels: (inputs, labels) pairs")
+        examples = len(labels)
+        logits, labels = predictions_and_targets(logits.float(), labels)
+        self.classes = logits.shape[-1]
+        outside = int(((labels < 0) | (labels >= self.classes)).sum())
+        if outside or self.totals[4]:
+            self.totals += torch.tensor([0.0, 0.0, 0.0, examples, outside], dtype=torch.float64)
+            return
+        loss = F.cross_entropy(logits, labels, reduction="sum").item()
+        correct = (logits.argmax(-1) == labels).sum().item()
+        self.totals += torch.tensor([loss, correct, len(labels), examples, 0.0], dtype=torch.float64)
+
+    def sums(self):
+        return [self.totals]
+
+    def set_sums(self, sums):
+        self.totals = sums[0].cpu()
+
+    def finish(self):
+        loss, correct, scored, examples, outside = self.totals.tolist()
+        if outside:
+            raise EvaluationError(f"{int(outside)} labels lie outside the model's {self.classes} classes "
+                                  f"(0-{self.classes - 1})")
+        if scored == 0:
+            raise EvaluationError("evaluation data is empty")
+        self.metrics = Metrics(loss / scored, correct / scored, int(examples), int(scored))
+
+
 def evaluate(model: nn.Module, batches: Iterable, max_examples: int | None = None,
              accelerator: Accelerator | None = None) -> Metrics:
     """Mean cross-entropy and accuracy of ``model`` over ``(inputs, labels)`` batches, per
     prediction (with an ``accelerator``: over the batches of all processes)."""
-    model.eval()
-    device = next(model.parameters()).device
-    loss_sum, correct, scored, examples, outside, classes = 0.0, 0, 0, 0, 0, 0
-    for inputs, labels in local_batches(batches, max_examples, accelerator):
-        with autocast(accelerator):
-            logits = model_outputs(model, to_device(inputs, device))
-        examples += len(labels)
-        logits, labels = predictions_and_targets(logits.float(), labels.to(device))
-        classes = logits.shape[-1]
-        # Counted, not raised here: a process must not leave the others waiting in the reduce.
-        outside += int(((labels < 0) | (labels >= classes)).sum())
-        if outside:
-            continue
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-        correct += (logits.argmax(-1) == labels).sum().item()
-        scored += len(labels)
-    totals = sum_across([torch.tensor([loss_sum, correct, scored, examples, outside])], accelerator)[0].tolist()
-    loss_sum, correct, scored, examples, outside = totals
-    if outside:
-        raise EvaluationError(f"{int(outside)} labels lie outside the model's {classes} classes (0-{classes - 1})")
-    if scored == 0:
-        raise EvaluationError("evaluation data is empty")
-    return Metrics(loss_sum / scored, correct / scored, int(examples), int(scored))
+    scores = Scores()
+    run_pass([model], [scores], batches, limit=max_examples, accelerator=accelerator, desc="evaluating")
+    return scores.metrics
 
 
 def barrier(alphas: list[float], values: list[float], higher_is_better: bool = False) -> dict[str, float]:
@@ -93,23 +116,6 @@ def barrier(alphas: list[float], values: list[float], higher_is_better: bool = F
     gaps = [sign * (v - ((1 - a) * first + a * last)) for a, v in zip(alphas, values)]
     mid = min(range(len(alphas)), key=lambda i: abs(alphas[i] - 0.5))
     return {"max": max(gaps), "midpoint": gaps[mid], "midpoint_alpha": alphas[mid]}
-
-
-def curve(
-    build: callable,
-    alphas: list[float],
-    datasets: dict[str, Iterable],
-    max_examples: int | None = None,
-    desc: str = "",
-    accelerator: Accelerator | None = None,
-) -> dict[str, list[dict]]:
-    """Metrics of ``build(alpha)`` for each alpha on each named dataset."""
-    result: dict[str, list[dict]] = {name: [] for name in datasets}
-    for alpha in progress(alphas, accelerator, desc=f"evaluating {desc}", unit="alpha"):
-        model = build(alpha)
-        for name, batches in datasets.items():
-            result[name].append(evaluate(model, batches, max_examples, accelerator).to_dict())
-    return result
 
 
 def barriers_of(alphas: list[float], points: list[dict]) -> dict[str, dict]:

@@ -7,9 +7,10 @@ this one only passes their plain outputs along and times them.
 
 from __future__ import annotations
 
+import copy
 import time
-from collections.abc import Iterable
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -18,20 +19,16 @@ from torch import nn
 
 from .batches import first_rows, to_device
 from .discovery import discover_spec
-from .distributed import make_accelerator
-from .evaluate import barriers_of, curve, evaluate, variance_ratios
+from .distributed import is_main_process, make_accelerator, progress
+from .evaluate import Scores, barriers_of, variance_ratios
 from .interpolate import interpolate
 from .matching import match_permutations, matching_sites, mean_matched_correlation
 from .repair import METHODS, block_output_sites, correction_sites, repair, repair_block_outputs
-from .spec import (
-    PermutationSpec,
-    check_function_preserved,
-    permute_state_dict,
-    verify_spec,
-    with_state_dict,
-)
+from .passes import forward_count, run_pass
+from .prepared import DEFAULT_MEMORY, PreparedBatches
+from .spec import PermutationSpec, check_function_preserved, load_into, permute_state_dict, verify_spec
 from .report import alignment_summary, corrected_count, fixed_summary, repair_summary, unsupported_ops
-from .statistics import collect_moments, collect_statistics, iter_inputs
+from .statistics import SiteMoments, collect_statistics
 
 # Interpolations the evaluation can trace; "naive-repaired" is REPAIR without alignment.
 CURVES = ("naive", "naive-repaired", "aligned", "repaired", "repaired+blocks")
@@ -69,6 +66,7 @@ class MergeResult:
     barriers: dict[str, dict] = field(default_factory=dict)
     variance_ratio: dict[str, dict] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    plan: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -139,6 +137,89 @@ def _timed(seconds: dict, stage: str):
     seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - start
 
 
+def _on_grid(alphas: list[float], alpha: float) -> bool:
+    return any(abs(a - alpha) < 1e-9 for a in alphas)
+
+
+REPAIRED_CURVES = ("naive-repaired", "repaired", "repaired+blocks")  # a REPAIR pass per point
+
+
+def plan_merge(method: str, alpha: float, curves: tuple[str, ...], inner: list[float], sizes: dict[str, int | None],
+               datasets: tuple[str, ...], variance_on_train: bool) -> MergePlan:
+    """Every pass a merge will run over the data, in order; :func:`merge` follows it.
+
+    ``inner``: the curves' alphas strictly between the endpoints; ``sizes``: examples per
+    data set (``calibration`` and each evaluation set; None when unknown before reading).
+    The saved model's point is reused in the ``repaired`` curve; the variance ratios are
+    taps on the ``train`` passes of the aligned and saved networks when those run anyway.
+    """
+    plan = MergePlan(sizes=dict(sizes))
+    plan.add("statistics", "calibration", 2)
+    repairs = method in ("repair", "reset")
+    if repairs:
+        plan.add("REPAIR (saved model)", "calibration", 1)
+    if not variance_on_train:
+        plan.add("variance ratios (aligned, saved)", "calibration", 1, count=2)
+    elif not ("aligned" in curves and any(abs(point - alpha) < 1e-9 for point in inner)):
+        plan.add("variance ratios (aligned)", "train", 1)
+    for name in datasets:
+        plan.add("evaluation: endpoints A and B", name, 2)
+        plan.add("evaluation: saved model", name, 1)
+    for label in curves:
+        for point in inner:
+            if label == "repaired" and abs(point - alpha) < 1e-9:
+                continue  # the saved model
+            if label in REPAIRED_CURVES and repairs:
+                plan.add(f"REPAIR ({label} curve)", "calibration", 1)
+            for name in datasets:
+                plan.add(f"evaluation: {label} curve", name, 1)
+    return plan
+
+
+@dataclass
+class MergePlan:
+    """The passes of a merge: what, over which data, how many models each batch runs."""
+
+    sizes: dict[str, int | None]
+    passes: list[dict] = field(default_factory=list)
+
+    def add(self, what: str, data: str, models: int, count: int = 1) -> None:
+        for _ in range(count):
+            self.passes.append({"what": what, "data": data, "models": models})
+
+    def example_forwards(self) -> int | None:
+        """Examples x models over all passes; None if a data set's size is not known."""
+        if any(self.sizes.get(p["data"]) is None for p in self.passes):
+            return None
+        return sum(p["models"] * self.sizes[p["data"]] for p in self.passes)
+
+    def describe(self) -> str:
+        total = self.example_forwards()
+        head = f"plan: {len(self.passes)} passes over the data"
+        lines = [head + (f", {total:,} example-forwards" if total is not None else "") + ":"]
+        counts: dict[tuple, int] = {}
+        for p in self.passes:
+            key = (p["what"], p["data"], p["models"])
+            counts[key] = counts.get(key, 0) + 1
+        for (what, data, models), count in counts.items():
+            size = self.sizes.get(data)
+            over = f"{size:,} {data} examples" if size is not None else f"the {data} data"
+            times = f"{count} passes" if count > 1 else "1 pass"
+            lines.append(f"  {what}: {times} x {models} model{'s' if models > 1 else ''} over {over}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"passes": len(self.passes), "example_forwards": self.example_forwards(), "sizes": self.sizes,
+                "steps": self.describe().splitlines()[1:]}
+
+
+def _size(batches, cap: int | None) -> int | None:
+    known = getattr(batches, "expected", None)
+    if known is None:
+        return None
+    return known if cap is None else min(known, cap)
+
+
 def merge(
     model_a: nn.Module,
     model_b: nn.Module,
@@ -152,21 +233,29 @@ def merge(
     num_samples: int | None = None,
     grid: int = 11,
     eval_samples: int | None = None,
+    train_examples: int | None = None,
     curves: tuple[str, ...] = DEFAULT_CURVES,
     accelerator: Accelerator | None = None,
+    cache_memory: int = DEFAULT_MEMORY,
+    announce: Callable[[str], None] | None = None,
 ) -> tuple[nn.Module, MergeResult]:
     """Align ``model_b`` to ``model_a``, interpolate at ``alpha``, REPAIR and fuse.
 
-    ``calibration`` yields input tensors or ``(inputs, labels)`` batches and must be
-    re-iterable (a list or a DataLoader); ``num_samples`` caps the examples used.
-    ``evaluation`` maps names (e.g. ``"test"``, ``"train"``) to labelled batches; when given,
-    the naive / aligned / repaired curves over ``grid`` alphas and their barriers are
-    measured (``curves`` picks them from :data:`CURVES`). Returns the merged model (A's class, fused weights) and a :class:`MergeResult`.
+    ``calibration`` yields input tensors or ``(inputs, labels)`` batches; ``num_samples``
+    caps the examples used. ``evaluation`` maps names (e.g. ``"test"``) to labelled
+    batches; ``train_examples`` adds ``"train"``: the first calibration examples. When
+    there is evaluation data, the naive / aligned / repaired curves over ``grid`` alphas and
+    their barriers are measured (``curves`` picks them from :data:`CURVES`; ``()`` for
+    none: the endpoints and the saved model only). Returns the merged model (A's class,
+    fused weights) and a :class:`MergeResult`.
 
-    Every pass runs on all processes of ``accelerator`` (one is created if none is given),
-    each reading its part of the batches; the endpoints are moved to its device and the
-    forward passes use its mixed precision, while all sums stay float64. Call it on every
-    process; each gets the same merged model and result.
+    Each example is read (streamed, decoded, preprocessed) once: later passes replay the
+    prepared batches, held in memory up to ``cache_memory`` bytes per data set and in a
+    temporary folder beyond, removed at the end. ``announce`` receives the plan of passes
+    before they start. Every pass runs on all processes of ``accelerator`` (one is created
+    if none is given), each reading its part of the batches; the endpoints are moved to its
+    device and the forward passes use its mixed precision, while all sums stay float64.
+    Call it on every process; each gets the same merged model and result.
     """
     if not 0.0 <= alpha <= 1.0:
         raise MergeError(f"alpha must be in [0, 1], got {alpha}")
@@ -183,11 +272,29 @@ def merge(
     accelerator = accelerator or make_accelerator()
     model_a.to(accelerator.device).eval()
     model_b.to(accelerator.device).eval()
+    with ExitStack() as cleanup:
+        def prepared(batches):
+            cache = PreparedBatches(batches, accelerator, cache_memory)
+            cleanup.callback(cache.close)
+            return cache
+
+        calibration = prepared(calibration)
+        evaluation = {name: prepared(batches) for name, batches in (evaluation or {}).items()}
+        if train_examples:
+            evaluation["train"] = calibration.prefix(min(train_examples, num_samples or train_examples))
+        return _merge(model_a, model_b, calibration, evaluation, alpha, method, match_at, spec, num_samples, grid,
+                      eval_samples, curves, accelerator, announce)
+
+
+def _merge(model_a, model_b, calibration, evaluation, alpha, method, match_at, spec, num_samples, grid, eval_samples,
+           curves, accelerator, announce):
+    """:func:`merge` on prepared data: the plan, then the stages."""
     seconds: dict[str, float] = {}
-    example = next(iter_inputs(calibration, 8, "example"), None)
+    example = next(iter(calibration), None)  # this process's first batch: read once, kept for the passes
     if example is None:
         raise MergeError("the calibration data is empty")
-    example = to_device(first_rows(example, 8), next(model_a.parameters()).device)
+    example = to_device(first_rows(example[0] if isinstance(example, (tuple, list)) else example, 8),
+                        accelerator.device)
 
     given_spec = spec is not None
     with _timed(seconds, "discover"):
@@ -199,27 +306,43 @@ def merge(
     if "repaired+blocks" in curves and not block_output_sites(spec):
         raise MergeError(f"{type(model_a).__name__} has no residual-block outputs (activations on a residual "
                          "stream) to correct: drop --block-outputs")
+
+    alphas = [i / (grid - 1) for i in range(grid)]
+    inner = alphas[1:-1] if evaluation else []
+    curves = curves if evaluation else ()
+    variance_on_train = "train" in evaluation
+    aligned_point_on_grid = "aligned" in curves and _on_grid(inner, alpha)
+    sizes = {"calibration": _size(calibration, num_samples),
+             **{name: _size(batches, eval_samples) for name, batches in evaluation.items()}}
+    plan = plan_merge(method, alpha, curves, inner, sizes, tuple(evaluation), variance_on_train)
+    if announce is not None and is_main_process(accelerator):
+        announce(plan.describe())
+
+    def over_calibration(models, taps, desc):
+        return run_pass(models, taps, calibration, limit=num_samples, accelerator=accelerator, desc=desc)
+
+    forwards_before = forward_count()
     sites, cross_modules = statistics_plan(spec, method, match_at, curves)
     with _timed(seconds, "statistics"):
         stats = collect_statistics(model_a, model_b, sites, calibration, num_samples, cross_modules, accelerator)
     with _timed(seconds, "match"):
         perms = match_permutations(spec, stats, match_at)
+    work = copy.deepcopy(model_a)  # the one working copy every built network is loaded into
     with _timed(seconds, "permute"):
         state_a, state_b = model_a.state_dict(), model_b.state_dict()
         state_b_aligned = permute_state_dict(state_b, spec, perms)
-        permuted_diff = check_function_preserved(model_b, state_b_aligned, example)
+        permuted_diff = check_function_preserved(model_b, state_b_aligned, example, workspace=work)
 
     identity = {name: torch.arange(g.size) for name, g in spec.groups.items()}
 
-    def build(alpha_: float, aligned: bool = True) -> dict:
+    def repaired_state(alpha_: float, aligned: bool = True) -> dict:
         """REPAIRed interpolation; unaligned B keeps its own unit order (identity)."""
         target, order = (state_b_aligned, perms) if aligned else (state_b, identity)
-        return repair(model_a, interpolate(state_a, target, alpha_), spec, stats, order, alpha_,
-                      method, calibration, num_samples, accelerator)
+        return repair(model_a, interpolate(state_a, target, alpha_), spec, stats, order, alpha_, method,
+                      calibration, num_samples, accelerator, workspace=work)
 
     with _timed(seconds, "interpolate+repair"):
-        merged_state = build(alpha)
-    merged = with_state_dict(model_a, merged_state).eval()
+        merged_state = repaired_state(alpha)
     result = MergeResult(
         alpha=alpha, method=method, match_at=match_at, calibration_examples=stats.examples,
         groups={name: g.size for name, g in spec.groups.items()},
@@ -232,50 +355,80 @@ def merge(
     if not spec.groups:
         result.notes.append("the given spec has no permutation groups: B's units were not aligned to A's")
 
+    # Figure 2's ratio, at the sites where units were matched (post-activation by default).
+    matched = {m for g in spec.groups for m in matching_sites(spec, g, match_at)}
+    variance_sites = [s for s in spec.sites if s.module in matched]
+    variance_taps = {"aligned": SiteMoments(variance_sites), "repaired": SiteMoments(variance_sites)}
     with _timed(seconds, "variance"):
-        # Figure 2's ratio, at the sites where units were matched (post-activation by default).
-        matched = {m for g in spec.groups for m in matching_sites(spec, g, match_at)}
-        sites = [s for s in spec.sites if s.module in matched]
-        aligned_net = with_state_dict(model_a, interpolate(state_a, state_b_aligned, alpha))
-        endpoints = {name: stats.pairs[name] for name in (s.module for s in sites)}
-        result.variance_ratio = {
-            label: variance_ratios(
-                collect_moments(net, sites, calibration, num_samples, accelerator),
-                {k: p.a for k, p in endpoints.items()}, {k: p.b for k, p in endpoints.items()},
-            )
-            for label, net in (("aligned", aligned_net), ("repaired", merged))
-        }
+        if not variance_on_train:
+            load_into(work, interpolate(state_a, state_b_aligned, alpha))
+            over_calibration([work], [variance_taps["aligned"]], "variance (aligned)")
+            load_into(work, merged_state)
+            over_calibration([work], [variance_taps["repaired"]], "variance (saved)")
+        elif not aligned_point_on_grid:
+            load_into(work, interpolate(state_a, state_b_aligned, alpha))
+            run_pass([work], [variance_taps["aligned"]], evaluation["train"], limit=eval_samples,
+                     accelerator=accelerator, desc="variance (aligned)")
+
+    def scores_of(models, in_memory=(), on_train=()):
+        """Metrics of ``models`` on every evaluation set, one pass per set. ``in_memory``
+        taps change the network in every pass (block-output corrections); the ``train``
+        pass also feeds ``on_train`` (the variance ratios)."""
+        out = [{} for _ in models]
+        for name, batches in evaluation.items():
+            taps = [*(Scores(i) for i in range(len(models))), *in_memory, *(on_train if name == "train" else ())]
+            run_pass(models, taps, batches, limit=eval_samples, accelerator=accelerator,
+                     desc=f"evaluating on {name}")
+            for i in range(len(models)):
+                out[i][name] = taps[i].metrics.to_dict()
+        return out
 
     if evaluation:
         with _timed(seconds, "evaluate"):
-            def scores(model: nn.Module) -> dict:
-                return {name: evaluate(model, b, eval_samples, accelerator).to_dict() for name, b in evaluation.items()}
-
-            result.merged = scores(merged)
-            result.endpoints = {"A": scores(model_a), "B": scores(model_b)}
-            alphas = [i / (grid - 1) for i in range(grid)]
-            inner = alphas[1:-1]
-            builders = {
-                "naive": lambda a: with_state_dict(model_a, interpolate(state_a, state_b, a)),
-                "naive-repaired": lambda a: with_state_dict(model_a, build(a, aligned=False)),
-                "aligned": lambda a: with_state_dict(model_a, interpolate(state_a, state_b_aligned, a)),
-                "repaired": lambda a: with_state_dict(model_a, build(a)),
-                "repaired+blocks": lambda a: repair_block_outputs(
-                    model_a, interpolate(state_a, state_b_aligned, a), spec, stats, perms, a, calibration,
-                    num_samples, accelerator),
-            }
+            result.endpoints = dict(zip("AB", scores_of([model_a, model_b])))
+            load_into(work, merged_state)
+            saved_taps = [variance_taps["repaired"]] if variance_on_train else []
+            result.merged = scores_of([work], on_train=saved_taps)[0]
             result.alphas = alphas
             for label in curves:
-                make = builders[label]
-                inner_points = curve(make, inner, evaluation, eval_samples, desc=label, accelerator=accelerator)
+                points = []
+                for point in progress(inner, accelerator, desc=f"curve {label}", unit="alpha"):
+                    if label == "repaired" and abs(point - alpha) < 1e-9:
+                        points.append(result.merged)
+                        continue
+                    in_memory = []
+                    if label == "naive":
+                        load_into(work, interpolate(state_a, state_b, point))
+                    elif label == "aligned":
+                        load_into(work, interpolate(state_a, state_b_aligned, point))
+                    elif label == "repaired+blocks":
+                        state, tap = repair_block_outputs(model_a, interpolate(state_a, state_b_aligned, point),
+                                                          spec, stats, perms, point, calibration, num_samples,
+                                                          accelerator, workspace=work)
+                        load_into(work, state)
+                        in_memory = [tap]
+                    else:
+                        load_into(work, repaired_state(point, aligned=label == "repaired"))
+                    extra = [variance_taps["aligned"]] if (variance_on_train and aligned_point_on_grid
+                                                           and label == "aligned" and abs(point - alpha) < 1e-9) else []
+                    points.append(scores_of([work], in_memory, extra)[0])
                 result.curves[label] = {
-                    name: [result.endpoints["A"][name], *inner_points[name], result.endpoints["B"][name]]
+                    name: [result.endpoints["A"][name], *[p[name] for p in points], result.endpoints["B"][name]]
                     for name in evaluation
                 }
                 result.barriers[label] = {
-                    name: barriers_of(alphas, points) for name, points in result.curves[label].items()
+                    name: barriers_of(alphas, values) for name, values in result.curves[label].items()
                 }
+    endpoints = {site.module: stats.pairs[site.module] for site in variance_sites}
+    result.variance_ratio = {
+        label: variance_ratios(tap.moments, {k: p.a for k, p in endpoints.items()},
+                               {k: p.b for k, p in endpoints.items()})
+        for label, tap in variance_taps.items()
+    }
     if "repaired+blocks" in curves:
         result.notes.append(BLOCK_OUTPUT_NOTE)
+    result.plan = {**plan.to_dict(), "example_forwards_run": forward_count() - forwards_before,
+                   "variance_data": "train" if variance_on_train else "calibration"}
     result.seconds = seconds
-    return merged, result
+    return load_into(work, merged_state).eval(), result
+

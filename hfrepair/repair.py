@@ -30,11 +30,11 @@ from accelerate import Accelerator
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .distributed import autocast, require_data_everywhere, sum_across
+from .batches import counted_rows
 from .fuse import fold_batchnorm
-from .spec import ActivationSite, PermutationSpec, with_state_dict
-from .batches import counted_rows, counting_real_tokens, rows, run_model, to_device
-from .statistics import Statistics, iter_inputs
+from .passes import Tap, run_pass
+from .spec import ActivationSite, PermutationSpec, load_into, with_state_dict
+from .statistics import Statistics
 
 METHODS = ("repair", "closed-form", "reset", "none")
 BN_EPS = 1e-5
@@ -170,13 +170,15 @@ def repair(
     max_examples: int | None = None,
     accelerator: Accelerator | None = None,
     sites: list[ActivationSite] | None = None,
+    workspace: nn.Module | None = None,
 ) -> dict[str, torch.Tensor]:
     """The corrected, fused state dict of the interpolated network ``state_dict``.
 
     ``model`` only supplies the architecture; it is not modified. With an ``accelerator``
     the exact variant's pass runs on every process and its statistics are reduced.
     ``sites`` overrides :func:`correction_sites` (for ablations: a subset, or sites with
-    ``bias=None`` for scale-only corrections).
+    ``bias=None`` for scale-only corrections). ``workspace``: a copy of the architecture to
+    load the network into and measure in, instead of a new deep copy of ``model``.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, not {method!r}")
@@ -187,8 +189,9 @@ def repair(
     elif sites is None:
         sites = correction_sites(spec)
     net, added = _corrected_network(model, state_dict, sites, stats, perms, alpha, method, batches, max_examples,
-                                    accelerator)
-    return _fold(net.state_dict(), sites, added)
+                                    accelerator, workspace)
+    # Copies: a workspace's tensors are overwritten by the next network loaded into it.
+    return _fold({key: value.clone() for key, value in net.state_dict().items()}, sites, added)
 
 
 @torch.no_grad()
@@ -202,30 +205,67 @@ def repair_block_outputs(
     batches: Iterable,
     max_examples: int | None = None,
     accelerator: Accelerator | None = None,
-) -> nn.Module:
+    workspace: nn.Module | None = None,
+) -> tuple[dict[str, torch.Tensor], Tap]:
     """Exact REPAIR that also corrects residual-block outputs (after add and activation).
 
     The identity path carries a block-output correction into every later block, so in a
-    plain ResNet it cannot be folded into the weights: the returned module keeps those
-    correctors as forward hooks. Use it to measure what they add; it is never saved.
+    plain ResNet it cannot be folded into the weights: returns the fused state dict of the
+    foldable corrections and a tap that applies the block-output ones during a pass (pass
+    it to :func:`~hfrepair.passes.run_pass` with that state loaded). Use it to measure
+    what they add; it is never saved.
     """
     layer_sites = correction_sites(spec)
     blocks = block_output_sites(spec)
     net, added = _corrected_network(model, state_dict, layer_sites + blocks, stats, perms, alpha, "repair",
-                                    batches, max_examples, accelerator)
-    net.load_state_dict(_fold(net.state_dict(), layer_sites, added))
-    modules = dict(net.named_modules())
-    for site in blocks:
-        corrector = added[site.module].eval()
-        modules[site.module].register_forward_hook(lambda _m, _i, out, c=corrector: c(out))
-    return net
+                                    batches, max_examples, accelerator, workspace)
+    state = _fold({key: value.clone() for key, value in net.state_dict().items()}, layer_sites, added)
+    block_correctors = {site.module: added[site.module].eval() for site in blocks}
+    return state, Corrections(block_correctors, {})
 
 
-def _corrected_network(model, state_dict, sites, stats, perms, alpha, method, batches, max_examples, accelerator):
+class Corrections(Tap):
+    """Correctors applied to a model's layer outputs during a pass (``correctors``: module
+    name -> :class:`ChannelBatchNorm`, whose output replaces the layer's), and trackers
+    re-measuring the model's own BatchNorms (``trackers``: BatchNorm module name -> tracker,
+    fed that BatchNorm's input; its output replaces the BatchNorm's). Correctors and
+    trackers in train mode measure, and their float64 sums are reduced over processes;
+    in eval mode they only apply an affine map (the in-memory block-output corrections).
+    """
+
+    def __init__(self, correctors: dict[str, ChannelBatchNorm], trackers: dict[str, ChannelBatchNorm],
+                 model_index: int = 0) -> None:
+        self.correctors, self.trackers, self.model_index = correctors, trackers, model_index
+
+    def _measuring(self) -> list[ChannelBatchNorm]:
+        return [m for m in (*self.correctors.values(), *self.trackers.values()) if m.training]
+
+    def attach(self, models):
+        modules = dict(models[self.model_index].named_modules())
+        handles = [modules[name].register_forward_hook(lambda _m, _i, out, c=corrector: c(out))
+                   for name, corrector in self.correctors.items()]
+        handles += [modules[name].register_forward_hook(lambda _m, args, _out, t=tracker: t(args[0]))
+                    for name, tracker in self.trackers.items()]
+        return handles
+
+    def sums(self):
+        return [m.sums for m in self._measuring()]
+
+    def set_sums(self, sums):
+        for module, total in zip(self._measuring(), sums):
+            module.sums.copy_(total)
+
+    def finish(self):
+        for module in self._measuring():
+            module.finish()
+
+
+def _corrected_network(model, state_dict, sites, stats, perms, alpha, method, batches, max_examples, accelerator,
+                       workspace=None):
     """The interpolated network with its BatchNorms and added correctors set for ``method``."""
     if method in ("repair", "reset") and batches is None:
         raise ValueError(f"method {method!r} needs calibration batches for its forward pass")
-    net = with_state_dict(model, state_dict).eval()
+    net = (load_into(workspace, state_dict) if workspace is not None else with_state_dict(model, state_dict)).eval()
     modules = dict(net.named_modules())
     added: dict[str, ChannelBatchNorm] = {}
     for site in sites:
@@ -278,37 +318,20 @@ def _estimate(net, modules, added, reset, batches, max_examples, accelerator) ->
     over processes.
     """
     device = next(net.parameters()).device
+    names = {module: name for name, module in modules.items()}
     trackers = {}
     for norm in reset:
         tracker = ChannelBatchNorm(norm.num_features, axis=1, eps=norm.eps)
         if norm.affine:
             tracker.weight.copy_(norm.weight)
             tracker.bias.copy_(norm.bias)
-        trackers[norm] = tracker
-    measuring = [*added.values(), *trackers.values()]
-    for tracker in measuring:
+        trackers[names[norm]] = tracker
+    for tracker in [*added.values(), *trackers.values()]:
         tracker.to(device).train()  # copies of float32 goals and affines, on the network's device
-    handles = [modules[name].register_forward_hook(lambda _m, _i, out, c=corrector: c(out))
-               for name, corrector in added.items()]
-    handles += [norm.register_forward_hook(lambda _m, args, _out, t=tracker: t(args[0]))
-                for norm, tracker in trackers.items()]
-    examples = 0
-    try:
-        for inputs in iter_inputs(batches, max_examples, "REPAIR pass", accelerator):
-            inputs = to_device(inputs, device)
-            with autocast(accelerator), counting_real_tokens(inputs):
-                run_model(net, inputs)
-            examples += rows(inputs)
-        require_data_everywhere(examples, accelerator, "REPAIR pass")
-        totals = sum_across([t.sums for t in measuring], accelerator) if measuring else []
-        for tracker, sums in zip(measuring, totals):
-            tracker.sums.copy_(sums)
-            tracker.finish()
-    finally:
-        for handle in handles:
-            handle.remove()
-    for norm, tracker in trackers.items():
-        count = tracker.sums[0]
+    run_pass([net], [Corrections(added, trackers)], batches, limit=max_examples, accelerator=accelerator,
+             desc="REPAIR pass")
+    for name, tracker in trackers.items():
+        norm, count = modules[name], tracker.sums[0]
         norm.running_mean.copy_(tracker.running_mean)
         # BatchNorm keeps the unbiased variance for eval mode
         norm.running_var.copy_((tracker.running_var.double() * count / (count - 1).clamp_min(1)).float())

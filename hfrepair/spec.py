@@ -216,9 +216,14 @@ def block_diagonal(perms: list[torch.Tensor]) -> torch.Tensor:
 
 def with_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Module:
     """A deep copy of ``model`` carrying ``state_dict`` (all keys required)."""
-    clone = copy.deepcopy(model)
-    clone.load_state_dict(state_dict, strict=True)
-    return clone
+    return load_into(copy.deepcopy(model), state_dict)
+
+
+def load_into(workspace: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Module:
+    """``workspace`` (a working copy of the architecture) carrying ``state_dict``; reusing
+    one copy per merge keeps a single extra model in memory however many networks are built."""
+    workspace.load_state_dict(state_dict, strict=True)
+    return workspace
 
 
 class SpecError(RuntimeError):
@@ -239,16 +244,19 @@ def check_function_preserved(
     permuted_state_dict: dict[str, torch.Tensor],
     inputs: torch.Tensor,
     atol: float | None = None,
+    workspace: nn.Module | None = None,
 ) -> float:
     """Max abs difference between the outputs of ``model`` and of its permuted weights.
 
     Raises :class:`SpecError` above ``atol`` (relative to the logits' scale, at least 1;
-    by default :func:`function_tolerance`).
+    by default :func:`function_tolerance`). ``workspace``: a copy of the architecture to
+    load the permuted weights into, instead of a new deep copy.
     """
     atol = function_tolerance(model) if atol is None else atol
     model.eval()
     reference = model_outputs(model, inputs).float()
-    permuted = with_state_dict(model, permuted_state_dict).eval()
+    permuted = (load_into(workspace, permuted_state_dict) if workspace is not None
+                else with_state_dict(model, permuted_state_dict)).eval()
     diff = (model_outputs(permuted, inputs).float() - reference).abs().max().item()
     scale = max(1.0, reference.abs().max().item())
     if not diff <= atol * scale:

@@ -19,15 +19,8 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from .batches import counted_rows, counting_padding, counting_real_tokens, rows, run_model, to_device
-from .distributed import (
-    autocast,
-    local_batches,
-    part_of,
-    progress,
-    require_data_everywhere,
-    sum_across,
-)
+from .batches import counted_rows, counting_padding
+from .passes import Tap, run_pass
 from .spec import ActivationSite
 
 EPS = 1e-12
@@ -135,34 +128,73 @@ class Statistics:
     examples: int = 0
 
 
-def iter_inputs(batches: Iterable, limit: int | None, desc: str, accelerator: Accelerator | None = None):
-    """Input tensors of this process's part of ``batches`` (tensors or (inputs, labels)),
-    at most ``limit`` rows over all processes."""
-    index, count = part_of(accelerator)
-    try:
-        total = len(range(index, len(batches), count))
-    except TypeError:  # an uncapped stream, a generator
-        total = None
-    for batch in progress(local_batches(batches, limit, accelerator), accelerator, desc=desc, unit="batch",
-                          total=total):
-        yield batch[0] if isinstance(batch, (tuple, list)) else batch
+class SiteStatistics(Tap):
+    """Tap of the statistics pass: at each site, both endpoints' moments and (where asked)
+    their cross-products. The pass runs A then B on each batch; A's activations are kept
+    (as a float64 copy, so that later in-place ops such as ``x += residual`` cannot reach
+    them) until B's arrive."""
+
+    def __init__(self, sites: list[ActivationSite], cross_sites: set[str] | None = None) -> None:
+        self.sites = {site.module: site for site in sites}
+        self.pairs = {name: PairMoments(with_cross=cross_sites is None or name in cross_sites) for name in self.sites}
+        self._pending: dict[str, torch.Tensor] = {}
+
+    def attach(self, models):
+        model_a, model_b = models
+
+        def keep_a(name):
+            def hook(_module, _inputs, output):
+                self._pending[name] = units_first(output, self.sites[name].axis)
+            return hook
+
+        def add_b(name):
+            def hook(_module, _inputs, output):
+                self.pairs[name].add(self._pending.pop(name), units_first(output, self.sites[name].axis))
+            return hook
+
+        handles = []
+        for model, make in ((model_a, keep_a), (model_b, add_b)):
+            modules = dict(model.named_modules())
+            handles += [modules[name].register_forward_hook(make(name)) for name in self.sites]
+        return handles
+
+    def sums(self):
+        return [t for pair in self.pairs.values() for t in pair.sums()]
+
+    def set_sums(self, sums):
+        start = 0
+        for pair in self.pairs.values():
+            size = len(pair.sums())
+            pair.set_sums(sums[start : start + size])
+            start += size
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+class SiteMoments(Tap):
+    """Tap of one model's moments at each site (the variance-collapse ratios)."""
+
+    def __init__(self, sites: list[ActivationSite], model_index: int = 0) -> None:
+        self.sites = {site.module: site for site in sites}
+        self.moments = {name: Moments() for name in self.sites}
+        self.model_index = model_index
+
+    def attach(self, models):
+        modules = dict(models[self.model_index].named_modules())
+
+        def add(name):
+            def hook(_module, _inputs, output):
+                self.moments[name].add(units_first(output, self.sites[name].axis))
+            return hook
+
+        return [modules[name].register_forward_hook(add(name)) for name in self.sites]
+
+    def sums(self):
+        return [t for m in self.moments.values() for t in m.sums()]
+
+    def set_sums(self, sums):
+        for position, moments in enumerate(self.moments.values()):
+            moments.set_sums(sums[3 * position : 3 * position + 3])
 
 
-def _sum_over_processes(accumulators: list, accelerator: Accelerator | None) -> None:
-    """Replace each accumulator's local sums by the sums over all processes (one reduce)."""
-    local = [acc.sums() for acc in accumulators]
-    total = sum_across([t for sums in local for t in sums], accelerator)
-    start = 0
-    for acc, sums in zip(accumulators, local):
-        acc.set_sums(total[start : start + len(sums)])
-        start += len(sums)
-
-
-@torch.no_grad()
 def collect_statistics(
     model_a: nn.Module,
     model_b: nn.Module,
@@ -179,74 +211,17 @@ def collect_statistics(
     ``cross_sites`` (default: every site). With an ``accelerator``, each process reads its
     part of the batches and the sums are reduced over processes at the end.
     """
-    by_module = {site.module: site for site in sites}
-    pairs = {
-        name: PairMoments(with_cross=cross_sites is None or name in cross_sites) for name in by_module
-    }
-    pending: dict[str, torch.Tensor] = {}
-
-    def hook_a(name):
-        def hook(_module, _inputs, output):
-            # A float64 copy now: later in-place ops (e.g. ``x += residual``) cannot reach it.
-            pending[name] = units_first(output, by_module[name].axis)
-        return hook
-
-    def hook_b(name):
-        def hook(_module, _inputs, output):
-            pairs[name].add(pending.pop(name), units_first(output, by_module[name].axis))
-        return hook
-
-    handles = []
-    for model, make in ((model_a, hook_a), (model_b, hook_b)):
-        modules = dict(model.named_modules())
-        handles += [modules[name].register_forward_hook(make(name)) for name in by_module]
-    model_a.eval()
-    model_b.eval()
-    device = _device(model_a)
-    examples = 0
-    try:
-        for inputs in iter_inputs(batches, max_examples, "statistics", accelerator):
-            inputs = to_device(inputs, device)
-            with autocast(accelerator), counting_real_tokens(inputs):
-                run_model(model_a, inputs)
-                run_model(model_b, inputs)
-            examples += rows(inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    examples = require_data_everywhere(examples, accelerator, "statistics pass")
-    _sum_over_processes(list(pairs.values()), accelerator)
-    return Statistics(pairs, examples)
+    tap = SiteStatistics(sites, cross_sites)
+    examples = run_pass([model_a, model_b], [tap], batches, limit=max_examples, accelerator=accelerator,
+                        desc="statistics")
+    return Statistics(tap.pairs, examples)
 
 
-@torch.no_grad()
 def collect_moments(
     model: nn.Module, sites: list[ActivationSite], batches: Iterable, max_examples: int | None = None,
     accelerator: Accelerator | None = None,
 ) -> dict[str, Moments]:
     """Per-site moments of one model (used for the variance-collapse ratios)."""
-    by_module = {site.module: site for site in sites}
-    moments = {name: Moments() for name in by_module}
-    modules = dict(model.named_modules())
-
-    def make(name):
-        def hook(_module, _inputs, output):
-            moments[name].add(units_first(output, by_module[name].axis))
-        return hook
-
-    handles = [modules[name].register_forward_hook(make(name)) for name in by_module]
-    model.eval()
-    device = _device(model)
-    examples = 0
-    try:
-        for inputs in iter_inputs(batches, max_examples, "moments", accelerator):
-            inputs = to_device(inputs, device)
-            with autocast(accelerator), counting_real_tokens(inputs):
-                run_model(model, inputs)
-            examples += rows(inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    require_data_everywhere(examples, accelerator, "variance pass")
-    _sum_over_processes(list(moments.values()), accelerator)
-    return moments
+    tap = SiteMoments(sites)
+    run_pass([model], [tap], batches, limit=max_examples, accelerator=accelerator, desc="moments")
+    return tap.moments

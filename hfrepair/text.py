@@ -157,7 +157,8 @@ class PackedTextStream(SplitBatches):
                 encoded = self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
                 yield from (ids for ids in encoded if ids)
 
-    def __iter__(self):
+    def numbered(self):
+        """This part's batches, each with the position of its first block in the split."""
         blocks = pack(self.token_lists(), self.tokenizer.eos_token_id, self.block_length)
         if self.limit is not None:
             blocks = islice(blocks, self.limit)
@@ -167,13 +168,13 @@ class PackedTextStream(SplitBatches):
             if batch and (len(batch) == self.batch_size or len(block) != len(batch[0])):
                 if self.is_mine(number):
                     ids = torch.tensor(batch)
-                    yield ids, ids
+                    yield seen - len(batch), (ids, ids)
                 number, batch = number + 1, []
             batch.append(block)
             seen += 1
         if batch and self.is_mine(number):
             ids = torch.tensor(batch)
-            yield ids, ids
+            yield seen - len(batch), (ids, ids)
         if seen == 0:
             raise DataError(f"the texts in column {self.text_column!r} of {self.name} are all empty after "
                             "tokenization")
@@ -246,19 +247,20 @@ class PaddedTextStream(SplitBatches):
     strict_limit: bool = False
     part: tuple[int, int] = (0, 1)
 
-    def __iter__(self):
+    def numbered(self):
+        """This part's batches, each with the position of its first example in the split."""
         rows = self.first_rows()
         seen = texts_seen = 0
         for number, batch in enumerate(rows.iter(batch_size=self.batch_size)):
             texts = [text or "" for text in batch[self.text_column]]
             if any(not isinstance(t, str) for t in texts):
                 raise DataError(f"column {self.text_column!r} of {self.name} holds values that are not text")
-            seen += len(texts)
             texts_seen += sum(1 for t in texts if t.strip())
             if self.is_mine(number):
                 inputs = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=True,
                                         return_tensors="pt")
-                yield dict(inputs), self.labels(batch[self.label_column])
+                yield seen, (dict(inputs), self.labels(batch[self.label_column]))
+            seen += len(texts)
         if seen and not texts_seen:
             raise DataError(f"the texts in column {self.text_column!r} of {self.name} are all empty")
         if self.strict_limit and self.limit is not None and seen < self.limit:

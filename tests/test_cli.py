@@ -66,6 +66,28 @@ def test_merge_command_writes_a_model_that_reloads_with_the_reported_accuracy(en
     assert results["merged"]["test"]["accuracy"] > results["curves"]["aligned"]["test"][1]["accuracy"]
 
 
+def test_no_curves_measures_the_endpoints_and_the_saved_model_only_as_its_printed_plan_says(
+        endpoint_folders, mnist_folder, tmp_path):
+    a, b = endpoint_folders
+    out = tmp_path / "merged"
+    done = run_cli("merge", a, b, "--dataset", mnist_folder, "--output", out, "--no-curves", *FAST)
+    assert done.returncode == 0, done.stderr
+    results = json.loads((out / "merge_results.json").read_text())
+    assert results["curves"] == {} and results["barriers"] == {} and results["merged"]["test"]["accuracy"] > 0.5
+    plan = results["plan"]
+    # statistics (2 models) and REPAIR (1) over 1,000 calibration examples; endpoints (2) and the saved
+    # model (1) over the test and train examples; the aligned midpoint's variance over the train examples
+    sizes = plan["sizes"]
+    assert plan["example_forwards"] == plan["example_forwards_run"] == 3 * sizes["calibration"] + 3 * (
+        sizes["test"] + sizes["train"]) + sizes["train"]
+    assert set(results["variance_ratio"]) == {"aligned", "repaired"}
+    assert f"plan: {plan['passes']} passes over the data, {plan['example_forwards']:,} example-forwards:" in done.stderr
+    assert "no interpolation curves (--no-curves)" in done.stdout
+    assert "barrier_curve.png" not in {p.name for p in out.iterdir()}
+    card = (out / "README.md").read_text()
+    assert "No interpolation curve was measured" in card and "barrier_curve.png" not in card
+
+
 def test_saved_model_gives_the_in_memory_logits_in_a_fresh_process(resnet_pair, mnist, endpoint_folders, tmp_path):
     train_x, train_y, test_x, _ = mnist(14)
     merged, _ = merge(*resnet_pair, batches(train_x[:1000], train_y[:1000]))

@@ -18,7 +18,8 @@ from hfrepair.repair import (
     site_goal,
 )
 from hfrepair.spec import permute_state_dict, with_state_dict
-from hfrepair.statistics import collect_moments, collect_statistics
+from hfrepair.passes import run_pass
+from hfrepair.statistics import SiteMoments, collect_moments, collect_statistics
 
 
 def endpoints(factory):
@@ -144,14 +145,19 @@ def test_block_output_correction_meets_goals_and_stays_in_memory():
     spec, stats, perms, mixed = prepare(a, b, inputs)
     blocks = block_output_sites(spec)
     assert [s.module for s in blocks] == ["relu"] + [f"blocks.{i}.relu2" for i in range(6)]
-    net = repair_block_outputs(a, mixed, spec, stats, perms, 0.5, [inputs])
-    assert net.state_dict().keys() == a.state_dict().keys()  # correctors are hooks, not weights
-    measured = collect_moments(net, blocks, [inputs])
+    state, in_memory = repair_block_outputs(a, mixed, spec, stats, perms, 0.5, [inputs])
+    assert state.keys() == a.state_dict().keys()  # block-output correctors are a tap, not weights
+    net = with_state_dict(a, state)
+    measured = SiteMoments(blocks)
+    run_pass([net], [in_memory, measured], [inputs])
     for site in blocks:
         goal = site_goal(stats, site, perms[site.group], 0.5)
-        torch.testing.assert_close(measured[site.module].std, goal.std, atol=5e-2, rtol=3e-2)
-    fused_only = with_state_dict(a, net.state_dict())
-    assert not torch.allclose(fused_only(inputs), net(inputs))  # the hooks matter
+        torch.testing.assert_close(measured.moments[site.module].std, goal.std, atol=5e-2, rtol=3e-2)
+    handles = in_memory.attach([net])
+    corrected = net(inputs)
+    for handle in handles:
+        handle.remove()
+    assert not torch.allclose(net(inputs), corrected)  # the in-memory corrections matter
 
 
 @pytest.mark.parametrize("normalization, factory, shape", [

@@ -1,0 +1,168 @@
+"""A default ``hfrepair merge`` of the demo pair: wall time, its forward passes, peak memory.
+
+    python benchmarks/bench_default_merge.py [--threads 2] [--before PATH]
+
+Runs ``hfrepair merge A B --dataset DEMO --output OUT`` with every default (5,000
+calibration examples asked, the 4,000 of the demo's train split used; 11 alphas; naive,
+aligned and repaired curves on the 1,000 test digits and the first 1,000 calibration
+digits) on the shipped demo endpoints, in this process, and prints:
+
+* the merge's wall time (the command, from reading the endpoints to the written folder);
+* the example-forwards its plan announced and ran, and one endpoint's per-example forward
+  time measured alone over the same prepared digits: the ratio of the wall time to
+  (example-forwards x that time) is what decoding, copying and bookkeeping add;
+* the peak resident memory during each kind of pass (statistics, REPAIR, evaluation),
+  sampled every 10 ms;
+* the saved model's test accuracy.
+
+``--before PATH`` also times the same command with the hfrepair found in PATH (e.g. a
+checkout of an earlier commit) in a fresh process, for a before/after comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class StagePeaks:
+    """Peak RSS per kind of pass: a sampling thread, and the pass engine's callers tagged."""
+
+    def __init__(self) -> None:
+        self.stage, self.peaks, self._running = "other", {}, True
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while self._running:
+            self.peaks[self.stage] = max(self.peaks.get(self.stage, 0.0), rss_mb())
+            time.sleep(0.01)
+
+    def tag(self, module, stage_of) -> None:
+        """Wrap ``module.run_pass`` so that its passes are counted under ``stage_of(desc)``."""
+        original = module.run_pass
+
+        def tagged(*args, desc="pass", **kwargs):
+            previous, self.stage = self.stage, stage_of(desc)
+            try:
+                return original(*args, desc=desc, **kwargs)
+            finally:
+                self.stage = previous
+        module.run_pass = tagged
+
+    def stop(self) -> dict:
+        self._running = False
+        self._thread.join()
+        return self.peaks
+
+
+def demo_command(output: Path) -> list[str]:
+    from hfrepair.demo import SHIPPED_ENDPOINTS, default_cache, write_mnist_dataset
+
+    dataset = write_mnist_dataset(default_cache() / "mnist")
+    return ["merge", str(SHIPPED_ENDPOINTS / "resnet-a"), str(SHIPPED_ENDPOINTS / "resnet-b"), "--dataset",
+            str(dataset), "--output", str(output), "--overwrite"]
+
+
+@torch.no_grad()
+def per_example_forward(examples: int = 2000, batch_size: int = 256) -> float:
+    """Seconds per example of one endpoint's forward pass over prepared digits, alone."""
+    from hfrepair.demo import demo_pair
+
+    model, _, calibration, _ = demo_pair(batch_size=batch_size)
+    batches = []
+    for images, _labels in calibration:
+        batches.append(images)
+        if sum(len(b) for b in batches) >= examples:
+            break
+    model.eval()
+    model(batches[0])  # warm-up
+    start = time.perf_counter()
+    for images in batches:
+        model(images)
+    return (time.perf_counter() - start) / sum(len(b) for b in batches)
+
+
+def run_after(output: Path) -> dict:
+    import hfrepair.pipeline
+    import hfrepair.repair
+    import hfrepair.statistics
+    from hfrepair.cli import main as cli_main
+
+    peaks = StagePeaks()
+    peaks.tag(hfrepair.statistics, lambda desc: "statistics")
+    peaks.tag(hfrepair.repair, lambda desc: "REPAIR")
+    peaks.tag(hfrepair.pipeline, lambda desc: "evaluation" if desc.startswith("evaluating") else "variance")
+    start = time.perf_counter()
+    code = cli_main(demo_command(output))
+    seconds = time.perf_counter() - start
+    stage_peaks = peaks.stop()
+    if code:
+        raise SystemExit(f"the merge failed with status {code}")
+    record = json.loads((output / "merge_results.json").read_text())
+    return {"seconds": seconds, "peaks": stage_peaks, "record": record}
+
+
+def run_before(path: str, output: Path, threads: int) -> dict:
+    """The same merge with the hfrepair at ``path``, in a fresh process."""
+    script = (f"import sys, time, torch; sys.path.insert(0, {path!r}); torch.set_num_threads({threads}); "
+              "import hfrepair, benchmarks.bench_default_merge as b; from hfrepair.cli import main; "
+              f"start = time.perf_counter(); code = main(b.demo_command(__import__('pathlib').Path({str(output)!r}))); "
+              "print('SECONDS', time.perf_counter() - start, hfrepair.__file__); sys.exit(code)")
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": f"{path}:{root}", "TQDM_DISABLE": "1"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=root)
+    line = next((l for l in out.stdout.splitlines() if l.startswith("SECONDS")), None)
+    if out.returncode or line is None:
+        raise SystemExit(f"the earlier hfrepair failed: {out.stderr[-2000:]}")
+    record = json.loads((output / "merge_results.json").read_text())
+    return {"seconds": float(line.split()[1]), "module": line.split()[2], "record": record}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--before", default=None, help="a folder whose hfrepair package to time as well")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    with tempfile.TemporaryDirectory() as folder:
+        after = run_after(Path(folder) / "after")
+        before = run_before(args.before, Path(folder) / "before", args.threads) if args.before else None
+    per_example = per_example_forward()
+    record = after["record"]
+    forwards = record["plan"]["example_forwards_run"]
+    print(f"torch {torch.__version__}, {args.threads} threads; default merge of the demo pair "
+          f"({record['calibration_examples']} calibration examples, grid {len(record['alphas'])})")
+    print(f"wall time: {after['seconds']:.1f} s; saved model {100 * record['merged']['test']['accuracy']:.2f}% "
+          f"test accuracy")
+    print(f"stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in record["seconds"].items()))
+    print(f"example-forwards: {forwards:,} (plan {record['plan']['example_forwards']:,}); one endpoint's forward "
+          f"alone: {1e3 * per_example:.3f} ms per example")
+    print(f"wall time / (example-forwards x per-example forward): {after['seconds'] / (forwards * per_example):.2f}x")
+    print("peak RSS by pass (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in after["peaks"].items()))
+    if before:
+        old = before["record"]
+        print(f"before ({before['module']}): {before['seconds']:.1f} s, saved model "
+              f"{100 * old['merged']['test']['accuracy']:.2f}%; after / before: "
+              f"{after['seconds'] / before['seconds']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

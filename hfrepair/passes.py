@@ -1,0 +1,132 @@
+"""The pass engine: the one place that runs models over batches.
+
+A pass reads this process's part of the batches once and runs every model it is given on
+each batch, under the accelerator's autocast and with padded positions marked
+(:func:`~hfrepair.batches.counting_real_tokens`). What a pass measures, or changes, is
+said by its *taps*: statistics at activation sites, REPAIR's correctors, metric
+accumulators, activation moments. Each tap keeps float64 sums; after the last batch the
+sums of every tap are added over all processes in one reduction, then each tap finishes
+(turns sums into statistics, or raises an error every process agrees on).
+
+Statistics, REPAIR, the variance ratios and evaluation are thin users of :func:`run_pass`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from .batches import counting_real_tokens, model_outputs, rows, to_device
+from .distributed import autocast, local_batches, part_of, progress, require_data_everywhere, sum_across
+
+
+_FORWARDS = [0]  # example-forwards run by every pass of this process so far (examples x models)
+
+
+def forward_count() -> int:
+    """Example-forwards (over all processes) that :func:`run_pass` has run in this process;
+    a merge records the difference as the cost of its passes."""
+    return _FORWARDS[0]
+
+
+class Tap:
+    """What a pass measures. Subclasses override the parts they need.
+
+    ``attach`` registers forward hooks on the pass's models and returns their handles
+    (removed when the pass ends); ``observe`` sees each model's logits with the batch's
+    labels; ``sums``/``set_sums`` expose the float64 sums the pass reduces over processes;
+    ``finish`` runs on every process after that reduction.
+    """
+
+    def attach(self, models: Sequence[nn.Module]) -> list:
+        return []
+
+    def observe(self, model_index: int, logits: torch.Tensor, labels: torch.Tensor | None) -> None:
+        pass
+
+    wants_outputs = False  # whether observe needs the logits (else they are not extracted)
+
+    def sums(self) -> list[torch.Tensor]:
+        return []
+
+    def set_sums(self, sums: list[torch.Tensor]) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+def _split(batch):
+    """(inputs, labels) of a batch given as inputs alone or as an (inputs, labels) pair."""
+    if isinstance(batch, (tuple, list)):
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+    return batch, None
+
+
+def _batch_count(batches: Iterable, limit: int | None, accelerator: Accelerator | None) -> int | None:
+    """Batches this process will read, for the progress bar (None when unknown)."""
+    if getattr(batches, "is_local", False):
+        return batches.batch_count(limit)
+    index, count = part_of(accelerator)
+    try:
+        return len(range(index, len(batches), count))
+    except TypeError:  # an uncapped stream, a generator
+        return None
+
+
+def _reduce(taps: Sequence[Tap], accelerator: Accelerator | None) -> None:
+    """Replace each tap's local sums by the sums over all processes (one all-reduce)."""
+    local = [tap.sums() for tap in taps]
+    total = sum_across([t for sums in local for t in sums], accelerator)
+    start = 0
+    for tap, sums in zip(taps, local):
+        tap.set_sums(total[start : start + len(sums)])
+        start += len(sums)
+
+
+@torch.no_grad()
+def run_pass(
+    models: Sequence[nn.Module],
+    taps: Sequence[Tap],
+    batches: Iterable,
+    *,
+    limit: int | None = None,
+    accelerator: Accelerator | None = None,
+    desc: str = "pass",
+) -> int:
+    """Run every model on each of this process's batches (at most ``limit`` examples over
+    all processes) with ``taps`` attached; returns the examples read by all processes.
+
+    Models are put in eval mode; the inputs go to the first model's device. A process that
+    got no batch is an error on every process (its statistics would be undefined).
+    """
+    for model in models:
+        model.eval()
+    device = next(models[0].parameters()).device
+    observing = [tap for tap in taps if tap.wants_outputs]
+    handles = [handle for tap in taps for handle in tap.attach(models)]
+    examples = 0
+    try:
+        for batch in progress(local_batches(batches, limit, accelerator), accelerator, desc=desc, unit="batch",
+                              total=_batch_count(batches, limit, accelerator)):
+            inputs, labels = _split(batch)
+            inputs = to_device(inputs, device)
+            labels = labels.to(device) if labels is not None else None
+            with autocast(accelerator), counting_real_tokens(inputs):
+                for index, model in enumerate(models):
+                    logits = model_outputs(model, inputs)
+                    for tap in observing:
+                        tap.observe(index, logits, labels)
+            examples += rows(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    total = require_data_everywhere(examples, accelerator, desc)
+    _FORWARDS[0] += total * len(models)
+    _reduce(taps, accelerator)
+    for tap in taps:
+        tap.finish()
+    return total

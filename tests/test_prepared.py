@@ -1,0 +1,110 @@
+"""Data read once: prepared batches replay what the source yielded, in memory or spilled to
+disk, cut prefixes alike on every process, and a whole merge decodes each example once and
+runs exactly the forward passes its printed plan announced."""
+
+from types import SimpleNamespace
+
+import torch
+
+import hfrepair.pipeline as pipeline
+from hfrepair import merge
+from hfrepair.data import builtin_transform, image_batches
+from hfrepair.models import MLP
+from hfrepair.prepared import PreparedBatches
+
+
+class CountingSource:
+    """Batches of 5 rows numbered from 0 (the last one shorter); counts its own reads."""
+
+    def __init__(self, total=23, size=5):
+        self.total, self.size, self.reads = total, size, 0
+
+    def __iter__(self):
+        for start in range(0, self.total, self.size):
+            self.reads += 1
+            rows = torch.arange(start, min(start + self.size, self.total))
+            yield rows.float()[:, None], rows
+
+
+def rows_of(batches) -> list[int]:
+    return [int(v) for _, labels in batches for v in labels]
+
+
+def process(index, count):
+    return SimpleNamespace(process_index=index, num_processes=count)
+
+
+def test_prepared_batches_read_the_source_once_and_replay_it_in_memory_or_from_disk():
+    source = CountingSource()
+    held = PreparedBatches(source)
+    assert rows_of(held.up_to(7)) == list(range(7))  # a pass that stops early ...
+    assert source.reads == 2
+    assert rows_of(held) == list(range(23))  # ... and the next one continues the same read
+    assert rows_of(held) == list(range(23)) and source.reads == 5 and held.spilled == 0
+
+    spilled_source = CountingSource()
+    spilled = PreparedBatches(spilled_source, memory_bytes=60)  # room for one batch (5 x 4 + 5 x 8 bytes)
+    assert rows_of(spilled) == rows_of(spilled) == list(range(23))
+    assert spilled_source.reads == 5 and spilled.spilled == 4
+    folder = spilled._folder
+    assert folder.is_dir() and len(list(folder.iterdir())) == 4
+    spilled.close()
+    assert not folder.exists()
+
+
+def test_a_prefix_is_cut_at_the_same_examples_on_every_process():
+    for limit in (12, 15, 23, 40):
+        parts = [PreparedBatches(CountingSource(), process(index, 2)).prefix(limit) for index in range(2)]
+        together = sorted(rows_of(parts[0]) + rows_of(parts[1]))
+        assert together == list(range(min(limit, 23))), limit
+        assert rows_of(parts[0]) and all(v // 5 % 2 == 0 for v in rows_of(parts[0]))  # whole batches, dealt out
+
+
+def test_a_merge_decodes_each_example_once_and_runs_the_forwards_it_announced(mnist_folder, monkeypatch):
+    decoded = []
+    transform = builtin_transform({"image_size": 28, "in_channels": 1})
+
+    def counting_transform(images):
+        decoded.append(len(images))
+        return transform(images)
+
+    def stream(split, limit):
+        return image_batches(str(mnist_folder), split, counting_transform, limit=limit, batch_size=128, seed=0)
+
+    # Forwards of the model class on real data, outside the spec checks (which run on 8 examples).
+    forwards, checking = [], [False]
+    for name in ("verify_spec", "check_function_preserved", "discover_spec"):
+        original = getattr(pipeline, name)
+
+        def flagged(*args, _original=original, **kwargs):
+            checking[0] = True
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                checking[0] = False
+        monkeypatch.setattr(pipeline, name, flagged)
+
+    def count(module, args, _output):
+        if isinstance(module, MLP) and not checking[0]:
+            forwards.append(len(args[0]))
+
+    plans = []
+    torch.manual_seed(1)
+    model_a = MLP(depth=2, width=32)
+    torch.manual_seed(2)
+    model_b = MLP(depth=2, width=32)
+    handle = torch.nn.modules.module.register_module_forward_hook(count)
+    try:
+        _merged, result = merge(model_a, model_b, stream("train", 600), {"test": stream("test", 300)},
+                                train_examples=200, grid=5, announce=plans.append)
+    finally:
+        handle.remove()
+    assert sum(decoded) == 600 + 300  # every example decoded once, the train-loss examples included
+    total = result.plan["example_forwards"]
+    assert sum(forwards) == total == result.plan["example_forwards_run"]
+    assert len(plans) == 1 and f"{total:,} example-forwards" in plans[0]
+    # statistics (2 x 600), REPAIR of the saved model and of 2 more repaired points (3 x 600),
+    # endpoints (2 x 500), saved model (500), naive and aligned at 3 alphas, repaired at 2 (8 x 500)
+    assert total == 2 * 600 + 3 * 600 + 2 * 500 + 500 + 8 * 500
+    assert result.curves["repaired"]["test"][2] == result.merged["test"]  # the saved point, reused
+    assert result.plan["variance_data"] == "train" and set(result.variance_ratio) == {"aligned", "repaired"}
