@@ -171,6 +171,12 @@ class SplitBatches:
         for _start, batch in self.numbered():
             yield batch
 
+    @property
+    def size(self) -> int | None:
+        """What the whole stream yields (over all parts), when known before reading it: a
+        cap the split must fill (``strict_limit``, also set when the split states its size)."""
+        return self.limit if self.strict_limit else None
+
 
 @dataclasses.dataclass(frozen=True)
 class ImageStream(SplitBatches):
@@ -238,6 +244,8 @@ def image_batches(dataset: str, split: str, transform, *, limit: int | None = No
         raise DataError(f"--num-samples {limit} asks for more examples than {name} has ({known})")
     if known and (limit is None or limit > known):
         limit = known  # so that the stream knows its length (progress bars count its real batches)
+    if known:
+        strict_limit = True  # the stated split fills the cap: the cap is the stream's size
     if isinstance(features[image], datasets.Image):
         stream = stream.cast_column(image, datasets.Image(decode=False))
     return ImageStream(stream, transform, image, label, name, batch_size, limit, seed, buffer_size, strict_limit)

@@ -427,6 +427,9 @@ def _merge(model_a, model_b, calibration, evaluation, alpha, method, match_at, s
     }
     if "repaired+blocks" in curves:
         result.notes.append(BLOCK_OUTPUT_NOTE)
+    plan.sizes["calibration"] = stats.examples  # measured: the plan's figures now hold whatever was known
+    for name in evaluation:
+        plan.sizes[name] = result.merged[name]["examples"]
     result.plan = {**plan.to_dict(), "example_forwards_run": forward_count() - forwards_before,
                    "variance_data": "train" if variance_on_train else "calibration"}
     result.seconds = seconds

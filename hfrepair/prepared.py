@@ -39,11 +39,10 @@ def batch_bytes(batch) -> int:
 
 def expected_examples(source: Iterable) -> int | None:
     """Examples a source will yield over all processes, when that is known before reading it:
-    a capped stream's ``limit`` (its split's size when that is smaller and stated), the sum
-    over a list of batches; None otherwise."""
-    limit = getattr(source, "limit", None)
-    if limit is not None:
-        return limit
+    a stream's ``size`` (a cap its split must fill), the sum over a list of batches; None
+    otherwise."""
+    if hasattr(source, "size"):
+        return source.size
     if isinstance(source, (list, tuple)):
         return sum(rows(b[0] if isinstance(b, (tuple, list)) else b) for b in source)
     return None
@@ -156,7 +155,7 @@ class PreparedPrefix:
 
     def __init__(self, whole: PreparedBatches, examples: int) -> None:
         self.whole, self.limit = whole, examples
-        self.expected = examples if whole.expected is None else min(examples, whole.expected)
+        self.expected = None if whole.expected is None else min(examples, whole.expected)
 
     def _cap(self, limit: int | None) -> int:
         return self.limit if limit is None else min(limit, self.limit)

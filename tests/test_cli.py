@@ -81,7 +81,9 @@ def test_no_curves_measures_the_endpoints_and_the_saved_model_only_as_its_printe
     assert plan["example_forwards"] == plan["example_forwards_run"] == 3 * sizes["calibration"] + 3 * (
         sizes["test"] + sizes["train"]) + sizes["train"]
     assert set(results["variance_ratio"]) == {"aligned", "repaired"}
+    # announced before the passes (the dataset states its splits' sizes, so the total is known up front)
     assert f"plan: {plan['passes']} passes over the data, {plan['example_forwards']:,} example-forwards:" in done.stderr
+    assert "REPAIR (saved model): 1 pass x 1 model over 1,000 calibration examples" in done.stderr
     assert "no interpolation curves (--no-curves)" in done.stdout
     assert "barrier_curve.png" not in {p.name for p in out.iterdir()}
     card = (out / "README.md").read_text()
