@@ -57,6 +57,11 @@ def model_outputs(model: nn.Module, inputs) -> torch.Tensor:
     return out
 
 
+def inputs_of(batch):
+    """The inputs of a batch given as inputs alone or as an ``(inputs, labels)`` pair."""
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
 def to_device(inputs, device: torch.device):
     if isinstance(inputs, Mapping):
         return {name: tensor.to(device) for name, tensor in inputs.items()}

@@ -122,9 +122,9 @@ def merged_summary(record: dict) -> str:
 def card_metrics(record: dict, saved: str) -> list[tuple[str, str, float]]:
     """The model-index entries: (metric type, name, value), named as the task's metrics."""
     merged = record["merged"]["test"]
-    curves = record["barriers"]
-    barriers = curves["repaired"]["test"] if "repaired" in curves else None
-    aligned = curves["aligned"]["test"] if "aligned" in curves else None
+    by_curve = record["barriers"]  # empty for a merge without curves (--no-curves)
+    barriers = by_curve["repaired"]["test"] if "repaired" in by_curve else None
+    aligned = by_curve["aligned"]["test"] if "aligned" in by_curve else None
     if is_language_model(record):
         metrics = [
             ("loss", "Merged model loss (per token)", merged["loss"]),

@@ -23,7 +23,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from .batches import first_rows, rows
+from .batches import first_rows, inputs_of, rows
 
 
 class ProcessDataError(ValueError):
@@ -84,7 +84,7 @@ def numbered_batches(batches: Iterable, accelerator: Accelerator | None) -> Iter
     for number, batch in enumerate(batches):
         if number % count == index:
             yield start, batch
-        start += rows(batch[0] if isinstance(batch, (tuple, list)) else batch)
+        start += rows(inputs_of(batch))
 
 
 def cut_batch(batch, keep: int):
@@ -100,7 +100,7 @@ def within(numbered: Iterable[tuple[int, object]], limit: int | None) -> Iterato
     for start, batch in numbered:
         if limit is not None and start >= limit:
             return
-        size = rows(batch[0] if isinstance(batch, (tuple, list)) else batch)
+        size = rows(inputs_of(batch))
         yield batch if limit is None or start + size <= limit else cut_batch(batch, limit - start)
         if limit is not None and start + size >= limit:
             return  # without reading (and preprocessing) the next batch

@@ -1,7 +1,7 @@
 """Measure a merge: loss and accuracy over an alpha grid, barriers, variance collapse.
 
-In: state dicts (built in memory, never reloaded per alpha), labelled batches. Out: plain
-dicts/lists of numbers. Barriers follow the paper's Eq. 1: the maximum over alpha of the
+In: a model and labelled batches (:class:`Scores` is the pass engine's tap for them). Out:
+plain dicts/lists of numbers. Barriers follow the paper's Eq. 1: the maximum over alpha of the
 gap between the interpolated network and the straight line between the endpoints (loss
 above it, accuracy below it); the midpoint gap is reported beside it.
 """

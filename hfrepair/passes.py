@@ -19,7 +19,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from .batches import counting_real_tokens, model_outputs, rows, to_device
+from .batches import counting_real_tokens, inputs_of, model_outputs, rows, to_device
 from .distributed import autocast, local_batches, part_of, progress, require_data_everywhere, sum_across
 
 
@@ -59,11 +59,9 @@ class Tap:
         pass
 
 
-def _split(batch):
-    """(inputs, labels) of a batch given as inputs alone or as an (inputs, labels) pair."""
-    if isinstance(batch, (tuple, list)):
-        return batch[0], (batch[1] if len(batch) > 1 else None)
-    return batch, None
+def _labels_of(batch):
+    """The labels of an ``(inputs, labels)`` batch; None for inputs alone."""
+    return batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
 
 
 def _batch_count(batches: Iterable, limit: int | None, accelerator: Accelerator | None) -> int | None:
@@ -77,14 +75,23 @@ def _batch_count(batches: Iterable, limit: int | None, accelerator: Accelerator 
         return None
 
 
+def all_sums(parts) -> list[torch.Tensor]:
+    """The sums of several accumulators (anything with ``sums``/``set_sums``), in one list."""
+    return [t for part in parts for t in part.sums()]
+
+
+def give_sums(parts, sums: list[torch.Tensor]) -> None:
+    """Hand a list made like :func:`all_sums`'s back to its accumulators, in order."""
+    start = 0
+    for part in parts:
+        size = len(part.sums())
+        part.set_sums(sums[start : start + size])
+        start += size
+
+
 def _reduce(taps: Sequence[Tap], accelerator: Accelerator | None) -> None:
     """Replace each tap's local sums by the sums over all processes (one all-reduce)."""
-    local = [tap.sums() for tap in taps]
-    total = sum_across([t for sums in local for t in sums], accelerator)
-    start = 0
-    for tap, sums in zip(taps, local):
-        tap.set_sums(total[start : start + len(sums)])
-        start += len(sums)
+    give_sums(taps, sum_across(all_sums(taps), accelerator))
 
 
 @torch.no_grad()
@@ -112,8 +119,7 @@ def run_pass(
     try:
         for batch in progress(local_batches(batches, limit, accelerator), accelerator, desc=desc, unit="batch",
                               total=_batch_count(batches, limit, accelerator)):
-            inputs, labels = _split(batch)
-            inputs = to_device(inputs, device)
+            inputs, labels = to_device(inputs_of(batch), device), _labels_of(batch)
             labels = labels.to(device) if labels is not None else None
             with autocast(accelerator), counting_real_tokens(inputs):
                 for index, model in enumerate(models):

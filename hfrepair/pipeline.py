@@ -17,7 +17,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from .batches import first_rows, to_device
+from .batches import first_rows, inputs_of, to_device
 from .discovery import discover_spec
 from .distributed import is_main_process, make_accelerator, progress
 from .evaluate import Scores, barriers_of, variance_ratios
@@ -137,37 +137,47 @@ def _timed(seconds: dict, stage: str):
     seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - start
 
 
-def _on_grid(alphas: list[float], alpha: float) -> bool:
-    return any(abs(a - alpha) < 1e-9 for a in alphas)
+def _same(a: float, b: float) -> bool:
+    """Alphas that are one point of the grid (``i / (grid - 1)`` is not always exact)."""
+    return abs(a - b) < 1e-9
 
 
 REPAIRED_CURVES = ("naive-repaired", "repaired", "repaired+blocks")  # a REPAIR pass per point
 
 
+def variance_data(datasets, curves: tuple[str, ...], inner: list[float], alpha: float) -> tuple[bool, bool]:
+    """Where the variance ratios are measured: on the ``train`` evaluation passes when there
+    are some (the saved network's pass runs anyway), and whether the aligned network's is
+    the aligned curve's point at ``alpha`` (else a pass of its own)."""
+    on_train = "train" in datasets
+    return on_train, on_train and "aligned" in curves and any(_same(point, alpha) for point in inner)
+
+
 def plan_merge(method: str, alpha: float, curves: tuple[str, ...], inner: list[float], sizes: dict[str, int | None],
-               datasets: tuple[str, ...], variance_on_train: bool) -> MergePlan:
+               datasets: tuple[str, ...]) -> MergePlan:
     """Every pass a merge will run over the data, in order; :func:`merge` follows it.
 
     ``inner``: the curves' alphas strictly between the endpoints; ``sizes``: examples per
     data set (``calibration`` and each evaluation set; None when unknown before reading).
     The saved model's point is reused in the ``repaired`` curve; the variance ratios are
-    taps on the ``train`` passes of the aligned and saved networks when those run anyway.
+    taps on passes that run anyway where there are such passes (:func:`variance_data`).
     """
     plan = MergePlan(sizes=dict(sizes))
     plan.add("statistics", "calibration", 2)
     repairs = method in ("repair", "reset")
     if repairs:
         plan.add("REPAIR (saved model)", "calibration", 1)
-    if not variance_on_train:
+    on_train, on_aligned_curve = variance_data(datasets, curves, inner, alpha)
+    if not on_train:
         plan.add("variance ratios (aligned, saved)", "calibration", 1, count=2)
-    elif not ("aligned" in curves and any(abs(point - alpha) < 1e-9 for point in inner)):
+    elif not on_aligned_curve:
         plan.add("variance ratios (aligned)", "train", 1)
     for name in datasets:
         plan.add("evaluation: endpoints A and B", name, 2)
         plan.add("evaluation: saved model", name, 1)
     for label in curves:
         for point in inner:
-            if label == "repaired" and abs(point - alpha) < 1e-9:
+            if label == "repaired" and _same(point, alpha):
                 continue  # the saved model
             if label in REPAIRED_CURVES and repairs:
                 plan.add(f"REPAIR ({label} curve)", "calibration", 1)
@@ -293,8 +303,7 @@ def _merge(model_a, model_b, calibration, evaluation, alpha, method, match_at, s
     example = next(iter(calibration), None)  # this process's first batch: read once, kept for the passes
     if example is None:
         raise MergeError("the calibration data is empty")
-    example = to_device(first_rows(example[0] if isinstance(example, (tuple, list)) else example, 8),
-                        accelerator.device)
+    example = to_device(first_rows(inputs_of(example), 8), accelerator.device)
 
     given_spec = spec is not None
     with _timed(seconds, "discover"):
@@ -310,16 +319,12 @@ def _merge(model_a, model_b, calibration, evaluation, alpha, method, match_at, s
     alphas = [i / (grid - 1) for i in range(grid)]
     inner = alphas[1:-1] if evaluation else []
     curves = curves if evaluation else ()
-    variance_on_train = "train" in evaluation
-    aligned_point_on_grid = "aligned" in curves and _on_grid(inner, alpha)
+    variance_on_train, variance_on_aligned_curve = variance_data(evaluation, curves, inner, alpha)
     sizes = {"calibration": _size(calibration, num_samples),
              **{name: _size(batches, eval_samples) for name, batches in evaluation.items()}}
-    plan = plan_merge(method, alpha, curves, inner, sizes, tuple(evaluation), variance_on_train)
+    plan = plan_merge(method, alpha, curves, inner, sizes, tuple(evaluation))
     if announce is not None and is_main_process(accelerator):
         announce(plan.describe())
-
-    def over_calibration(models, taps, desc):
-        return run_pass(models, taps, calibration, limit=num_samples, accelerator=accelerator, desc=desc)
 
     forwards_before = forward_count()
     sites, cross_modules = statistics_plan(spec, method, match_at, curves)
@@ -359,16 +364,16 @@ def _merge(model_a, model_b, calibration, evaluation, alpha, method, match_at, s
     matched = {m for g in spec.groups for m in matching_sites(spec, g, match_at)}
     variance_sites = [s for s in spec.sites if s.module in matched]
     variance_taps = {"aligned": SiteMoments(variance_sites), "repaired": SiteMoments(variance_sites)}
-    with _timed(seconds, "variance"):
-        if not variance_on_train:
+    if not variance_on_aligned_curve:
+        with _timed(seconds, "variance"):
             load_into(work, interpolate(state_a, state_b_aligned, alpha))
-            over_calibration([work], [variance_taps["aligned"]], "variance (aligned)")
-            load_into(work, merged_state)
-            over_calibration([work], [variance_taps["repaired"]], "variance (saved)")
-        elif not aligned_point_on_grid:
-            load_into(work, interpolate(state_a, state_b_aligned, alpha))
-            run_pass([work], [variance_taps["aligned"]], evaluation["train"], limit=eval_samples,
-                     accelerator=accelerator, desc="variance (aligned)")
+            data, limit = (evaluation["train"], eval_samples) if variance_on_train else (calibration, num_samples)
+            run_pass([work], [variance_taps["aligned"]], data, limit=limit, accelerator=accelerator,
+                     desc="variance (aligned)")
+            if not variance_on_train:
+                load_into(work, merged_state)
+                run_pass([work], [variance_taps["repaired"]], calibration, limit=num_samples,
+                         accelerator=accelerator, desc="variance (saved)")
 
     def scores_of(models, in_memory=(), on_train=()):
         """Metrics of ``models`` on every evaluation set, one pass per set. ``in_memory``
@@ -383,6 +388,23 @@ def _merge(model_a, model_b, calibration, evaluation, alpha, method, match_at, s
                 out[i][name] = taps[i].metrics.to_dict()
         return out
 
+    def load_point(label: str, point: float) -> list:
+        """Load ``label``'s network at ``point`` into the working copy; returns the taps that
+        apply its in-memory corrections during a pass (block outputs), if any."""
+        if label == "naive":
+            load_into(work, interpolate(state_a, state_b, point))
+        elif label == "aligned":
+            load_into(work, interpolate(state_a, state_b_aligned, point))
+        elif label == "repaired+blocks":
+            state, in_memory = repair_block_outputs(model_a, interpolate(state_a, state_b_aligned, point), spec,
+                                                    stats, perms, point, calibration, num_samples, accelerator,
+                                                    workspace=work)
+            load_into(work, state)
+            return [in_memory]
+        else:
+            load_into(work, repaired_state(point, aligned=label == "repaired"))
+        return []
+
     if evaluation:
         with _timed(seconds, "evaluate"):
             result.endpoints = dict(zip("AB", scores_of([model_a, model_b])))
@@ -393,25 +415,13 @@ def _merge(model_a, model_b, calibration, evaluation, alpha, method, match_at, s
             for label in curves:
                 points = []
                 for point in progress(inner, accelerator, desc=f"curve {label}", unit="alpha"):
-                    if label == "repaired" and abs(point - alpha) < 1e-9:
+                    if label == "repaired" and _same(point, alpha):
                         points.append(result.merged)
                         continue
-                    in_memory = []
-                    if label == "naive":
-                        load_into(work, interpolate(state_a, state_b, point))
-                    elif label == "aligned":
-                        load_into(work, interpolate(state_a, state_b_aligned, point))
-                    elif label == "repaired+blocks":
-                        state, tap = repair_block_outputs(model_a, interpolate(state_a, state_b_aligned, point),
-                                                          spec, stats, perms, point, calibration, num_samples,
-                                                          accelerator, workspace=work)
-                        load_into(work, state)
-                        in_memory = [tap]
-                    else:
-                        load_into(work, repaired_state(point, aligned=label == "repaired"))
-                    extra = [variance_taps["aligned"]] if (variance_on_train and aligned_point_on_grid
-                                                           and label == "aligned" and abs(point - alpha) < 1e-9) else []
-                    points.append(scores_of([work], in_memory, extra)[0])
+                    in_memory = load_point(label, point)
+                    on_train = [variance_taps["aligned"]] if (variance_on_aligned_curve and label == "aligned"
+                                                              and _same(point, alpha)) else []
+                    points.append(scores_of([work], in_memory, on_train)[0])
                 result.curves[label] = {
                     name: [result.endpoints["A"][name], *[p[name] for p in points], result.endpoints["B"][name]]
                     for name in evaluation

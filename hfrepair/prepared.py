@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from .batches import rows
+from .batches import inputs_of, rows
 from .distributed import numbered_batches, part_of, within
 
 DEFAULT_MEMORY = 2 * 10**9  # bytes of prepared batches held in memory per source (2GB); the rest spill to disk
@@ -44,7 +44,7 @@ def expected_examples(source: Iterable) -> int | None:
     if hasattr(source, "size"):
         return source.size
     if isinstance(source, (list, tuple)):
-        return sum(rows(b[0] if isinstance(b, (tuple, list)) else b) for b in source)
+        return sum(rows(inputs_of(b)) for b in source)
     return None
 
 
@@ -76,17 +76,17 @@ class PreparedBatches:
             self._batches = None
 
     def _keep(self, start: int, batch) -> None:
-        size = batch_bytes(batch)
+        size, count = batch_bytes(batch), rows(inputs_of(batch))
         if size <= self._memory_left:
             self._memory_left -= size
-            self._held.append((start, rows(batch[0] if isinstance(batch, (tuple, list)) else batch), batch))
+            self._held.append((start, count, batch))
             return
         if self._folder is None:
             self._folder = Path(tempfile.mkdtemp(prefix="hfrepair-batches-"))
             self._cleanup = weakref.finalize(self, shutil.rmtree, self._folder, True)
         path = self._folder / f"{len(self._held)}.pt"
         torch.save(batch, path)
-        self._held.append((start, rows(batch[0] if isinstance(batch, (tuple, list)) else batch), path))
+        self._held.append((start, count, path))
 
     def _numbered(self) -> Iterator[tuple[int, object]]:
         position = 0

@@ -190,8 +190,7 @@ def repair(
         sites = correction_sites(spec)
     net, added = _corrected_network(model, state_dict, sites, stats, perms, alpha, method, batches, max_examples,
                                     accelerator, workspace)
-    # Copies: a workspace's tensors are overwritten by the next network loaded into it.
-    return _fold({key: value.clone() for key, value in net.state_dict().items()}, sites, added)
+    return _fold(_own_state(net, workspace), sites, added)
 
 
 @torch.no_grad()
@@ -219,7 +218,7 @@ def repair_block_outputs(
     blocks = block_output_sites(spec)
     net, added = _corrected_network(model, state_dict, layer_sites + blocks, stats, perms, alpha, "repair",
                                     batches, max_examples, accelerator, workspace)
-    state = _fold({key: value.clone() for key, value in net.state_dict().items()}, layer_sites, added)
+    state = _fold(_own_state(net, workspace), layer_sites, added)
     block_correctors = {site.module: added[site.module].eval() for site in blocks}
     return state, Corrections(block_correctors, {})
 
@@ -293,6 +292,13 @@ def _corrected_network(model, state_dict, sites, stats, perms, alpha, method, ba
         reset = [m for m in net.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
         _estimate(net, modules, added, reset, batches, max_examples, accelerator)
     return net, added
+
+
+def _own_state(net: nn.Module, workspace: nn.Module | None) -> dict:
+    """``net``'s state dict, copied when ``net`` is the workspace: the next network loaded
+    into it overwrites its tensors (a deep copy made for one network is ours already)."""
+    state = net.state_dict()
+    return {key: value.clone() for key, value in state.items()} if workspace is not None else dict(state)
 
 
 def _fold(state: dict, sites: list[ActivationSite], added: dict) -> dict:

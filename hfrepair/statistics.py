@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from .batches import counted_rows, counting_padding
-from .passes import Tap, run_pass
+from .passes import Tap, all_sums, give_sums, run_pass
 from .spec import ActivationSite
 
 EPS = 1e-12
@@ -159,14 +159,10 @@ class SiteStatistics(Tap):
         return handles
 
     def sums(self):
-        return [t for pair in self.pairs.values() for t in pair.sums()]
+        return all_sums(self.pairs.values())
 
     def set_sums(self, sums):
-        start = 0
-        for pair in self.pairs.values():
-            size = len(pair.sums())
-            pair.set_sums(sums[start : start + size])
-            start += size
+        give_sums(self.pairs.values(), sums)
 
 
 class SiteMoments(Tap):
@@ -188,11 +184,10 @@ class SiteMoments(Tap):
         return [modules[name].register_forward_hook(add(name)) for name in self.sites]
 
     def sums(self):
-        return [t for m in self.moments.values() for t in m.sums()]
+        return all_sums(self.moments.values())
 
     def set_sums(self, sums):
-        for position, moments in enumerate(self.moments.values()):
-            moments.set_sums(sums[3 * position : 3 * position + 3])
+        give_sums(self.moments.values(), sums)
 
 
 def collect_statistics(
