@@ -147,10 +147,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TQDM_DISABLE", "1")
+    # The forward alone is timed right before and right after the merge, and the two averaged:
+    # this shared machine's speed drifts by tens of percent over minutes.
+    first = per_example_forward()
     with tempfile.TemporaryDirectory() as folder:
         after = run_after(Path(folder) / "after")
+        last = per_example_forward()
         before = run_before(args.before, Path(folder) / "before", args.threads) if args.before else None
-    per_example = per_example_forward()
+    per_example = (first + last) / 2
     record = after["record"]
     forwards = record["plan"]["example_forwards_run"]
     print(f"torch {torch.__version__}, {args.threads} threads; default merge of the demo pair "
@@ -159,7 +163,7 @@ def main() -> None:
           f"test accuracy")
     print(f"stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in record["seconds"].items()))
     print(f"example-forwards: {forwards:,} (plan {record['plan']['example_forwards']:,}); one endpoint's forward "
-          f"alone: {1e3 * per_example:.3f} ms per example")
+          f"alone: {1e3 * per_example:.3f} ms per example (before the merge {1e3 * first:.3f}, after {1e3 * last:.3f})")
     print(f"wall time / (example-forwards x per-example forward): {after['seconds'] / (forwards * per_example):.2f}x")
     print("peak RSS by pass (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in after["peaks"].items()))
     if before:
