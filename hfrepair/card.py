@@ -85,6 +85,11 @@ def is_language_model(record: dict) -> bool:
     return record.get("task") == "text-generation"
 
 
+def calibration_unit(record: dict) -> str:
+    """What the calibration count counts: packed blocks of a causal LM's text, or examples."""
+    return "blocks of text" if is_language_model(record) and record.get("text_batches") != "padded" else "examples"
+
+
 def barrier_table(record: dict) -> str:
     if not record["curves"]:
         return ("No interpolation curve was measured (`--no-curves`): the endpoints and the saved model only, "
@@ -257,7 +262,7 @@ def model_card(record: dict, configs: tuple[dict, dict], licenses: tuple[str | N
         split=record["split"], eval_split=split, num_groups=len(record["groups"]), grid=len(record["alphas"]),
         curves=bool(record["curves"]),
         table=barrier_table(record), merged_summary=merged_summary(record), tokenizer=tokenizer_text(record),
-        unit="blocks of text" if is_language_model(record) else "examples",
+        unit=calibration_unit(record),
         notes=record.get("notes", []), command=record["command"], versions=_versions(),
         aligned_text=aligned_sentence, alignment_table=alignment_table, repair_text=repair_sentence,
         corrected_text=corrected_details, fixed_text=fixed_text(record),

@@ -21,7 +21,7 @@ import yaml
 from PIL import Image
 
 from .batches import floating_dtype
-from .card import write_card
+from .card import calibration_unit, write_card
 from .data import SHUFFLE_BUFFER, DataError, image_batches, image_mode, model_transform
 from .discovery import ExportError, discover_spec
 from .distributed import ProcessDataError, is_main_process, make_accelerator
@@ -39,6 +39,7 @@ from .text import (
     check_same_tokenizer,
     load_tokenizer,
     packed_batches,
+    padded_lm_batches,
     padded_batches,
 )
 
@@ -167,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--image-column", default=None, help="image column (default: detected)")
     m.add_argument("--label-column", default=None, help="label column (default: detected)")
     m.add_argument("--text-column", default=None, help="text column of a text dataset (default: detected)")
+    m.add_argument("--text-batches", choices=("packed", "padded"), default=None,
+                   help="a causal LM's calibration and evaluation text: packed blocks (default; no padding) or "
+                        "whole texts padded per batch (a classifier always reads padded texts)")
     m.add_argument("--max-length", type=_positive, default=None,
                    help="tokens per packed block for a causal LM, the cut of each text for a classifier "
                         f"(default: the model's positions, at most {DEFAULT_MAX_LENGTH})")
@@ -326,6 +330,7 @@ def run_merge(args: argparse.Namespace, argv: list[str]) -> MergeResult:
         "sources": {"model_a": source_a.to_dict(), "model_b": source_b.to_dict(),
                     "dataset": data_source.to_dict()},
         "task": task, "dtype": str(floating_dtype(merged)).removeprefix("torch."),
+        "text_batches": (args.text_batches or "packed") if task == "text-generation" else None,
         "tokenizer": describe_tokenizer(tokenizer, source_a.repo_id or Path(source_a.reference).name) if tokenizer else None,
         "split": args.split, "eval_split": args.eval_split, "torch": torch.__version__,
         "processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
@@ -347,11 +352,15 @@ def data_streams(args: argparse.Namespace, task: str, folder_a: Path, config_a: 
     batch_size = args.batch_size or (TEXT_BATCH if task in TEXT_TASKS else IMAGE_BATCH)
     stream = {"batch_size": batch_size, "seed": args.seed, "buffer_size": args.shuffle_buffer,
               "revision": data_source.revision}
+    if args.text_batches and task != "text-generation":
+        raise DataError(f"--text-batches is for causal language models; this is a {task} model"
+                        + (" (it reads padded texts)" if task == "text-classification" else ""))
     if task == "text-generation":
         length = block_length(config_a, args.max_length)
+        batches = padded_lm_batches if args.text_batches == "padded" else packed_batches
 
         def open_split(split: str, **cap):
-            return packed_batches(dataset, split, tokenizer, length, text_column=args.text_column, **stream, **cap)
+            return batches(dataset, split, tokenizer, length, text_column=args.text_column, **stream, **cap)
     elif task == "text-classification":
         length = block_length(config_a, args.max_length)
         label2id = config_a.get("label2id") or {}
@@ -387,7 +396,7 @@ def publish(args: argparse.Namespace, output: Path, merged, result: MergeResult,
         write_card(folder, record, configs, tuple(read_license(f) for f in folders))
 
     write_atomically(output, write)
-    print(format_table(result, record["task"]))
+    print(format_table(result, record["task"], calibration_unit(record)))
     print(f"merged model written to {output}")
     if args.push_to_hub:
         try:
@@ -420,7 +429,7 @@ def write_atomically(output: Path, write) -> None:
             shutil.rmtree(previous, ignore_errors=True)
 
 
-def format_table(result: MergeResult, task: str = "image-classification") -> str:
+def format_table(result: MergeResult, task: str = "image-classification", unit: str = "examples") -> str:
     """Barrier table: the midpoint's metric (accuracy; loss and perplexity for a causal LM),
     the accuracy barrier, test and train loss barriers."""
     language_model = task == "text-generation"
@@ -434,7 +443,7 @@ def format_table(result: MergeResult, task: str = "image-classification") -> str
     header = (f"{'interpolation':<16}{first}{'acc barrier':>13}{'test loss barrier':>19}"
               f"{'train loss barrier':>20}")
     rows = [f"alpha={result.alpha}, method={result.method}, {result.calibration_examples} calibration "
-            f"{'blocks' if language_model else 'examples'}, {len(result.groups)} permutation groups",
+            f"{unit}, {len(result.groups)} permutation groups",
             header, "-" * len(header)]
     mid = min(range(len(result.alphas)), key=lambda i: abs(result.alphas[i] - 0.5))
     for label, curves in result.curves.items():

@@ -12,10 +12,14 @@ In: a dataset folder or Hub id, a split, the endpoints' tokenizer. Out: re-itera
   and padded to the longest of their batch; the inputs are the tokenizer's tensors
   (``input_ids``, ``attention_mask``, ...), and the passes count real tokens only
   (:mod:`hfrepair.batches`).
+- Causal LMs can read whole examples the same way (:func:`padded_lm_batches`, padded on the
+  right): the labels are the input ids with padded positions ignored (-100), so no
+  prediction of or from padding is scored.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Iterable, Iterator
 from itertools import islice
@@ -25,6 +29,7 @@ import datasets
 import torch
 
 from .data import LABEL_NAMES, SHUFFLE_BUFFER, DataError, SplitBatches, open_split, pick_column, split_features
+from .evaluate import IGNORED_LABEL
 
 TEXT_NAMES = ("text", "content", "sentence", "document")
 # Blocks longer than this cost more than calibration needs; a model's maximum positions can
@@ -230,7 +235,8 @@ class PaddedTextStream(SplitBatches):
     """Re-iterable ``(tokenizer tensors, labels)`` batches of whole examples from one split.
 
     Texts longer than ``max_length`` tokens are cut there; each batch is padded to its
-    longest text. ``limit`` counts examples, as for images.
+    longest text. ``limit`` counts examples, as for images. Without a ``label_column`` (a
+    causal LM) the labels are the input ids, padded positions set to -100.
     """
 
     stream: datasets.IterableDataset
@@ -238,8 +244,8 @@ class PaddedTextStream(SplitBatches):
     text_column: str
     name: str
     max_length: int
-    labels: object  # values of the label column -> class indices (label_index)
-    label_column: str
+    labels: object  # values of the label column -> class indices (label_index); None for a causal LM
+    label_column: str | None
     batch_size: int = 32
     limit: int | None = None
     seed: int | None = None
@@ -257,14 +263,39 @@ class PaddedTextStream(SplitBatches):
                 raise DataError(f"column {self.text_column!r} of {self.name} holds values that are not text")
             texts_seen += sum(1 for t in texts if t.strip())
             if self.is_mine(number):
-                inputs = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=True,
-                                        return_tensors="pt")
-                yield seen, (dict(inputs), self.labels(batch[self.label_column]))
+                inputs = dict(self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=True,
+                                             return_tensors="pt"))
+                yield seen, (inputs, self._labels(batch, inputs))
             seen += len(texts)
         if seen and not texts_seen:
             raise DataError(f"the texts in column {self.text_column!r} of {self.name} are all empty")
         if self.strict_limit and self.limit is not None and seen < self.limit:
             raise DataError(f"--num-samples {self.limit} asks for more examples than {self.name} has ({seen})")
+
+
+    def _labels(self, rows: dict, inputs: dict) -> torch.Tensor:
+        if self.label_column is None:  # next-token targets: the ids, padding not scored
+            return inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, IGNORED_LABEL)
+        return self.labels(rows[self.label_column])
+
+
+def padded_lm_batches(dataset: str, split: str, tokenizer, max_length: int, *, limit: int | None = None,
+                      batch_size: int = 32, text_column: str | None = None, strict_limit: bool = False,
+                      seed: int | None = None, buffer_size: int = SHUFFLE_BUFFER,
+                      revision: str | None = None) -> PaddedTextStream:
+    """Streamed batches of whole texts for a causal LM, padded on the right (positions then
+    start at 0 in every row) with the EOS token when the tokenizer has no padding token."""
+    tokenizer = copy.deepcopy(tokenizer)  # the endpoints' own is saved with the merge: leave it as it is
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise DataError("the endpoints' tokenizer has neither a padding nor an EOS token to pad texts with")
+        tokenizer.pad_token = tokenizer.eos_token
+    stream = open_split(dataset, split, revision)
+    name = f"split {split!r} of dataset {dataset!r}"
+    column = detect_text_column(split_features(stream, name), text_column)
+    return PaddedTextStream(stream, tokenizer, column, name, max_length, None, None, batch_size, limit, seed,
+                            buffer_size, strict_limit)
 
 
 def padded_batches(dataset: str, split: str, tokenizer, max_length: int, classes: int,

@@ -80,6 +80,23 @@ def test_merged_gpt2_reloads_with_its_tokenizer_and_the_reported_loss(merged_gpt
     assert evaluate(model.eval(), test).loss == pytest.approx(record["merged"]["test"]["loss"], rel=1e-6)
 
 
+def test_gpt2_merges_from_padded_whole_texts(gpt2_folders, text_folder, tmp_path):
+    """--text-batches padded: whole texts padded per batch instead of packed blocks; padding is
+    neither measured nor scored, and the merge beats naive averaging as the packed one does."""
+    out = tmp_path / "merged-padded"
+    done = run_cli("merge", *gpt2_folders, "--dataset", text_folder, "--output", out, "--text-batches", "padded",
+                   *FAST)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((out / "merge_results.json").read_text())
+    assert record["text_batches"] == "padded" and "600 calibration examples" in done.stdout
+    saved = record["merged"]["test"]
+    # Whole texts of different lengths: fewer scored tokens than 150 full rows would give.
+    assert saved["examples"] == EVAL_BLOCKS and saved["predictions"] < EVAL_BLOCKS * (LM_LENGTH - 1)
+    losses = midpoint_losses(record)
+    assert losses["naive"] > losses["aligned"] and losses["naive"] > losses["repaired"]
+    assert "600 examples" in (out / "README.md").read_text()
+
+
 def test_card_names_the_task_metrics_and_tokenizer(merged_gpt2):
     from huggingface_hub import ModelCard
 
@@ -158,6 +175,16 @@ def test_an_image_model_given_a_text_dataset_says_so(hf_resnet_folders, text_fol
     args = ["merge", *map(str, hf_resnet_folders), "--dataset", str(text_folder), "--output", str(out), *FAST]
     assert main(args) == 2
     assert_one_line_error(capsys.readouterr().err, "dataset has no image column (columns: text)")
+    assert not out.exists()
+
+
+def test_text_batches_are_a_causal_lm_choice(bert_folders, docstring_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["merge", *map(str, bert_folders), "--dataset", str(docstring_folder), "--output", str(out),
+            "--text-batches", "packed"]
+    assert main(args) == 2
+    assert_one_line_error(capsys.readouterr().err, "--text-batches is for causal language models; this is a "
+                                                   "text-classification model (it reads padded texts)")
     assert not out.exists()
 
 

@@ -4,6 +4,7 @@ and a causal LM's evaluation is transformers' own next-token loss."""
 
 from __future__ import annotations
 
+import copy
 from functools import lru_cache
 
 import datasets
@@ -20,6 +21,7 @@ from hfrepair.text import (
     detect_text_column,
     pack,
     packed_batches,
+    padded_lm_batches,
 )
 
 from .conftest import tiny_gpt2
@@ -139,6 +141,38 @@ def test_language_model_evaluation_is_transformers_next_token_loss(text_folder):
         expected = sum(model(ids, labels=ids).loss.item() for ids, _ in batches) / len(batches)
     assert metrics.loss == pytest.approx(expected, rel=1e-5)
     assert metrics.examples == 16 and metrics.predictions == 16 * (LENGTH - 1)
+
+
+def test_padded_language_model_batches_score_every_real_token_and_no_padding(text_folder):
+    tokenizer = tokenizer_for(str(text_folder))
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # set to right on a copy: the endpoints' tokenizer is saved as it is
+    torch.manual_seed(0)
+    model = tiny_gpt2(tokenizer).eval()
+    batches = list(padded_lm_batches(str(text_folder), "test", tokenizer, LENGTH, batch_size=8, limit=16))
+    assert tokenizer.padding_side == "left"
+    tokenizer.padding_side = side
+    inputs, labels = batches[0]
+    mask = inputs["attention_mask"]
+    assert (mask[:, 0] == 1).all() and not mask.all()  # padded on the right, some rows shorter
+    assert torch.equal(labels == -100, mask == 0)
+    metrics = evaluate(model, batches)
+    # The same texts one at a time, without any padding: transformers' own next-token loss.
+    loss_sum, predictions = 0.0, 0
+    with torch.no_grad():
+        for inputs, _ in batches:
+            for ids, real in zip(inputs["input_ids"], inputs["attention_mask"]):
+                ids = ids[real.bool()][None]
+                if ids.shape[1] > 1:
+                    loss_sum += model(ids, labels=ids).loss.item() * (ids.shape[1] - 1)
+                    predictions += ids.shape[1] - 1
+    assert metrics.examples == 16 and metrics.predictions == predictions
+    assert metrics.loss == pytest.approx(loss_sum / predictions, rel=1e-5)
+    without_pad = copy.deepcopy(tokenizer)
+    without_pad.pad_token = None
+    inputs, _ = next(iter(padded_lm_batches(str(text_folder), "test", without_pad, LENGTH, batch_size=8, limit=8)))
+    assert without_pad.pad_token_id is None  # the EOS token pads, on the stream's own copy
+    assert (inputs["input_ids"][inputs["attention_mask"] == 0] == tokenizer.eos_token_id).all()
 
 
 @lru_cache(maxsize=None)
