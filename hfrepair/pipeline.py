@@ -26,7 +26,8 @@ from .matching import match_permutations, matching_sites, mean_matched_correlati
 from .repair import METHODS, block_output_sites, correction_sites, repair, repair_block_outputs
 from .passes import forward_count, run_pass
 from .prepared import DEFAULT_MEMORY, PreparedBatches
-from .spec import PermutationSpec, check_function_preserved, load_into, permute_state_dict, verify_spec
+from .spec import (PermutationSpec, check_function_preserved, coupled_blocks, load_into, permute_state_dict,
+                   verify_spec)
 from .report import alignment_summary, corrected_count, fixed_summary, repair_summary, unsupported_ops
 from .statistics import SiteMoments, collect_statistics
 
@@ -92,8 +93,9 @@ def check_endpoints(model_a: nn.Module, model_b: nn.Module) -> None:
 
 def statistics_plan(
     spec: PermutationSpec, method: str, match_at: str, curves: tuple[str, ...] = DEFAULT_CURVES
-) -> tuple[list, set[str]]:
-    """The sites the statistics pass must visit, and those that need C x C cross-products.
+) -> tuple[list, dict[str, list | None]]:
+    """The sites the statistics pass must visit, and those that need C x C cross-products
+    (with the diagonal blocks they need, :func:`~hfrepair.spec.coupled_blocks`).
 
     Matching needs cross-products at its sites; REPAIR needs moments at the layers it
     corrects with goals (the closed form also their matched cross-covariance). The exact
@@ -107,7 +109,8 @@ def statistics_plan(
     if "repaired+blocks" in curves:
         repair_modules |= {s.module for s in block_output_sites(spec)}
     cross_modules = match_modules | (repair_modules if method == "closed-form" else set())
-    return [s for s in spec.sites if s.module in match_modules | repair_modules], cross_modules
+    sites = [s for s in spec.sites if s.module in match_modules | repair_modules]
+    return sites, {s.module: coupled_blocks(spec, s) for s in sites if s.module in cross_modules}
 
 
 def check_merge_does_something(spec: PermutationSpec, method: str, model: nn.Module, given_spec: bool,

@@ -187,6 +187,23 @@ def _member(item) -> tuple:
     return key, axis, offset, _nested(outers), inner, *(_nested(u) for u in units)
 
 
+def coupled_blocks(spec: PermutationSpec, site: ActivationSite) -> list[tuple[int, int]] | None:
+    """The ``(start, stop)`` ranges of a site's unit axis that no permutation crosses (the
+    q, k and v thirds of a fused QKV output), or None when units may move anywhere. Matching
+    and the closed form compare units within these ranges only."""
+    if not site.layout:
+        return None
+    ranges = sorted((int(copy.min()), int(copy.max()) + 1)
+                    for group, *block in site.layout for copy in positions(spec.groups[group].size, *block))
+    merged = [list(ranges[0])]
+    for start, stop in ranges[1:]:
+        if start < merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], stop)
+        else:
+            merged.append([start, stop])
+    return [tuple(r) for r in merged] if len(merged) > 1 else None
+
+
 def permute_state_dict(
     state_dict: dict[str, torch.Tensor], spec: PermutationSpec, perms: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:

@@ -3,8 +3,15 @@
 In: two models, a spec's sites, an iterable of input batches. Out: :class:`Statistics`,
 per site float64 sums ``n, sum x, sum x^2`` for each model and ``sum x_A x_B^T`` across
 them. Every position of a conv feature map counts as a sample. Memory is A's activations
-of one batch at the measured sites (float64) plus C x C per site, whatever the number of
-batches.
+of one batch at the measured sites plus C x C per site, whatever the number of batches.
+
+Each batch is reduced in float32 around its own mean (per-unit mean and variance, and
+the centred cross-product) and added to the float64 sums as ``count * mean``,
+``count * (var + mean**2)`` and ``centred product + count * mean_A mean_B^T``: the spread
+between batch means is combined in float64, so the sums stay exact to float32 rounding of
+each batch's centred moments, whatever the units' offsets, while the pass never converts
+an activation to float64. That conversion, and the float64 products, used to cost more
+than the forward passes themselves.
 
 Permutations do not change activations, so one pass serves every group: matching, REPAIR
 goals, the closed-form variant and the variance-collapse ratios all read these sums.
@@ -12,7 +19,7 @@ goals, the closed-form variant and the variance-collapse ratios all read these s
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -26,22 +33,74 @@ from .spec import ActivationSite
 EPS = 1e-12
 
 
-def units_first(output: torch.Tensor, axis: int) -> torch.Tensor:
-    """(units, samples) float64 copy of a module output whose units live on ``axis``;
-    padded positions of a padded text batch are not samples (:func:`counted_rows`).
+@dataclass
+class BatchSample:
+    """One batch's activations at a site: per-unit ``count``, ``mean`` and population
+    ``var`` (float64) and, where cross-products are needed, the float32 activations minus a
+    per-unit ``shift`` near their mean, laid out ``(units, samples)`` (``units_first``) or
+    ``(samples, units)``."""
 
-    Units-first rows make the C x C product ``x @ y.T`` a contiguous GEMM, several times
-    faster on CPU than the (samples, units) layout for the same float64 result. The layout
-    change and the float64 conversion happen in one strided copy: at conv resolution this
-    copy, not the arithmetic, is what the statistics pass spends most on.
+    count: int
+    mean: torch.Tensor
+    var: torch.Tensor
+    centred: torch.Tensor | None = None
+    shift: torch.Tensor | None = None
+    units_first: bool = False
+
+    def product_sums(self, other: BatchSample, start: int, stop: int) -> torch.Tensor:
+        """``sum x_i y_j`` over the batch (float64) for units ``start:stop`` of both.
+
+        The float32 GEMM runs on the centred activations, so its rounding is relative to
+        the units' spread; the shifts are added back in float64 from the exact identity
+        ``sum x y^T = sum c_x c_y^T + n (s_x m_y^T + m_x s_y^T - s_x s_y^T)``."""
+        if self.units_first:
+            product = self.centred[start:stop] @ other.centred[start:stop].T
+        else:
+            product = self.centred[:, start:stop].T @ other.centred[:, start:stop]
+        shift_x, shift_y = self.shift[start:stop].double(), other.shift[start:stop].double()
+        mean_x, mean_y = self.mean[start:stop], other.mean[start:stop]
+        return product.double() + self.count * (torch.outer(shift_x, mean_y) + torch.outer(mean_x, shift_y)
+                                                - torch.outer(shift_x, shift_y))
+
+
+def sample_batch(output: torch.Tensor, axis: int, centre: bool) -> BatchSample | None:
+    """A module output's samples at a site whose units live on ``axis``; None when the
+    batch has none (a padded batch's positions are samples only where they are real
+    tokens, :func:`counted_rows`). ``centre``: keep the centred activations for
+    cross-products.
+
+    Units on the last axis of a contiguous output (transformers) are read as a
+    ``(samples, units)`` view; other layouts (a conv's (N, C, H, W)) are centred into one
+    units-first copy, so the C x C product is a contiguous GEMM. The moments are those of
+    the centred activations plus the shift: exact whatever the units' offset from zero.
+    Every reduction here gives the same bits whatever the thread count (torch's BatchNorm
+    kernel would be faster but does not), so one process and several agree to float64
+    rounding.
     """
-    units = output.shape[axis]
+    axis %= output.dim()
     if counting_padding():
-        return counted_rows(output.movedim(axis, -1)).T.to(torch.float64).contiguous()
-    moved = output.movedim(axis, 0)
-    flat = torch.empty(moved.shape, dtype=torch.float64, device=output.device)
-    flat.copy_(moved)
-    return flat.view(units, -1)
+        x, axis = counted_rows(output.movedim(axis, -1)).float(), 1
+    elif axis == output.dim() - 1 and output.is_contiguous():
+        x, axis = output.reshape(-1, output.shape[-1]).float(), 1
+    else:
+        x = output.float()
+    if not x.numel():
+        return None
+    count = x.numel() // x.shape[axis]
+    shift = x.mean([d for d in range(x.dim()) if d != axis])
+    if x.dim() == 2 and axis == 1:
+        centred, units_first = x - shift, False  # a new tensor: later in-place ops cannot reach it
+        total, squares = centred.sum(0), centred.square().sum(0)
+    else:
+        moved = x.movedim(axis, 0)
+        centred = torch.empty(moved.shape, dtype=torch.float32, device=x.device)
+        torch.sub(moved, shift.view(-1, *[1] * (x.dim() - 1)), out=centred)
+        centred, units_first = centred.view(len(shift), -1), True
+        # einsum runs as a batched dot product: several times faster than (x * x).sum(1).
+        total, squares = centred.sum(1), torch.einsum("ij,ij->i", centred, centred)
+    mean = total.double() / count  # near 0: the centred moments carry no cancellation
+    var = (squares.double() / count - mean**2).clamp_min(0)
+    return BatchSample(count, shift.double() + mean, var, centred if centre else None, shift, units_first)
 
 
 @dataclass
@@ -52,15 +111,14 @@ class Moments:
     total: torch.Tensor | None = None
     squares: torch.Tensor | None = None
 
-    def add(self, x: torch.Tensor) -> None:
-        """Add samples given units-first, as :func:`units_first` returns them."""
+    def add(self, sample: BatchSample) -> None:
         if self.total is None:
-            self.total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+            self.total = torch.zeros(len(sample.mean), dtype=torch.float64, device=sample.mean.device)
             self.squares = torch.zeros_like(self.total)
-        self.n += x.shape[1]
-        self.total += x.sum(1)
-        # einsum runs as a batched dot product: several times faster than (x * x).sum(1).
-        self.squares += torch.einsum("ij,ij->i", x, x)
+        mean = sample.mean
+        self.n += sample.count
+        self.total += sample.count * mean
+        self.squares += sample.count * (sample.var + mean * mean)
 
     def sums(self) -> list[torch.Tensor]:
         return [torch.tensor([float(self.n)]), self.total, self.squares]
@@ -83,33 +141,67 @@ class Moments:
 
 @dataclass
 class PairMoments:
-    """Moments of A and B at one site and their cross-products ``sum x_A x_B^T``."""
+    """Moments of A and B at one site and their cross-products ``sum x_A x_B^T``.
+
+    ``blocks``: the ``(start, stop)`` ranges of the unit axis whose cross-products are
+    kept (None: all of it; the stretches between blocks are blocks of their own). A fused
+    QKV output is only ever matched within its q, k and v thirds; products across them
+    would be a wasted 6 of 9 parts of the C x C GEMM. The entries outside the blocks read
+    as NaN, so that no use of them goes unnoticed.
+    """
 
     a: Moments = field(default_factory=Moments)
     b: Moments = field(default_factory=Moments)
-    cross: torch.Tensor | None = None
     with_cross: bool = True
+    blocks: list[tuple[int, int]] | None = None
+    _products: list[torch.Tensor] | None = None
 
-    def add(self, xa: torch.Tensor, xb: torch.Tensor) -> None:
+    def _ranges(self) -> list[tuple[int, int]]:
+        ranges, covered = [], 0
+        for start, stop in [*(self.blocks or []), (len(self.a.total), len(self.a.total))]:
+            ranges += [(covered, start)] if start > covered else []
+            ranges += [(start, stop)] if stop > start else []
+            covered = stop
+        return ranges
+
+    def add(self, xa: BatchSample, xb: BatchSample) -> None:
         self.a.add(xa)
         self.b.add(xb)
-        if self.with_cross:
-            # The C x C float64 product dominates the pass: only sites that need it pay.
-            product = xa @ xb.T
-            self.cross = product if self.cross is None else self.cross + product
+        if not self.with_cross:
+            return
+        products = []
+        for start, stop in self._ranges():
+            products.append(xa.product_sums(xb, start, stop))
+        if self._products is None:
+            self._products = products
+        else:
+            for total, product in zip(self._products, products):
+                total += product
+
+    @property
+    def cross(self) -> torch.Tensor | None:
+        """``sum x_A x_B^T`` for every pair of units (NaN outside ``blocks``)."""
+        if self._products is None:
+            return None
+        if len(self._products) == 1:
+            return self._products[0]
+        full = torch.full((len(self.a.total),) * 2, float("nan"), dtype=torch.float64, device=self.a.total.device)
+        for (start, stop), product in zip(self._ranges(), self._products):
+            full[start:stop, start:stop] = product
+        return full
 
     def sums(self) -> list[torch.Tensor]:
-        return self.a.sums() + self.b.sums() + ([self.cross] if self.with_cross else [])
+        return self.a.sums() + self.b.sums() + (self._products if self.with_cross else [])
 
     def set_sums(self, sums: list[torch.Tensor]) -> None:
         self.a.set_sums(sums[:3])
         self.b.set_sums(sums[3:6])
         if self.with_cross:
-            self.cross = sums[6]
+            self._products = list(sums[6:])
 
     def covariance(self) -> torch.Tensor:
         """Cov(A_i, B_j) for every pair of units."""
-        if self.cross is None:
+        if self._products is None:
             raise ValueError("cross-products were not collected at this site")
         return self.cross / self.a.n - torch.outer(self.a.mean, self.b.mean)
 
@@ -130,26 +222,37 @@ class Statistics:
 
 class SiteStatistics(Tap):
     """Tap of the statistics pass: at each site, both endpoints' moments and (where asked)
-    their cross-products. The pass runs A then B on each batch; A's activations are kept
-    (as a float64 copy, so that later in-place ops such as ``x += residual`` cannot reach
-    them) until B's arrive."""
+    their cross-products. The pass runs A then B on each batch; A's batch sample (centred
+    copies where cross-products are needed) is kept until B's arrives.
 
-    def __init__(self, sites: list[ActivationSite], cross_sites: set[str] | None = None) -> None:
+    ``cross_sites``: the modules that need cross-products (default: every site), as a set,
+    or as a mapping to the diagonal blocks to keep (None: all; see :class:`PairMoments`).
+    """
+
+    def __init__(self, sites: list[ActivationSite],
+                 cross_sites: set[str] | Mapping[str, list[tuple[int, int]] | None] | None = None) -> None:
         self.sites = {site.module: site for site in sites}
-        self.pairs = {name: PairMoments(with_cross=cross_sites is None or name in cross_sites) for name in self.sites}
-        self._pending: dict[str, torch.Tensor] = {}
+        blocks = cross_sites if isinstance(cross_sites, Mapping) else {}
+        self.pairs = {name: PairMoments(with_cross=cross_sites is None or name in cross_sites,
+                                        blocks=blocks.get(name)) for name in self.sites}
+        self._pending: dict[str, BatchSample | None] = {}
 
     def attach(self, models):
         model_a, model_b = models
 
+        def sample(name, output):
+            return sample_batch(output, self.sites[name].axis, centre=self.pairs[name].with_cross)
+
         def keep_a(name):
             def hook(_module, _inputs, output):
-                self._pending[name] = units_first(output, self.sites[name].axis)
+                self._pending[name] = sample(name, output)
             return hook
 
         def add_b(name):
             def hook(_module, _inputs, output):
-                self.pairs[name].add(self._pending.pop(name), units_first(output, self.sites[name].axis))
+                sample_a, sample_b = self._pending.pop(name), sample(name, output)
+                if sample_a is not None:
+                    self.pairs[name].add(sample_a, sample_b)
             return hook
 
         handles = []
@@ -178,7 +281,9 @@ class SiteMoments(Tap):
 
         def add(name):
             def hook(_module, _inputs, output):
-                self.moments[name].add(units_first(output, self.sites[name].axis))
+                sample = sample_batch(output, self.sites[name].axis, centre=False)
+                if sample is not None:
+                    self.moments[name].add(sample)
             return hook
 
         return [modules[name].register_forward_hook(add(name)) for name in self.sites]
@@ -196,15 +301,16 @@ def collect_statistics(
     sites: list[ActivationSite],
     batches: Iterable,
     max_examples: int | None = None,
-    cross_sites: set[str] | None = None,
+    cross_sites: set[str] | Mapping[str, list[tuple[int, int]] | None] | None = None,
     accelerator: Accelerator | None = None,
 ) -> Statistics:
     """One pass of ``batches`` through both endpoints, accumulating sums at ``sites``.
 
     ``batches`` yields input tensors or ``(inputs, labels)`` pairs; at most
     ``max_examples`` inputs are used. Cross-products are collected at the modules named in
-    ``cross_sites`` (default: every site). With an ``accelerator``, each process reads its
-    part of the batches and the sums are reduced over processes at the end.
+    ``cross_sites`` (default: every site; a mapping also names the blocks to keep). With an
+    ``accelerator``, each process reads its part of the batches and the sums are reduced
+    over processes at the end.
     """
     tap = SiteStatistics(sites, cross_sites)
     examples = run_pass([model_a, model_b], [tap], batches, limit=max_examples, accelerator=accelerator,

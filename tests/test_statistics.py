@@ -1,9 +1,12 @@
-"""One streamed pass gives exact float64 moments and cross-products at every site."""
+"""One streamed pass gives float64 moments and cross-products at every site, exact to the
+float32 rounding of each batch's centred moments."""
 
 import torch
+from torch import nn
 
 from hfrepair.discovery import discover_spec
 from hfrepair.models import VGG
+from hfrepair.spec import ActivationSite
 from hfrepair.statistics import collect_moments, collect_statistics
 
 
@@ -24,9 +27,10 @@ def test_sums_match_a_direct_float64_computation():
     assert stats.examples == 10
     assert pair.a.n == 10 * 8 * 8  # every spatial position is a sample
     assert pair.cross.dtype == torch.float64
-    torch.testing.assert_close(pair.a.total, fa.sum(0))
-    torch.testing.assert_close(pair.b.squares, (fb * fb).sum(0))
-    torch.testing.assert_close(pair.cross, fa.T @ fb)
+    # Each batch is reduced in float32 around its own mean: float32 rounding, not worse.
+    torch.testing.assert_close(pair.a.total, fa.sum(0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(pair.b.squares, (fb * fb).sum(0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(pair.cross, fa.T @ fb, rtol=1e-6, atol=1e-6)
     expected = torch.corrcoef(torch.cat([fa, fb], 1).T)[:4, 4:]
     torch.testing.assert_close(pair.correlation(), expected, atol=1e-6, rtol=1e-6)
 
@@ -64,4 +68,38 @@ def test_moments_of_one_model_match_the_pair_pass():
     pairs = collect_statistics(a, b, spec.sites, batches).pairs
     single = collect_moments(b, spec.sites, batches)
     for name, moments in single.items():
-        torch.testing.assert_close(moments.var, pairs[name].b.var)
+        torch.testing.assert_close(moments.var, pairs[name].b.var, rtol=1e-6, atol=1e-6)
+
+
+def test_large_offsets_lose_no_correlation():
+    """Units whose mean is 10,000 standard deviations from zero: float32 sums of raw
+    products would lose the covariance entirely; batch-centred ones keep it."""
+    torch.manual_seed(0)
+    a, b = nn.Linear(8, 6), nn.Linear(8, 6)
+    with torch.no_grad():
+        a.bias.fill_(1e4)
+        b.bias.fill_(-3e4)
+    site = ActivationSite(module="", axis=-1, group="units", kind="linear")
+    batches = [torch.randn(n, 8) for n in (300, 250, 1)]
+    stats = collect_statistics(a, b, [site], batches)
+    with torch.no_grad():  # the reference: the same float32 activations, summed in float64
+        fa, fb = (model(torch.cat(batches)).double() for model in (a, b))
+    expected = torch.corrcoef(torch.cat([fa, fb], 1).T)[:6, 6:]
+    pair = stats.pairs[""]
+    torch.testing.assert_close(pair.correlation(), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(pair.a.std, fa.std(0, unbiased=False), rtol=1e-5, atol=0)
+    naive = (fa.float().T @ fb.float()).double() / len(fa) - torch.outer(fa.mean(0), fb.mean(0))
+    assert (naive / torch.outer(fa.std(0), fb.std(0)) - expected).abs().max() > 0.1
+
+
+def test_blocks_keep_only_their_cross_products():
+    a, b = nn.Linear(4, 9), nn.Linear(4, 9)
+    site = ActivationSite(module="", axis=-1, group=None, kind="linear")
+    batches = [torch.randn(50, 4), torch.randn(30, 4)]
+    full = collect_statistics(a, b, [site], batches).pairs[""]
+    blocks = collect_statistics(a, b, [site], batches, cross_sites={"": [(0, 3), (5, 8)]}).pairs[""]
+    kept = torch.zeros(9, 9, dtype=torch.bool)
+    for start, stop in [(0, 3), (3, 5), (5, 8), (8, 9)]:  # the stretches between blocks are blocks too
+        kept[start:stop, start:stop] = True
+    torch.testing.assert_close(blocks.correlation()[kept], full.correlation()[kept])
+    assert blocks.correlation()[~kept].isnan().all()

@@ -220,7 +220,8 @@ def test_padding_changes_no_statistic_and_no_correction():
         first, second = stats[0].pairs[name], stats[1].pairs[name]
         assert first.a.n == second.a.n == real * (first.a.n // real)  # real tokens only, whatever the padding
         torch.testing.assert_close(first.a.total, second.a.total, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(first.cross, second.cross, rtol=1e-6, atol=1e-6)
+        # The padded forward rounds differently; counted padding would move these by far more.
+        torch.testing.assert_close(first.cross, second.cross, rtol=1e-5, atol=1e-5)
     # REPAIR's corrector counts the same real positions of a (batch, sequence, units) activation:
     # one activation, cut to the tight batch's length or kept whole with garbage at its padding.
     activation = torch.randn(*loose["input_ids"].shape, 4, generator=torch.Generator().manual_seed(0))

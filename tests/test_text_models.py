@@ -280,3 +280,22 @@ def test_empty_calibration_is_refused_in_one_line(calibration_data):
     message = str(error.value)
     assert "calibration data is empty" in message
     assert "\n" not in message
+
+
+def test_fused_qkv_keeps_only_its_q_k_and_v_cross_products():
+    """GPT-2's c_attn output is matched within its q, k and v thirds: the statistics pass
+    keeps those three blocks of the C x C product (a third of it) and matching picks the
+    same permutations as from the whole product."""
+    from hfrepair.pipeline import statistics_plan
+
+    a, b, batches = *merged_pair("gpt2")[:2], merged_pair("gpt2")[2]
+    spec, whole, perms = by_hand("gpt2")[:3]
+    sites, cross = statistics_plan(spec, "repair", "activation")
+    qkv = [name for name in cross if name.endswith("attn.c_attn")]
+    assert qkv and all(cross[name] == [(0, 32), (32, 64), (64, 96)] for name in qkv)
+    assert all(cross[name] is None for name in cross if name not in qkv)
+    stats = hfrepair.collect_statistics(a, b, sites, batches, cross_sites=cross)
+    for name in qkv:
+        assert stats.pairs[name].correlation()[:32, 32:].isnan().all()
+    kept = hfrepair.match_permutations(spec, stats)
+    assert all(torch.equal(kept[group], perms[group]) for group in perms)
