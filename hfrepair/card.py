@@ -173,8 +173,17 @@ def alignment_text(record: dict) -> tuple[str, str]:
         rows.append(f"| {KIND_LABELS.get(kind, kind)} | {info['groups']} | {', '.join(map(str, info['sizes']))} | "
                     f"{info['matched_correlation']:.3f} | {info['unaligned_correlation']:.3f} |")
     kinds = ", ".join(KIND_LABELS.get(k, k) for k in aligned)
-    return (f"B's units ({kinds}) were matched to A's by activation correlation (Hungarian algorithm)",
-            "\n".join(rows))
+    return f"B's units ({kinds}) were matched to A's by {matching_text(record)}", "\n".join(rows)
+
+
+def matching_text(record: dict) -> str:
+    """How units were matched, in words (weight matching with the distance it left)."""
+    if record.get("matcher", "activation") == "activation":
+        return f"activation correlation measured at `{record['match_at']}` sites (Hungarian algorithm)"
+    distance = record.get("weight_distance") or {}
+    moved = (f", relative weight distance {distance['unaligned']:.3f} -> {distance['aligned']:.3f}"
+             if distance else "")
+    return f"weight matching (coordinate descent over the groups, Hungarian algorithm per group, no data{moved})"
 
 
 def repair_text(record: dict) -> tuple[str, str]:
@@ -257,7 +266,7 @@ def model_card(record: dict, configs: tuple[dict, dict], licenses: tuple[str | N
         model_a_url=f"https://huggingface.co/{name_a}" if a["repo_id"] else name_a,
         model_b_url=f"https://huggingface.co/{name_b}" if b["repo_id"] else name_b,
         revision_a=a["revision"] or "local", revision_b=b["revision"] or "local",
-        alpha=record["alpha"], method=record["method"], match_at=record["match_at"], dtype=record["dtype"],
+        alpha=record["alpha"], method=record["method"], matching=matching_text(record), dtype=record["dtype"],
         calibration_examples=record["calibration_examples"], dataset=_name(dataset),
         split=record["split"], eval_split=split, num_groups=len(record["groups"]), grid=len(record["alphas"]),
         curves=bool(record["curves"]),

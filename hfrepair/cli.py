@@ -29,7 +29,7 @@ from .evaluate import EvaluationError
 from .hub import HubAccessError, push_folder, read_license, resolve_dataset, resolve_model
 from .io import TEXT_TASKS, ModelLoadError, config_differences, load_model, read_config, save_merged, task_of
 from .matching import MATCH_LOCATIONS, MatchingError
-from .pipeline import MergeError, MergeResult, merge
+from .pipeline import MATCHERS, MergeError, MergeResult, merge
 from .repair import METHODS
 from .report import describe, describe_spec
 from .spec import PermutationSpec, SpecError, verify_spec
@@ -102,6 +102,9 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
                         help="statistics correction: exact REPAIR (default), closed-form, BatchNorm reset, none")
     parser.add_argument("--match-at", choices=sorted(MATCH_LOCATIONS), default="activation",
                         help="where unit correlations are measured (default: after the activation)")
+    parser.add_argument("--matcher", choices=MATCHERS, default="activation",
+                        help="match units by activation correlation on the calibration data (default) or by "
+                             "their weights alone (weight matching, Git Re-Basin)")
     parser.add_argument("--num-samples", type=_positive, default=None,
                         help=f"calibration examples (default: up to {DEFAULT_NUM_SAMPLES}; an explicit value "
                              "larger than the split is an error)")
@@ -321,7 +324,8 @@ def run_merge(args: argparse.Namespace, argv: list[str]) -> MergeResult:
         "naive", *(("naive-repaired",) if args.unaligned else ()), "aligned", "repaired",
         *(("repaired+blocks",) if args.block_outputs else ()))
     merged, result = merge(model_a, model_b, calibration, evaluation, alpha=args.alpha, method=args.method,
-                           match_at=args.match_at, spec=spec, grid=args.grid, eval_samples=args.eval_samples,
+                           match_at=args.match_at, matcher=args.matcher, spec=spec, grid=args.grid,
+                           eval_samples=args.eval_samples,
                            train_examples=args.train_eval_samples, curves=curves, accelerator=accelerator,
                            cache_memory=size_in_bytes(args.cache_memory),
                            announce=lambda plan: print(plan, file=sys.stderr, flush=True))
@@ -442,7 +446,8 @@ def format_table(result: MergeResult, task: str = "image-classification", unit: 
     first = f"{'mid loss':>10}{'mid ppl':>10}" if language_model else f"{'mid acc':>9}"
     header = (f"{'interpolation':<16}{first}{'acc barrier':>13}{'test loss barrier':>19}"
               f"{'train loss barrier':>20}")
-    rows = [f"alpha={result.alpha}, method={result.method}, {result.calibration_examples} calibration "
+    rows = [f"alpha={result.alpha}, method={result.method}, matcher={result.matcher}, "
+            f"{result.calibration_examples} calibration "
             f"{unit}, {len(result.groups)} permutation groups",
             header, "-" * len(header)]
     mid = min(range(len(result.alphas)), key=lambda i: abs(result.alphas[i] - 0.5))

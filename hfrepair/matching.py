@@ -98,11 +98,18 @@ def _group_cost(spec, stats, group: str, sites, perms: dict) -> torch.Tensor:
     return torch.stack(costs).mean(0)
 
 
-def _assign(cost: torch.Tensor) -> torch.Tensor:
+def assignment(cost: torch.Tensor) -> torch.Tensor:
+    """The permutation ``perm`` maximising ``sum_i cost[i, perm[i]]`` (Hungarian algorithm)."""
     rows, cols = linear_sum_assignment(cost.numpy(), maximize=True)
     perm = torch.empty(len(rows), dtype=torch.long)
     perm[torch.as_tensor(rows)] = torch.as_tensor(cols)
     return perm
+
+
+def blockwise_assignment(cost: torch.Tensor, blocks: int) -> torch.Tensor:
+    """One assignment per diagonal block of ``cost`` (a block-diagonal group: each head's dims)."""
+    step = len(cost) // blocks
+    return block_diagonal([assignment(cost[i:i + step, i:i + step]) for i in range(0, len(cost), step)])
 
 
 def _coarse_to_fine(spec: PermutationSpec) -> list[str]:
@@ -123,9 +130,7 @@ def match_permutations(
     perms = {}
     for name in _coarse_to_fine(spec):
         cost = _group_cost(spec, stats, name, _sites(spec, matching_sites(spec, name, match_at)), perms)
-        step = spec.groups[name].size // spec.groups[name].blocks
-        # Block-diagonal groups (each head's dims): one assignment per block.
-        perms[name] = block_diagonal([_assign(cost[i:i + step, i:i + step]) for i in range(0, len(cost), step)])
+        perms[name] = blockwise_assignment(cost, spec.groups[name].blocks)
     return {name: perms[name] for name in spec.groups}
 
 

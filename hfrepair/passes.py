@@ -19,7 +19,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from .batches import counting_real_tokens, inputs_of, model_outputs, rows, to_device
+from .batches import counting_real_tokens, inputs_of, model_outputs, rows, run_model, to_device
 from .distributed import autocast, local_batches, part_of, progress, require_data_everywhere, sum_across
 
 
@@ -48,6 +48,12 @@ class Tap:
         pass
 
     wants_outputs = False  # whether observe needs the logits (else they are not extracted)
+
+    def hooked(self) -> list[tuple[int, str]] | None:
+        """``(model index, module name)`` of every module ``attach`` hooks; None if unknown.
+        When every tap of a pass says, and none wants outputs, each forward stops once the
+        last of them has run."""
+        return None
 
     def sums(self) -> list[torch.Tensor]:
         return []
@@ -94,6 +100,39 @@ def _reduce(taps: Sequence[Tap], accelerator: Accelerator | None) -> None:
     give_sums(taps, sum_across(all_sums(taps), accelerator))
 
 
+class _StopForward(Exception):
+    """Raised from a hook to end a forward whose remaining layers no tap needs."""
+
+
+class _EarlyStop:
+    """Ends each model's forward once the last hook of the pass's taps has run: a pass that
+    only measures activations needs nothing after them (a language model's vocabulary-wide
+    head is about a third of a small GPT-2's forward). The first batch runs whole and counts
+    the hook calls; later batches stop at that count, after the taps' own hooks."""
+
+    def __init__(self, models: Sequence[nn.Module], hooked: list[tuple[int, str]]) -> None:
+        self.calls = [0] * len(models)
+        self.last: list[int | None] = [None] * len(models)
+        modules = [dict(model.named_modules()) for model in models]
+        self.handles = [modules[index][name].register_forward_hook(self._counter(index))
+                        for index, name in hooked]
+
+    def _counter(self, index: int):
+        def hook(_module, _inputs, _output):
+            self.calls[index] += 1
+            if self.calls[index] == self.last[index]:
+                raise _StopForward
+        return hook
+
+    def run(self, index: int, forward) -> None:
+        self.calls[index] = 0
+        try:
+            forward()
+        except _StopForward:
+            return
+        self.last[index] = self.calls[index]
+
+
 @torch.no_grad()
 def run_pass(
     models: Sequence[nn.Module],
@@ -115,6 +154,9 @@ def run_pass(
     device = next(models[0].parameters()).device
     observing = [tap for tap in taps if tap.wants_outputs]
     handles = [handle for tap in taps for handle in tap.attach(models)]
+    hooked = [tap.hooked() for tap in taps]
+    stop = None if observing or None in hooked else _EarlyStop(models, [h for tap in hooked for h in tap])
+    handles += stop.handles if stop else []
     examples = 0
     try:
         for batch in progress(local_batches(batches, limit, accelerator), accelerator, desc=desc, unit="batch",
@@ -123,6 +165,9 @@ def run_pass(
             labels = labels.to(device) if labels is not None else None
             with autocast(accelerator), counting_real_tokens(inputs):
                 for index, model in enumerate(models):
+                    if stop:
+                        stop.run(index, lambda: run_model(model, inputs))
+                        continue
                     logits = model_outputs(model, inputs)
                     for tap in observing:
                         tap.observe(index, logits, labels)

@@ -23,6 +23,7 @@ from .distributed import is_main_process, make_accelerator, progress
 from .evaluate import Scores, barriers_of, variance_ratios
 from .interpolate import interpolate
 from .matching import match_permutations, matching_sites, mean_matched_correlation
+from .weight_matching import match_weights, weight_distance
 from .repair import METHODS, block_output_sites, correction_sites, repair, repair_block_outputs
 from .passes import forward_count, run_pass
 from .prepared import DEFAULT_MEMORY, PreparedBatches
@@ -39,6 +40,7 @@ BLOCK_OUTPUT_NOTE = (
     "into the weights of this architecture, so it is measured in memory only and never saved"
 )
 DEFAULT_CURVES = ("naive", "aligned", "repaired")
+MATCHERS = ("activation", "weight")
 
 
 class MergeError(ValueError):
@@ -53,6 +55,7 @@ class MergeResult:
     method: str
     match_at: str
     calibration_examples: int
+    matcher: str
     groups: dict[str, int]
     permuted_max_abs_diff: float
     matched_correlation: dict[str, float]
@@ -66,6 +69,7 @@ class MergeResult:
     curves: dict[str, dict] = field(default_factory=dict)
     barriers: dict[str, dict] = field(default_factory=dict)
     variance_ratio: dict[str, dict] = field(default_factory=dict)
+    weight_distance: dict[str, float] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     plan: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -242,6 +246,7 @@ def merge(
     alpha: float = 0.5,
     method: str = "repair",
     match_at: str = "activation",
+    matcher: str = "activation",
     spec: PermutationSpec | None = None,
     num_samples: int | None = None,
     grid: int = 11,
@@ -274,6 +279,8 @@ def merge(
         raise MergeError(f"alpha must be in [0, 1], got {alpha}")
     if method not in METHODS:
         raise MergeError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
+    if matcher not in MATCHERS:
+        raise MergeError(f"matcher must be one of {', '.join(MATCHERS)}, not {matcher!r}")
     if grid < 3:
         raise MergeError(f"the alpha grid needs at least 3 points (0, 0.5, 1), got {grid}")
     unknown = set(curves) - set(CURVES)
@@ -295,12 +302,12 @@ def merge(
         evaluation = {name: prepared(batches) for name, batches in (evaluation or {}).items()}
         if train_examples:
             evaluation["train"] = calibration.prefix(min(train_examples, num_samples or train_examples))
-        return _merge(model_a, model_b, calibration, evaluation, alpha, method, match_at, spec, num_samples, grid,
-                      eval_samples, curves, accelerator, announce)
+        return _merge(model_a, model_b, calibration, evaluation, alpha, method, match_at, matcher, spec, num_samples,
+                      grid, eval_samples, curves, accelerator, announce)
 
 
-def _merge(model_a, model_b, calibration, evaluation, alpha, method, match_at, spec, num_samples, grid, eval_samples,
-           curves, accelerator, announce):
+def _merge(model_a, model_b, calibration, evaluation, alpha, method, match_at, matcher, spec, num_samples, grid,
+           eval_samples, curves, accelerator, announce):
     """:func:`merge` on prepared data: the plan, then the stages."""
     seconds: dict[str, float] = {}
     example = next(iter(calibration), None)  # this process's first batch: read once, kept for the passes
@@ -333,11 +340,12 @@ def _merge(model_a, model_b, calibration, evaluation, alpha, method, match_at, s
     sites, cross_modules = statistics_plan(spec, method, match_at, curves)
     with _timed(seconds, "statistics"):
         stats = collect_statistics(model_a, model_b, sites, calibration, num_samples, cross_modules, accelerator)
+    state_a, state_b = model_a.state_dict(), model_b.state_dict()
     with _timed(seconds, "match"):
-        perms = match_permutations(spec, stats, match_at)
+        perms = match_permutations(spec, stats, match_at) if matcher == "activation" else \
+            match_weights(spec, state_a, state_b)
     work = copy.deepcopy(model_a)  # the one working copy every built network is loaded into
     with _timed(seconds, "permute"):
-        state_a, state_b = model_a.state_dict(), model_b.state_dict()
         state_b_aligned = permute_state_dict(state_b, spec, perms)
         permuted_diff = check_function_preserved(model_b, state_b_aligned, example, workspace=work)
 
@@ -352,12 +360,14 @@ def _merge(model_a, model_b, calibration, evaluation, alpha, method, match_at, s
     with _timed(seconds, "interpolate+repair"):
         merged_state = repaired_state(alpha)
     result = MergeResult(
-        alpha=alpha, method=method, match_at=match_at, calibration_examples=stats.examples,
+        alpha=alpha, method=method, match_at=match_at, calibration_examples=stats.examples, matcher=matcher,
         groups={name: g.size for name, g in spec.groups.items()},
         permuted_max_abs_diff=permuted_diff,
         matched_correlation=mean_matched_correlation(spec, stats, perms, match_at),
         unaligned_correlation=mean_matched_correlation(spec, stats, identity, match_at),
         fixed=fixed_summary(spec), corrected=corrected,
+        weight_distance={"unaligned": weight_distance(spec, state_a, state_b, identity),
+                         "aligned": weight_distance(spec, state_a, state_b, perms)},
     )
     result.aligned = alignment_summary(spec, result.matched_correlation, result.unaligned_correlation)
     if not spec.groups:

@@ -282,6 +282,9 @@ class Corrections(Tap):
                     for name, tracker in self.trackers.items()]
         return handles
 
+    def hooked(self):
+        return [(self.model_index, name) for name in (*self.correctors, *self.trackers)]
+
     def sums(self):
         return [m.sums for m in self._measuring()]
 

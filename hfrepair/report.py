@@ -79,6 +79,9 @@ def describe(result) -> list[str]:
                           f"(corr {v['matched_correlation']:.2f} vs {v['unaligned_correlation']:.2f})"
                           for k, v in result.aligned.items())
         lines = [f"aligned: {kinds}"]
+        if result.weight_distance:
+            lines.append(f"weight distance |A - P(B)| / |A|: {result.weight_distance['unaligned']:.3f} unaligned, "
+                         f"{result.weight_distance['aligned']:.3f} after {result.matcher} matching")
     else:
         lines = ["aligned: nothing (no permutation group)"]
     fixed = sum(result.fixed.values())

@@ -205,14 +205,18 @@ def coupled_blocks(spec: PermutationSpec, site: ActivationSite) -> list[tuple[in
 
 
 def permute_state_dict(
-    state_dict: dict[str, torch.Tensor], spec: PermutationSpec, perms: dict[str, torch.Tensor]
+    state_dict: dict[str, torch.Tensor], spec: PermutationSpec, perms: dict[str, torch.Tensor],
+    keys: set[str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Apply one permutation per group to every tied axis (BatchNorm buffers included)."""
+    """Apply one permutation per group to every tied axis (BatchNorm buffers included);
+    with ``keys``, to those tensors only (the others are returned as they are)."""
     permuted = dict(state_dict)
     # Block-diagonal groups (each head's dims) after the groups that move the blocks (heads).
     for name, perm in sorted(perms.items(), key=lambda item: spec.groups[item[0]].blocks > 1):
         for member in spec.groups[name].members:
             key, axis = member[0], member[1]
+            if keys is not None and key not in keys:
+                continue
             tensor = permuted[key]
             order = perm if len(member) == 2 else block_order(tensor.shape[axis], len(perm), perm, *_block(member))
             permuted[key] = tensor.index_select(axis, order.to(tensor.device))

@@ -47,27 +47,29 @@ class BatchSample:
     shift: torch.Tensor | None = None
     units_first: bool = False
 
-    def product_sums(self, other: BatchSample, start: int, stop: int) -> torch.Tensor:
-        """``sum x_i y_j`` over the batch (float64) for units ``start:stop`` of both.
+    def add_product_sums(self, other: BatchSample, start: int, stop: int, total: torch.Tensor) -> None:
+        """Add ``sum x_i y_j`` over the batch, for units ``start:stop`` of both, to the float64
+        ``total`` in place.
 
         The float32 GEMM runs on the centred activations, so its rounding is relative to
         the units' spread; the shifts are added back in float64 from the exact identity
         ``sum x y^T = sum c_x c_y^T + n (s_x m_y^T + m_x s_y^T - s_x s_y^T)``."""
         if self.units_first:
-            product = self.centred[start:stop] @ other.centred[start:stop].T
+            total += self.centred[start:stop] @ other.centred[start:stop].T
         else:
-            product = self.centred[:, start:stop].T @ other.centred[:, start:stop]
+            total += self.centred[:, start:stop].T @ other.centred[:, start:stop]
         shift_x, shift_y = self.shift[start:stop].double(), other.shift[start:stop].double()
         mean_x, mean_y = self.mean[start:stop], other.mean[start:stop]
-        return product.double() + self.count * (torch.outer(shift_x, mean_y) + torch.outer(mean_x, shift_y)
-                                                - torch.outer(shift_x, shift_y))
+        total.addr_(shift_x, mean_y, alpha=self.count).addr_(mean_x, shift_y, alpha=self.count)
+        total.addr_(shift_x, shift_y, alpha=-self.count)
 
 
-def sample_batch(output: torch.Tensor, axis: int, centre: bool) -> BatchSample | None:
+def sample_batch(output: torch.Tensor, axis: int, reuse: torch.Tensor | None = None) -> BatchSample | None:
     """A module output's samples at a site whose units live on ``axis``; None when the
     batch has none (a padded batch's positions are samples only where they are real
-    tokens, :func:`counted_rows`). ``centre``: keep the centred activations for
-    cross-products.
+    tokens, :func:`counted_rows`). ``reuse``: a finished sample's ``centred`` tensor to
+    write the centred activations into when it has the right size (a fresh block of
+    megabytes per site and batch costs page faults).
 
     Units on the last axis of a contiguous output (transformers) are read as a
     ``(samples, units)`` view; other layouts (a conv's (N, C, H, W)) are centred into one
@@ -88,19 +90,21 @@ def sample_batch(output: torch.Tensor, axis: int, centre: bool) -> BatchSample |
         return None
     count = x.numel() // x.shape[axis]
     shift = x.mean([d for d in range(x.dim()) if d != axis])
-    if x.dim() == 2 and axis == 1:
-        centred, units_first = x - shift, False  # a new tensor: later in-place ops cannot reach it
-        total, squares = centred.sum(0), centred.square().sum(0)
+    rows = x.dim() == 2 and axis == 1
+    moved = x if rows else x.movedim(axis, 0)
+    fits = reuse is not None and reuse.numel() == x.numel() and reuse.device == x.device
+    # A copy of its own: later in-place ops on the output (x += residual) cannot reach it.
+    centred = reuse.view(moved.shape) if fits else torch.empty(moved.shape, dtype=torch.float32, device=x.device)
+    torch.sub(moved, shift if rows else shift.view(-1, *[1] * (x.dim() - 1)), out=centred)
+    if rows:
+        total, squares = centred.sum(0), torch.linalg.vecdot(centred, centred, dim=0)
     else:
-        moved = x.movedim(axis, 0)
-        centred = torch.empty(moved.shape, dtype=torch.float32, device=x.device)
-        torch.sub(moved, shift.view(-1, *[1] * (x.dim() - 1)), out=centred)
-        centred, units_first = centred.view(len(shift), -1), True
+        centred = centred.view(len(shift), -1)
         # einsum runs as a batched dot product: several times faster than (x * x).sum(1).
         total, squares = centred.sum(1), torch.einsum("ij,ij->i", centred, centred)
     mean = total.double() / count  # near 0: the centred moments carry no cancellation
     var = (squares.double() / count - mean**2).clamp_min(0)
-    return BatchSample(count, shift.double() + mean, var, centred if centre else None, shift, units_first)
+    return BatchSample(count, shift.double() + mean, var, centred, shift, not rows)
 
 
 @dataclass
@@ -169,14 +173,12 @@ class PairMoments:
         self.b.add(xb)
         if not self.with_cross:
             return
-        products = []
-        for start, stop in self._ranges():
-            products.append(xa.product_sums(xb, start, stop))
+        ranges = self._ranges()
         if self._products is None:
-            self._products = products
-        else:
-            for total, product in zip(self._products, products):
-                total += product
+            self._products = [torch.zeros(stop - start, stop - start, dtype=torch.float64, device=xa.mean.device)
+                              for start, stop in ranges]
+        for total, (start, stop) in zip(self._products, ranges):
+            xa.add_product_sums(xb, start, stop, total)
 
     @property
     def cross(self) -> torch.Tensor | None:
@@ -222,8 +224,8 @@ class Statistics:
 
 class SiteStatistics(Tap):
     """Tap of the statistics pass: at each site, both endpoints' moments and (where asked)
-    their cross-products. The pass runs A then B on each batch; A's batch sample (centred
-    copies where cross-products are needed) is kept until B's arrives.
+    their cross-products. The pass runs A then B on each batch; A's centred activations
+    are kept until B's arrive where cross-products need them.
 
     ``cross_sites``: the modules that need cross-products (default: every site), as a set,
     or as a mapping to the diagonal blocks to keep (None: all; see :class:`PairMoments`).
@@ -236,21 +238,20 @@ class SiteStatistics(Tap):
         self.pairs = {name: PairMoments(with_cross=cross_sites is None or name in cross_sites,
                                         blocks=blocks.get(name)) for name in self.sites}
         self._pending: dict[str, BatchSample | None] = {}
+        self._buffers = SampleBuffers()
 
     def attach(self, models):
         model_a, model_b = models
 
-        def sample(name, output):
-            return sample_batch(output, self.sites[name].axis, centre=self.pairs[name].with_cross)
-
         def keep_a(name):
             def hook(_module, _inputs, output):
-                self._pending[name] = sample(name, output)
+                held = self.pairs[name].with_cross
+                self._pending[name] = self._buffers.sample(output, self.sites[name].axis, name if held else None)
             return hook
 
         def add_b(name):
             def hook(_module, _inputs, output):
-                sample_a, sample_b = self._pending.pop(name), sample(name, output)
+                sample_a, sample_b = self._pending.pop(name), self._buffers.sample(output, self.sites[name].axis)
                 if sample_a is not None:
                     self.pairs[name].add(sample_a, sample_b)
             return hook
@@ -261,11 +262,29 @@ class SiteStatistics(Tap):
             handles += [modules[name].register_forward_hook(make(name)) for name in self.sites]
         return handles
 
+    def hooked(self):
+        return [(index, name) for index in (0, 1) for name in self.sites]
+
     def sums(self):
         return all_sums(self.pairs.values())
 
     def set_sums(self, sums):
         give_sums(self.pairs.values(), sums)
+
+
+class SampleBuffers:
+    """Where batch samples are centred: one buffer per site whose sample is held (A's, until
+    B's arrives), one per size for samples used at once."""
+
+    def __init__(self) -> None:
+        self._buffers: dict = {}
+
+    def sample(self, output: torch.Tensor, axis: int, held_as: str | None = None) -> BatchSample | None:
+        key = held_as if held_as is not None else output.numel()
+        sample = sample_batch(output, axis, reuse=self._buffers.get(key))
+        if sample is not None:
+            self._buffers[key] = sample.centred
+        return sample
 
 
 class SiteMoments(Tap):
@@ -275,18 +294,22 @@ class SiteMoments(Tap):
         self.sites = {site.module: site for site in sites}
         self.moments = {name: Moments() for name in self.sites}
         self.model_index = model_index
+        self._buffers = SampleBuffers()
 
     def attach(self, models):
         modules = dict(models[self.model_index].named_modules())
 
         def add(name):
             def hook(_module, _inputs, output):
-                sample = sample_batch(output, self.sites[name].axis, centre=False)
+                sample = self._buffers.sample(output, self.sites[name].axis)
                 if sample is not None:
                     self.moments[name].add(sample)
             return hook
 
         return [modules[name].register_forward_hook(add(name)) for name in self.sites]
+
+    def hooked(self):
+        return [(self.model_index, name) for name in self.sites]
 
     def sums(self):
         return all_sums(self.moments.values())

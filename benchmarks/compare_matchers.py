@@ -1,0 +1,92 @@
+"""Activation matching against weight matching on trained pairs, side by side.
+
+    python benchmarks/compare_matchers.py BUILT [--only NAME ...]
+
+``BUILT`` is the ``built`` folder a test run leaves in pytest's temporary directory (the
+trained endpoint pairs and data sets the tests share, e.g.
+``/tmp/pytest-of-$USER/pytest-N/built``); the demo pair that ships with hfrepair is
+merged too. Each pair is merged twice through the CLI (``--matcher activation`` and
+``--matcher weight``, everything else equal) and the script prints, per pair and matcher:
+the matching time, the relative weight distance ``|A - P(B)| / |A|`` before and after, the
+mean matched activation correlation, and the midpoint's metric aligned and aligned +
+REPAIR (test accuracy for classifiers, test loss per token for language models).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+SHORT = ["--grid", "3", "--eval-samples", "500", "--train-eval-samples", "250"]
+TEXT = ["--grid", "3", "--num-samples", "600", "--eval-samples", "150", "--train-eval-samples", "150"]
+
+
+def pairs(built: Path, demo_data: Path) -> dict[str, tuple[Path, Path, Path, list[str]]]:
+    from hfrepair.demo import SHIPPED_ENDPOINTS
+
+    def endpoints(name):
+        return built / name / "endpoint-1", built / name / "endpoint-2"
+
+    return {
+        "demo ResNet (BN)": (SHIPPED_ENDPOINTS / "resnet-a", SHIPPED_ENDPOINTS / "resnet-b", demo_data,
+                             [*SHORT, "--num-samples", "2000"]),
+        "HF ResNet": (*endpoints("hf_resnet"), built / "mnist", [*SHORT, "--num-samples", "1000"]),
+        "ViT": (*endpoints("vit"), built / "mnist", [*SHORT, "--num-samples", "2000"]),
+        "GPT-2": (*endpoints("gpt2"), built / "pydoc", TEXT),
+        "Llama": (*endpoints("llama"), built / "pydoc", TEXT),
+        "BERT": (*endpoints("bert"), built / "docstrings", ["--grid", "3"]),
+    }
+
+
+def merge(a: Path, b: Path, data: Path, flags: list[str], matcher: str, out: Path) -> dict:
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    done = subprocess.run([sys.executable, "-m", "hfrepair.cli", "merge", str(a), str(b), "--dataset", str(data),
+                           "--output", str(out), "--matcher", matcher, *flags],
+                          capture_output=True, text=True, env=env, check=False)
+    if done.returncode:
+        raise SystemExit(f"{a.parent.name} with {matcher} matching failed:\n{done.stderr[-2000:]}")
+    return json.loads((out / "merge_results.json").read_text())
+
+
+def row(name: str, matcher: str, record: dict) -> str:
+    mid = record["alphas"].index(0.5)
+    key = "loss" if record["task"] == "text-generation" else "accuracy"
+
+    def metric(label):
+        value = record["curves"][label]["test"][mid][key]
+        return f"{value:.3f}" if key == "loss" else f"{100 * value:.1f}%"
+
+    correlations = list(record["matched_correlation"].values())
+    distance = record["weight_distance"]
+    return (f"| {name} | {matcher} | {record['seconds']['match']:.2f} | {distance['unaligned']:.3f} -> "
+            f"{distance['aligned']:.3f} | {sum(correlations) / len(correlations):.3f} | {metric('naive')} | "
+            f"{metric('aligned')} | {metric('repaired')} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("built", type=Path, help="the built folder of a test run")
+    parser.add_argument("--only", nargs="*", help="pair names to run (default: all)")
+    args = parser.parse_args()
+    from hfrepair.demo import write_mnist_dataset
+
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        demo_data = write_mnist_dataset(scratch / "digits")
+        print("| pair | matcher | match s | weight distance | matched corr | naive | aligned | aligned + REPAIR |")
+        print("|---|---|---|---|---|---|---|---|")
+        for name, (a, b, data, flags) in pairs(args.built, demo_data).items():
+            if args.only and name not in args.only:
+                continue
+            for matcher in ("activation", "weight"):
+                record = merge(a, b, data, flags, matcher, scratch / f"{name}-{matcher}".replace(" ", "_"))
+                print(row(name, matcher, record), flush=True)
+
+
+if __name__ == "__main__":
+    main()
