@@ -5,7 +5,8 @@
 ``BUILT`` is the ``built`` folder a test run leaves in pytest's temporary directory (the
 trained endpoint pairs and data sets the tests share, e.g.
 ``/tmp/pytest-of-$USER/pytest-N/built``); the demo pair that ships with hfrepair is
-merged too. Each pair is merged twice through the CLI (``--matcher activation`` and
+merged too, and an MLP 3 x 256 is trained on the demo digits first (10 epochs, seeds 1
+and 2). Each pair is merged twice through the CLI (``--matcher activation`` and
 ``--matcher weight``, everything else equal) and the script prints, per pair and matcher:
 the matching time, the relative weight distance ``|A - P(B)| / |A|`` before and after, the
 mean matched activation correlation, and the midpoint's metric aligned and aligned +
@@ -26,13 +27,25 @@ SHORT = ["--grid", "3", "--eval-samples", "500", "--train-eval-samples", "250"]
 TEXT = ["--grid", "3", "--num-samples", "600", "--eval-samples", "150", "--train-eval-samples", "150"]
 
 
-def pairs(built: Path, demo_data: Path) -> dict[str, tuple[Path, Path, Path, list[str]]]:
+def trained(factory, data: Path, folder: Path, **training) -> tuple[Path, Path]:
+    from hfrepair.demo import train_endpoint
+
+    return tuple(train_endpoint(factory, data, seed, folder / f"endpoint-{seed}", **training) for seed in (1, 2))
+
+
+def pairs(built: Path, demo_data: Path, scratch: Path, only) -> dict[str, tuple[Path, Path, Path, list[str]]]:
     from hfrepair.demo import SHIPPED_ENDPOINTS
+    from hfrepair.models import MLP
 
     def endpoints(name):
         return built / name / "endpoint-1", built / name / "endpoint-2"
 
+    def plain(name, factory, **training):  # trained only when asked for
+        return trained(factory, demo_data, scratch / name, **training) if not only or name in only else (None, None)
+
     return {
+        "MLP 3x256": (*plain("MLP 3x256", lambda: MLP(depth=3, width=256), epochs=10, lr=0.05), demo_data,
+                      [*SHORT, "--num-samples", "2000"]),
         "demo ResNet (BN)": (SHIPPED_ENDPOINTS / "resnet-a", SHIPPED_ENDPOINTS / "resnet-b", demo_data,
                              [*SHORT, "--num-samples", "2000"]),
         "HF ResNet": (*endpoints("hf_resnet"), built / "mnist", [*SHORT, "--num-samples", "1000"]),
@@ -80,7 +93,7 @@ def main() -> None:
         demo_data = write_mnist_dataset(scratch / "digits")
         print("| pair | matcher | match s | weight distance | matched corr | naive | aligned | aligned + REPAIR |")
         print("|---|---|---|---|---|---|---|---|")
-        for name, (a, b, data, flags) in pairs(args.built, demo_data).items():
+        for name, (a, b, data, flags) in pairs(args.built, demo_data, scratch, args.only).items():
             if args.only and name not in args.only:
                 continue
             for matcher in ("activation", "weight"):

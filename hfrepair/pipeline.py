@@ -343,7 +343,7 @@ def _merge(model_a, model_b, calibration, evaluation, alpha, method, match_at, m
     state_a, state_b = model_a.state_dict(), model_b.state_dict()
     with _timed(seconds, "match"):
         perms = match_permutations(spec, stats, match_at) if matcher == "activation" else \
-            match_weights(spec, state_a, state_b)
+            match_weights(spec, dict(model_a.named_parameters()), dict(model_b.named_parameters()))
     work = copy.deepcopy(model_a)  # the one working copy every built network is loaded into
     with _timed(seconds, "permute"):
         state_b_aligned = permute_state_dict(state_b, spec, perms)
@@ -366,8 +366,8 @@ def _merge(model_a, model_b, calibration, evaluation, alpha, method, match_at, m
         matched_correlation=mean_matched_correlation(spec, stats, perms, match_at),
         unaligned_correlation=mean_matched_correlation(spec, stats, identity, match_at),
         fixed=fixed_summary(spec), corrected=corrected,
-        weight_distance={"unaligned": weight_distance(spec, state_a, state_b, identity),
-                         "aligned": weight_distance(spec, state_a, state_b, perms)},
+        weight_distance={label: weight_distance(spec, dict(model_a.named_parameters()), state_b, order)
+                         for label, order in (("unaligned", identity), ("aligned", perms))},
     )
     result.aligned = alignment_summary(spec, result.matched_correlation, result.unaligned_correlation)
     if not spec.groups:

@@ -37,9 +37,9 @@ def _cost(spec: PermutationSpec, name: str, state_a: dict, state_b: dict, skip: 
     group = spec.groups[name]
     cost = torch.zeros(group.size, group.size, dtype=torch.float64)
     for member in group.members:
-        if (member[0], member[1]) in skip:
-            continue
         key = member[0]
+        if (key, member[1]) in skip or key not in state_a:
+            continue
         cost += _unit_weights(state_a[key], member, group.size) @ _unit_weights(state_b[key], member, group.size).T
     return cost
 
@@ -75,24 +75,26 @@ def _reorder_blocks(perm: torch.Tensor, blocks: int, order: torch.Tensor) -> tor
 
 
 def objective(spec: PermutationSpec, state_a: dict, state_b: dict, perms: dict[str, torch.Tensor]) -> float:
-    """``sum <W_A, P(W_B)>`` over the tensors the spec permutes."""
-    permuted = permute_state_dict(state_b, spec, perms)
-    return float(sum((state_a[k].double() * permuted[k].double()).sum() for k in _permuted_keys(spec)))
+    """``sum <W_A, P(W_B)>`` over the tensors of ``state_a`` the spec permutes."""
+    keys = _permuted_keys(spec, state_a)
+    permuted = permute_state_dict(state_b, spec, perms, keys)
+    return float(sum((state_a[k].detach().double() * permuted[k].detach().double()).sum() for k in keys))
 
 
 def weight_distance(spec: PermutationSpec, state_a: dict, state_b: dict, perms: dict[str, torch.Tensor]) -> float:
-    """``|W_A - P(W_B)| / |W_A|`` over the tensors the spec permutes (0 when it permutes none)."""
-    keys = _permuted_keys(spec)
+    """``|W_A - P(W_B)| / |W_A|`` over the tensors of ``state_a`` the spec permutes (0 when
+    it permutes none)."""
+    keys = _permuted_keys(spec, state_a)
     if not keys:
         return 0.0
-    permuted = permute_state_dict(state_b, spec, perms)
-    gap = sum(float((state_a[k].double() - permuted[k].double()).square().sum()) for k in keys)
-    size = sum(float(state_a[k].double().square().sum()) for k in keys)
+    permuted = permute_state_dict(state_b, spec, perms, keys)
+    gap = sum(float((state_a[k].detach().double() - permuted[k].detach().double()).square().sum()) for k in keys)
+    size = sum(float(state_a[k].detach().double().square().sum()) for k in keys)
     return (gap / max(size, 1e-300)) ** 0.5
 
 
-def _permuted_keys(spec: PermutationSpec) -> set[str]:
-    return {m[0] for group in spec.groups.values() for m in group.members}
+def _permuted_keys(spec: PermutationSpec, state: dict) -> set[str]:
+    return {m[0] for group in spec.groups.values() for m in group.members} & set(state)
 
 
 def _step(spec: PermutationSpec, name: str, inner_groups: list[str], perms: dict, state_a: dict,
@@ -108,7 +110,7 @@ def _step(spec: PermutationSpec, name: str, inner_groups: list[str], perms: dict
     group = spec.groups[name]
     size = group.size
     held = {**perms, name: torch.arange(size), **{inner: torch.arange(spec.groups[inner].size) for inner in inner_groups}}
-    keys = {m[0] for group_name in (name, *inner_groups) for m in spec.groups[group_name].members}
+    keys = {m[0] for group_name in (name, *inner_groups) for m in spec.groups[group_name].members} & set(state_b)
     permuted = permute_state_dict(state_b, spec, held, keys)
     skip = {(m[0], m[1]) for inner in inner_groups for m in spec.groups[inner].members}
     cost = _cost(spec, name, state_a, permuted, skip)
@@ -136,7 +138,10 @@ def _step(spec: PermutationSpec, name: str, inner_groups: list[str], perms: dict
 
 def match_weights(spec: PermutationSpec, state_a: dict, state_b: dict, max_rounds: int = 100,
                   seed: int = 0) -> dict[str, torch.Tensor]:
-    """One permutation per group maximising ``sum <W_A, P(W_B)>`` (coordinate descent)."""
+    """One permutation per group maximising ``sum <W_A, P(W_B)>`` (coordinate descent) over
+    the tensors given: pass the parameters (``dict(model.named_parameters())``), since
+    buffers such as BatchNorm's running statistics are measurements of the data, on another
+    scale, and would outweigh the weights."""
     state_a = {k: v.detach().cpu() for k, v in state_a.items()}
     state_b = {k: v.detach().cpu() for k, v in state_b.items()}
     perms = {name: torch.arange(group.size) for name, group in spec.groups.items()}
