@@ -5,8 +5,9 @@
 ``BUILT`` is the ``built`` folder a test run leaves in pytest's temporary directory (the
 trained endpoint pairs and data sets the tests share, e.g.
 ``/tmp/pytest-of-$USER/pytest-N/built``); the demo pair that ships with hfrepair is
-merged too, and an MLP 3 x 256 is trained on the demo digits first (10 epochs, seeds 1
-and 2). Each pair is merged twice through the CLI (``--matcher activation`` and
+merged too, and three more pairs are trained on the demo digits first (seeds 1 and 2): an
+MLP 3 x 256 (10 epochs), a VGG 16-32-64 (two convs a stage, 5 epochs) and, with the tests'
+own recipe, a transformers ConvNeXt (LayerNorm, depthwise convs, 16-32 channels, 6 epochs). Each pair is merged twice through the CLI (``--matcher activation`` and
 ``--matcher weight``, everything else equal) and the script prints, per pair and matcher:
 the matching time, the relative weight distance ``|A - P(B)| / |A|`` before and after, the
 mean matched activation correlation, and the midpoint's metric aligned and aligned +
@@ -33,9 +34,24 @@ def trained(factory, data: Path, folder: Path, **training) -> tuple[Path, Path]:
     return tuple(train_endpoint(factory, data, seed, folder / f"endpoint-{seed}", **training) for seed in (1, 2))
 
 
+def convnext_pair(data: Path, folder: Path) -> tuple[Path, Path]:
+    """The ConvNeXt pair of ``tests/test_transformers_models.py``, trained the same way."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+
+    from tests.conftest import train_hf_pair
+
+    def factory():
+        return ConvNextForImageClassification(ConvNextConfig(
+            num_channels=3, num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], num_labels=10,
+            layer_scale_init_value=1.0))
+
+    return tuple(train_hf_pair(factory, data, folder, epochs=6, lr=0.1))
+
+
 def pairs(built: Path, demo_data: Path, scratch: Path, only) -> dict[str, tuple[Path, Path, Path, list[str]]]:
     from hfrepair.demo import SHIPPED_ENDPOINTS
-    from hfrepair.models import MLP
+    from hfrepair.models import MLP, VGG
 
     def endpoints(name):
         return built / name / "endpoint-1", built / name / "endpoint-2"
@@ -46,6 +62,10 @@ def pairs(built: Path, demo_data: Path, scratch: Path, only) -> dict[str, tuple[
     return {
         "MLP 3x256": (*plain("MLP 3x256", lambda: MLP(depth=3, width=256), epochs=10, lr=0.05), demo_data,
                       [*SHORT, "--num-samples", "2000"]),
+        "VGG 16-32-64": (*plain("VGG 16-32-64", lambda: VGG(widths=(16, 32, 64), layers_per_stage=2), epochs=5,
+                                lr=0.01, batch_size=64), demo_data, [*SHORT, "--num-samples", "2000"]),
+        "ConvNeXt": (*(convnext_pair(demo_data, scratch / "convnext") if not only or "ConvNeXt" in only
+                       else (None, None)), demo_data, [*SHORT, "--num-samples", "2000"]),
         "demo ResNet (BN)": (SHIPPED_ENDPOINTS / "resnet-a", SHIPPED_ENDPOINTS / "resnet-b", demo_data,
                              [*SHORT, "--num-samples", "2000"]),
         "HF ResNet": (*endpoints("hf_resnet"), built / "mnist", [*SHORT, "--num-samples", "1000"]),
