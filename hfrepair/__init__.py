@@ -9,7 +9,8 @@ The pipeline is a chain of small stages, each usable on its own::
     mixed = interpolate(model_a.state_dict(), aligned_b, 0.5)
     merged = repair(model_a, mixed, spec, stats, perms, 0.5, "repair", batches)  # fused
 
-or all at once with :func:`merge`. Every pass takes an optional ``accelerator``: under
+or all at once with :func:`merge`; :func:`merge_many` merges N models into one, and
+:func:`match_weights` matches units from the weights alone. Every pass takes an optional ``accelerator``: under
 ``accelerate launch`` / ``torchrun`` each process reads its part of the batches and the
 float64 sums are reduced across processes.
 """
@@ -19,6 +20,7 @@ from .distributed import make_accelerator
 from .evaluate import Metrics, barrier, evaluate
 from .interpolate import interpolate
 from .io import load_model, save_merged
+from .many import ManyResult, merge_many
 from .matching import match_permutations
 from .pipeline import MergeError, MergeResult, merge
 from .repair import METHODS, repair
@@ -31,12 +33,13 @@ from .spec import (
     verify_spec,
 )
 from .statistics import Statistics, collect_statistics
+from .weight_matching import match_weights
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "METHODS", "ActivationSite", "ExportError", "MergeError", "MergeResult", "Metrics", "PermutationGroup",
-    "PermutationSpec", "SpecError", "Statistics", "barrier", "collect_statistics", "discover_spec", "evaluate",
-    "interpolate", "load_model", "make_accelerator", "match_permutations", "merge", "permute_state_dict", "repair", "save_merged",
-    "verify_spec",
+    "METHODS", "ActivationSite", "ExportError", "ManyResult", "MergeError", "MergeResult", "Metrics",
+    "PermutationGroup", "PermutationSpec", "SpecError", "Statistics", "barrier", "collect_statistics",
+    "discover_spec", "evaluate", "interpolate", "load_model", "make_accelerator", "match_permutations",
+    "match_weights", "merge", "merge_many", "permute_state_dict", "repair", "save_merged", "verify_spec",
 ]

@@ -1,0 +1,202 @@
+"""Merging N models of one architecture into one (N >= 2), through the Python API.
+
+In: N models, calibration batches, optional evaluation batches and weights. Out: the merged
+model (the first model's class and keys, fused weights) and a :class:`ManyResult`.
+
+Every model is aligned into one unit order: with activation matching, each to the first
+(the reference), from the correlations of one statistics pass per model; with weight
+matching, MergeMany-style: each to the reference, then each in turn to the average of the
+others until a round changes nothing. The aligned models are averaged with ``weights``
+(uniform by default), and REPAIR gives each corrected unit the weighted average of the
+endpoints' means and standard deviations: the N-model form of the paper's goals
+``(1 - a) mu_A + a mu_B``. For N = 2 this is the pairwise merge at ``alpha = weights[1]``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from .batches import first_rows, inputs_of, to_device
+from .discovery import discover_spec
+from .distributed import make_accelerator
+from .evaluate import evaluate
+from .interpolate import average
+from .matching import match_permutations
+from .pipeline import MergeError, check_endpoints, statistics_plan
+from .prepared import DEFAULT_MEMORY, PreparedBatches
+from .repair import METHODS, repair
+from .report import repair_summary
+from .spec import PermutationSpec, check_function_preserved, load_into, permute_state_dict, verify_spec
+from .statistics import Moments, PairMoments, Statistics, collect_statistics
+from .weight_matching import match_weights
+
+
+@dataclass
+class ManyResult:
+    """What an N-model merge measured; ``to_dict`` for JSON."""
+
+    models: int
+    weights: list[float]
+    matcher: str
+    method: str
+    calibration_examples: int
+    groups: dict[str, int]
+    corrected: dict[str, list]
+    rounds: int = 0  # weight matching's re-alignment rounds
+    settled: bool = True  # False when max_rounds ended them with permutations still changing
+    endpoints: list[dict] = field(default_factory=list)
+    naive: dict = field(default_factory=dict)
+    aligned: dict = field(default_factory=dict)
+    merged: dict = field(default_factory=dict)
+    gap: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.detach() for key, value in model.named_parameters()}
+
+
+def _weight_matched(spec: PermutationSpec, models: list[nn.Module],
+                    max_rounds: int) -> tuple[list[dict], int, bool]:
+    """MergeMany: each model matched to the reference, then each to the average of the
+    others (aligned), until a round changes no permutation (or ``max_rounds``)."""
+    params = [_parameters(model) for model in models]
+    identity = {name: torch.arange(group.size) for name, group in spec.groups.items()}
+    perms = [identity] + [match_weights(spec, params[0], p) for p in params[1:]]
+    keys = set(params[0])
+    for round_ in range(1, max_rounds + 1):
+        changed = False
+        for k in range(len(models)):
+            others = [permute_state_dict(params[j], spec, perms[j], keys) for j in range(len(models)) if j != k]
+            target = average(others, [1 / len(others)] * len(others))
+            found = match_weights(spec, target, params[k])
+            changed |= any(not torch.equal(found[name], perms[k][name]) for name in found)
+            perms[k] = found
+        if not changed:
+            return perms, round_, True
+    return perms, max_rounds, False
+
+
+def goal_statistics(spec: PermutationSpec, moments: list[dict[str, Moments]], perms: list[dict],
+                    weights: list[float]) -> Statistics:
+    """Statistics whose A and B sides both hold, at every site, the weighted average of the
+    endpoints' (aligned) means and standard deviations: REPAIR at ``alpha = 0`` with identity
+    permutations then aims every corrected unit at them."""
+    pairs = {}
+    for site in spec.sites:
+        if site.module not in moments[0]:
+            continue
+        mean = std = 0
+        for model_moments, model_perms, weight in zip(moments, perms, weights):
+            m = model_moments[site.module]
+            order = site.order(model_perms, len(m.total)).to(m.total.device)
+            mean = mean + weight * m.mean[order]
+            std = std + weight * m.std[order]
+        goal = Moments(n=1, total=mean, squares=std**2 + mean**2)
+        pairs[site.module] = PairMoments(a=goal, b=goal, with_cross=False)
+    return Statistics(pairs)
+
+
+def merge_many(
+    models: list[nn.Module],
+    calibration: Iterable,
+    evaluation: Iterable | None = None,
+    *,
+    weights: list[float] | None = None,
+    matcher: str = "activation",
+    method: str = "repair",
+    match_at: str = "activation",
+    num_samples: int | None = None,
+    max_rounds: int = 20,
+    accelerator: Accelerator | None = None,
+    cache_memory: int = DEFAULT_MEMORY,
+) -> tuple[nn.Module, ManyResult]:
+    """Align, average (``weights``, uniform by default) and REPAIR ``models``.
+
+    ``calibration`` yields input tensors or ``(inputs, labels)`` batches (``num_samples``
+    caps them); ``evaluation`` labelled batches: each endpoint, the plain average of the
+    unaligned models (naive), the aligned average before REPAIR and the merged model are
+    measured, and ``gap`` is the endpoints' mean metric minus the merged model's (the
+    N-model barrier at the average).
+    """
+    if len(models) < 2:
+        raise MergeError(f"merging needs at least 2 models, got {len(models)}")
+    weights = [1 / len(models)] * len(models) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(models) or min(weights) < 0 or abs(sum(weights) - 1) > 1e-6:
+        raise MergeError(f"weights must be {len(models)} non-negative numbers that add up to 1, got {weights}")
+    if matcher not in ("activation", "weight"):
+        raise MergeError(f"matcher must be activation or weight, not {matcher!r}")
+    if method not in METHODS or method == "closed-form":
+        raise MergeError(f"an N-model merge corrects with repair, reset or none, not {method!r}")
+    for model in models[1:]:
+        check_endpoints(models[0], model)
+    accelerator = accelerator or make_accelerator()
+    for model in models:
+        model.to(accelerator.device).eval()
+    with ExitStack() as cleanup:
+        def prepared(batches):
+            cache = PreparedBatches(batches, accelerator, cache_memory)
+            cleanup.callback(cache.close)
+            return cache
+
+        calibration = prepared(calibration)
+        evaluation = prepared(evaluation) if evaluation is not None else None
+        example = next(iter(calibration), None)
+        if example is None:
+            raise MergeError("the calibration data is empty")
+        example = to_device(first_rows(inputs_of(example), 8), accelerator.device)
+        spec = discover_spec(models[0], example)
+        verify_spec(models[0], spec, example)
+        if not spec.groups:
+            raise MergeError(f"no permutation groups found in {type(models[0]).__name__}: nothing to align")
+
+        sites, cross = statistics_plan(spec, method, match_at, curves=())
+        if matcher == "weight":
+            cross = {}
+        pairs = [collect_statistics(models[0], model, sites, calibration, num_samples, cross, accelerator)
+                 for model in models[1:]]
+        identity = {name: torch.arange(group.size) for name, group in spec.groups.items()}
+        rounds, settled = 0, True
+        if matcher == "activation":
+            perms = [identity] + [match_permutations(spec, stats, match_at) for stats in pairs]
+        else:
+            perms, rounds, settled = _weight_matched(spec, models, max_rounds)
+
+        work = copy.deepcopy(models[0])
+        states = [model.state_dict() for model in models]
+        aligned = [permute_state_dict(state, spec, order) for state, order in zip(states, perms)]
+        for model, state in zip(models, aligned):
+            check_function_preserved(model, state, example, workspace=work)
+        moments = [{name: pair.a for name, pair in pairs[0].pairs.items()}] + \
+                  [{name: pair.b for name, pair in stats.pairs.items()} for stats in pairs]
+        goals = goal_statistics(spec, moments, perms, weights)
+        averaged = average(aligned, weights)
+        merged_state = repair(models[0], averaged, spec, goals, identity, 0.0, method, calibration, num_samples,
+                              accelerator, workspace=work)
+        result = ManyResult(
+            models=len(models), weights=weights, matcher=matcher, method=method,
+            calibration_examples=pairs[0].examples, groups={name: g.size for name, g in spec.groups.items()},
+            corrected=repair_summary(spec, method, models[0]), rounds=rounds, settled=settled)
+        if evaluation is not None:
+            def score(state):
+                return evaluate(load_into(work, state), evaluation, accelerator=accelerator).to_dict()
+
+            result.endpoints = [evaluate(model, evaluation, accelerator=accelerator).to_dict() for model in models]
+            result.naive = score(average(states, weights))
+            result.aligned = score(averaged)
+            result.merged = score(merged_state)
+            for metric in ("loss", "accuracy"):
+                if result.merged.get(metric) is not None:
+                    mean = sum(w * e[metric] for w, e in zip(weights, result.endpoints))
+                    result.gap[metric] = mean - result.merged[metric]
+        merged = load_into(copy.deepcopy(models[0]), merged_state)
+        return merged.eval(), result
