@@ -30,7 +30,7 @@ from .evaluate import evaluate
 from .interpolate import average
 from .matching import match_permutations
 from .pipeline import MergeError, check_endpoints, statistics_plan
-from .prepared import DEFAULT_MEMORY, PreparedBatches
+from .prepared import DEFAULT_MEMORY, preparer
 from .repair import METHODS, repair
 from .report import repair_summary
 from .spec import PermutationSpec, check_function_preserved, load_into, permute_state_dict, verify_spec
@@ -143,11 +143,7 @@ def merge_many(
     for model in models:
         model.to(accelerator.device).eval()
     with ExitStack() as cleanup:
-        def prepared(batches):
-            cache = PreparedBatches(batches, accelerator, cache_memory)
-            cleanup.callback(cache.close)
-            return cache
-
+        prepared = preparer(cleanup, accelerator, cache_memory)
         calibration = prepared(calibration)
         evaluation = prepared(evaluation) if evaluation is not None else None
         example = next(iter(calibration), None)

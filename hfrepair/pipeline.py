@@ -26,7 +26,7 @@ from .matching import match_permutations, matching_sites, mean_matched_correlati
 from .weight_matching import match_weights, weight_distance
 from .repair import METHODS, block_output_sites, correction_sites, repair, repair_block_outputs
 from .passes import forward_count, run_pass
-from .prepared import DEFAULT_MEMORY, PreparedBatches
+from .prepared import DEFAULT_MEMORY, preparer
 from .spec import (PermutationSpec, check_function_preserved, coupled_blocks, load_into, permute_state_dict,
                    verify_spec)
 from .report import alignment_summary, corrected_count, fixed_summary, repair_summary, unsupported_ops
@@ -293,11 +293,7 @@ def merge(
     model_a.to(accelerator.device).eval()
     model_b.to(accelerator.device).eval()
     with ExitStack() as cleanup:
-        def prepared(batches):
-            cache = PreparedBatches(batches, accelerator, cache_memory)
-            cleanup.callback(cache.close)
-            return cache
-
+        prepared = preparer(cleanup, accelerator, cache_memory)
         calibration = prepared(calibration)
         evaluation = {name: prepared(batches) for name, batches in (evaluation or {}).items()}
         if train_examples:

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -168,3 +169,13 @@ class PreparedPrefix:
 
     def batch_count(self, limit: int | None = None) -> int | None:
         return self.whole.batch_count(self._cap(limit))
+
+
+def preparer(cleanup: ExitStack, accelerator: Accelerator, memory_bytes: int = DEFAULT_MEMORY):
+    """A function turning a batch source into :class:`PreparedBatches`, each closed (its
+    spill folder removed) when ``cleanup`` unwinds."""
+    def prepare(batches: Iterable) -> PreparedBatches:
+        cache = PreparedBatches(batches, accelerator, memory_bytes)
+        cleanup.callback(cache.close)
+        return cache
+    return prepare
