@@ -285,3 +285,65 @@ def write_card(folder: Path, record: dict, configs: tuple[dict, dict], licenses:
         plot_barrier(record, folder / "barrier_curve.png")
     plot_variance(record, folder / "variance_ratio.png")
     model_card(record, configs, licenses).save(folder / "README.md")
+
+
+def _metric_text(metrics: dict, language_model: bool) -> str:
+    if language_model or metrics.get("accuracy") is None:
+        return f"loss {metrics['loss']:.3f} (perplexity {math.exp(metrics['loss']):.1f})"
+    return f"{100 * metrics['accuracy']:.1f}% (loss {metrics['loss']:.3f})"
+
+
+def many_model_card(record: dict, config: dict, licenses: list[str | None]) -> ModelCard:
+    """The card of an N-model merge (``merge_many``): every base model with its revision and
+    weight, how they were aligned and corrected, and each measured score."""
+    sources = record["sources"]["models"]
+    names = [_name(source) for source in sources]
+    repo_ids = [source["repo_id"] for source in sources if source["repo_id"]]
+    dataset = record["sources"]["dataset"]
+    corrected = record.get("corrected") or {}
+    repaired = any(corrected.get(k) for k in ("affine", "scale", "batchnorm"))
+    language_model = is_language_model(record)
+    card_data = ModelCardData(
+        base_model=repo_ids or None, base_model_relation="merge" if repo_ids else None,
+        tags=["merge", "hfrepair", *(["repair"] if repaired else [])],
+        datasets=[dataset["repo_id"]] if dataset["repo_id"] else None,
+        library_name="transformers" if "architectures" in config else "hfrepair",
+        pipeline_tag=record["task"] if "architectures" in config else None,
+        license=licenses[0] if licenses[0] and len(set(licenses)) == 1 else None,
+    )
+    rows = [f"| {name} | `{source['revision'] or 'local'}` | {weight:.3f} | {_metric_text(scores, language_model)} |"
+            for name, source, weight, scores in zip(names, sources, record["weights"], record["endpoints"])]
+    matching = ("activation correlation, each model matched to the first"
+                if record["matcher"] == "activation" else
+                f"weight matching, each model re-aligned to the average of the others ({record['rounds']} rounds"
+                + (")" if record["settled"] else ", stopped with permutations still changing)"))
+    repair_line, corrected_details = repair_text(record)
+    split = record["eval_split"]
+    gap = record.get("gap") or {}
+    gap_text = (f"{100 * gap['accuracy']:.1f} points of accuracy" if "accuracy" in gap and not language_model
+                else f"{-gap['loss']:.3f} of loss" if "loss" in gap else "not measured")
+    body = f"""
+# Merge of {len(names)} models
+
+Made with hfrepair: the models' units were aligned into one order ({matching}; {len(record['groups'])}
+permutation groups), the aligned models averaged with the weights below, and {repair_line}.
+
+| base model | revision | weight | split `{split}` of `{_name(dataset)}` |
+|---|---|---|---|
+{chr(10).join(rows)}
+
+| merge | split `{split}` |
+|---|---|
+| plain average of the unaligned models | {_metric_text(record['naive'], language_model)} |
+| aligned average, before REPAIR | {_metric_text(record['aligned'], language_model)} |
+| **this model** | **{_metric_text(record['merged'], language_model)}** |
+
+Gap between the endpoints' weighted mean and this model: {gap_text}. Every number was
+measured on the weights it describes; calibration: {record['calibration_examples']} examples of split
+`{record['split']}`. {corrected_details}
+
+Command: `{record['command']}`
+
+Versions: {_versions()}
+"""
+    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}")

@@ -21,7 +21,7 @@ import yaml
 from PIL import Image
 
 from .batches import floating_dtype
-from .card import calibration_unit, write_card
+from .card import calibration_unit, many_model_card, write_card
 from .data import SHUFFLE_BUFFER, DataError, image_batches, image_mode, model_transform
 from .discovery import ExportError, discover_spec
 from .distributed import ProcessDataError, is_main_process, make_accelerator
@@ -29,6 +29,7 @@ from .evaluate import EvaluationError
 from .hub import HubAccessError, push_folder, read_license, resolve_dataset, resolve_model
 from .io import TEXT_TASKS, ModelLoadError, config_differences, load_model, read_config, save_merged, task_of
 from .matching import MATCH_LOCATIONS, MatchingError
+from .many import ManyResult, merge_many
 from .pipeline import MATCHERS, MergeError, MergeResult, merge
 from .repair import METHODS
 from .report import describe, describe_spec
@@ -64,6 +65,13 @@ def _positive(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
+
+
+def _weights(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def size_in_bytes(text: str) -> int:
@@ -160,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
         "reads). OUTPUT receives the merged model and merge_results.json."))
     m.add_argument("model_a", nargs="?", help="local folder, or Hub repo id with optional @revision")
     m.add_argument("model_b", nargs="?", help="local folder, or Hub repo id with optional @revision")
+    m.add_argument("more_models", nargs="*", metavar="MODEL",
+                   help="more models: all of them are merged into one (uniform weights, or --weights)")
+    m.add_argument("--weights", type=_weights, default=None,
+                   help="comma-separated weights of 3 or more models, adding up to 1 (default: uniform)")
     m.add_argument("--config", default=None,
                    help="YAML file with any of these options (keys as the flags' names, e.g. num_samples: 1000, "
                         "model_a: ..., dataset: ...); flags on the command line override it")
@@ -254,7 +266,13 @@ def read_merge_config(path: str, merge_parser: argparse.ArgumentParser) -> dict:
             raise MergeError(f"merge config {path}: unknown option {key!r}")
         if isinstance(value, bool) and action.choices and "no" in action.choices:
             value = "no" if not value else value  # YAML reads an unquoted `no` as false
-        if isinstance(action, argparse._StoreTrueAction):
+        if action.nargs == "*":
+            if not isinstance(value, list):
+                raise MergeError(f"merge config {path}: {key} must be a list")
+            value = [str(item) for item in value]
+        elif isinstance(value, list) and action.type is _weights:
+            value = [float(item) for item in value]
+        elif isinstance(action, argparse._StoreTrueAction):
             if not isinstance(value, bool):
                 raise MergeError(f"merge config {path}: {key} must be true or false, not {value!r}")
         elif value is not None:
@@ -297,6 +315,10 @@ def run_merge(args: argparse.Namespace, argv: list[str]) -> MergeResult:
     """The merge command on this process; under ``accelerate launch`` / ``torchrun`` every
     process runs it, each pass reads this process's part of the data, and only the main
     process writes OUTPUT and pushes (the others wait for it)."""
+    if args.more_models:
+        return run_merge_many(args, argv)
+    if args.weights is not None:
+        raise MergeError("--weights is for 3 or more models; two models take --alpha (B's weight)")
     output = Path(args.output)
     check_output(output, [args.model_a, args.model_b, args.dataset], args.overwrite)
     accelerator = make_accelerator(args.mixed_precision)
@@ -345,6 +367,93 @@ def run_merge(args: argparse.Namespace, argv: list[str]) -> MergeResult:
         publish(args, output, merged, result, record, (folder_a, folder_b), (config_a, config_b), tokenizer)
     accelerator.wait_for_everyone()
     return result
+
+
+def run_merge_many(args: argparse.Namespace, argv: list[str]) -> ManyResult:
+    """``hfrepair merge M1 M2 M3 ...``: every model aligned into one unit order, averaged
+    with ``--weights`` and REPAIRed (:func:`~hfrepair.many.merge_many`)."""
+    names = [args.model_a, args.model_b, *args.more_models]
+    two_only = [flag for flag, given in (("--alpha", args.alpha != 0.5), ("--spec", args.spec),
+                                         ("--unaligned", args.unaligned), ("--block-outputs", args.block_outputs),
+                                         ("--no-curves", args.no_curves)) if given]
+    if two_only:
+        raise MergeError(f"{two_only[0]} is for two models; {len(names)} models are merged at --weights")
+    output = Path(args.output)
+    check_output(output, [*names, args.dataset], args.overwrite)
+    accelerator = make_accelerator(args.mixed_precision)
+    trust = args.trust_remote_code
+    with accelerator.main_process_first():
+        sources = [resolve_model(name, trust_remote_code=trust) for name in names]
+        data_source = resolve_dataset(args.dataset)
+    folders = [source.folder for source in sources]
+    configs = [read_config(folder) for folder in folders]
+    for number, config in enumerate(configs[1:], 2):
+        differences = config_differences(configs[0], config)
+        if differences:
+            field = differences[0]
+            raise MergeError(f"models 1 and {number} have different architectures: config field {field!r} is "
+                             f"{configs[0].get(field)!r} and {config.get(field)!r}")
+    task = task_of(configs[0])
+    tokenizer = None
+    if task in TEXT_TASKS:
+        tokenizer = load_tokenizer(folders[0])
+        for folder in folders[1:]:
+            check_same_tokenizer(tokenizer, load_tokenizer(folder))
+    models = [load_model(folder, trust) for folder in folders]
+    calibration, evaluation = data_streams(args, task, folders[0], configs[0], tokenizer, data_source)
+    merged, result = merge_many(models, calibration, evaluation["test"], weights=args.weights, matcher=args.matcher,
+                                method=args.method, match_at=args.match_at, accelerator=accelerator,
+                                cache_memory=size_in_bytes(args.cache_memory))
+    record = {
+        "command": "hfrepair " + " ".join(shlex.quote(a) for a in argv),
+        "sources": {"models": [source.to_dict() for source in sources], "dataset": data_source.to_dict()},
+        "task": task, "dtype": str(floating_dtype(merged)).removeprefix("torch."),
+        "tokenizer": describe_tokenizer(tokenizer, sources[0].repo_id or Path(sources[0].reference).name)
+        if tokenizer else None,
+        "split": args.split, "eval_split": args.eval_split, "torch": torch.__version__,
+        "processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
+        **result.to_dict(),
+    }
+    if accelerator.is_main_process:
+        def write(folder: Path) -> None:
+            save_merged(merged, folder, folders[0], args.max_shard_size, tokenizer)
+            (folder / "merge_results.json").write_text(json.dumps(record, indent=2))
+            many_model_card(record, configs[0], [read_license(f) for f in folders]).save(folder / "README.md")
+
+        write_atomically(output, write)
+        print(format_many_table(result, [Path(source.reference).name if not source.repo_id else source.repo_id
+                                         for source in sources], task))
+        print(f"merged model written to {output}")
+        push_output(args, output)
+    accelerator.wait_for_everyone()
+    return result
+
+
+def format_many_table(result: ManyResult, names: list[str], task: str) -> str:
+    """The printed report of an N-model merge."""
+    language_model = task == "text-generation"
+
+    def score(metrics: dict) -> str:
+        if language_model or metrics.get("accuracy") is None:
+            return f"loss {metrics['loss']:.3f}"
+        return f"{100 * metrics['accuracy']:5.1f}%  loss {metrics['loss']:.3f}"
+
+    weights = "/".join(f"{w:.3f}" for w in result.weights)
+    lines = [f"merged {result.models} models (weights {weights}), method={result.method}, matcher={result.matcher}, "
+             f"{result.calibration_examples} calibration examples, {len(result.groups)} permutation groups"]
+    lines += [f"  {name:<40} {score(metrics)}" for name, metrics in zip(names, result.endpoints)]
+    lines += [f"  {'plain average (unaligned)':<40} {score(result.naive)}",
+              f"  {'aligned average':<40} {score(result.aligned)}",
+              f"  {'aligned + REPAIR (saved)':<40} {score(result.merged)}"]
+    if "accuracy" in result.gap and not language_model:
+        lines.append(f"gap to the endpoints' weighted mean: {100 * result.gap['accuracy']:.1f} points")
+    elif "loss" in result.gap:
+        lines.append(f"gap to the endpoints' weighted mean: {-result.gap['loss']:.3f} loss")
+    corrected = sum(len(result.corrected.get(k, [])) for k in ("affine", "scale", "batchnorm"))
+    lines.append(f"REPAIR corrected {corrected} sites" if corrected else f"REPAIR: nothing corrected ({result.method})")
+    if result.matcher == "weight" and not result.settled:
+        lines.append(f"note: weight matching stopped after {result.rounds} rounds with permutations still changing")
+    return "\n".join(lines)
 
 
 def data_streams(args: argparse.Namespace, task: str, folder_a: Path, config_a: dict, tokenizer, data_source):
@@ -402,13 +511,19 @@ def publish(args: argparse.Namespace, output: Path, merged, result: MergeResult,
     write_atomically(output, write)
     print(format_table(result, record["task"], calibration_unit(record)))
     print(f"merged model written to {output}")
-    if args.push_to_hub:
-        try:
-            url = push_folder(output, args.push_to_hub, private=args.private, revision=args.revision)
-        except HubAccessError as error:
-            raise HubAccessError(f"{error} (the merge is saved in {output}; retry with "
-                                 f"`hfrepair push {output} {args.push_to_hub}`)") from error
-        print(f"pushed to {url}")
+    push_output(args, output)
+
+
+def push_output(args: argparse.Namespace, output: Path) -> None:
+    """Push OUTPUT to ``--push-to-hub`` if asked; a failed push says the merge is saved."""
+    if not args.push_to_hub:
+        return
+    try:
+        url = push_folder(output, args.push_to_hub, private=args.private, revision=args.revision)
+    except HubAccessError as error:
+        raise HubAccessError(f"{error} (the merge is saved in {output}; retry with "
+                             f"`hfrepair push {output} {args.push_to_hub}`)") from error
+    print(f"pushed to {url}")
 
 
 def write_atomically(output: Path, write) -> None:

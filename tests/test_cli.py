@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import datasets
 import pytest
@@ -331,3 +332,47 @@ def test_weight_matching_aligns_without_matching_data_and_says_so(endpoint_folde
     assert distance["aligned"] < distance["unaligned"] - 0.05
     assert accuracy["repaired"] > accuracy["naive"] + 0.1
     assert "weight matching" in (out / "README.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def three_mlp_folders(mnist, tmp_path_factory):
+    from hfrepair.training import train_classifier
+
+    train_x, train_y = mnist(28)[:2]
+    root = tmp_path_factory.mktemp("three")
+    for seed in (1, 2, 3):
+        torch.manual_seed(seed)
+        model = train_classifier(MLP(depth=2, width=128), train_x, train_y, seed=seed, epochs=5, lr=0.05)
+        model.save_pretrained(str(root / f"mlp-{seed}"))
+    return [root / f"mlp-{seed}" for seed in (1, 2, 3)]
+
+
+def test_three_models_merge_into_one_through_the_cli(three_mlp_folders, mnist_folder, tmp_path):
+    out = tmp_path / "merged-three"
+    done = run_cli("merge", *three_mlp_folders, "--dataset", mnist_folder, "--output", out,
+                   "--num-samples", "2000", "--weights", "0.4,0.3,0.3")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "merged 3 models (weights 0.400/0.300/0.300)" in done.stdout
+    record = json.loads((out / "merge_results.json").read_text())
+    assert record["models"] == 3 and record["weights"] == [0.4, 0.3, 0.3]
+    assert [Path(s["reference"]).name for s in record["sources"]["models"]] == ["mlp-1", "mlp-2", "mlp-3"]
+    # Measured (one run, weights 0.4 / 0.3 / 0.3): endpoints 91.7 / 92.1 / 92.6%, plain average 45.6%,
+    # aligned 87.9%, REPAIR 89.0% (uniform weights in tests/test_many.py: 45.3% / 87.2% / 88.3%).
+    assert record["merged"]["accuracy"] > record["naive"]["accuracy"] + 0.35
+    card = (out / "README.md").read_text()
+    assert all(name in card for name in ("mlp-1", "mlp-2", "mlp-3")) and "Merge of 3 models" in card
+    fresh = subprocess.run([sys.executable, "-c", RELOAD, str(out), str(mnist_folder), "1000"],
+                           capture_output=True, text=True, env=ENV, check=True)
+    assert json.loads(fresh.stdout.strip().splitlines()[-1])["accuracy"] == record["merged"]["accuracy"]
+
+
+def test_weights_that_do_not_fit_are_one_line_errors(three_mlp_folders, endpoint_folders, mnist_folder, tmp_path):
+    out = tmp_path / "never"
+    for models, flags, message in (
+            (three_mlp_folders, ["--weights", "0.5,0.5"], "weights must be 3 non-negative numbers"),
+            (endpoint_folders, ["--weights", "0.5,0.5"], "--weights is for 3 or more models"),
+            (three_mlp_folders, ["--alpha", "0.3"], "--alpha is for two models")):
+        done = run_cli("merge", *models, "--dataset", mnist_folder, "--output", out, *flags)
+        assert done.returncode == 2
+        assert_one_line_error(done.stderr, message)
+        assert not out.exists()
