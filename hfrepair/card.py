@@ -322,6 +322,9 @@ def many_model_card(record: dict, config: dict, licenses: list[str | None]) -> M
     gap = record.get("gap") or {}
     gap_text = (f"{100 * gap['accuracy']:.1f} points of accuracy" if "accuracy" in gap and not language_model
                 else f"{-gap['loss']:.3f} of loss" if "loss" in gap else "not measured")
+    pairs = "\n".join(
+        f"| midpoint of {names[i]} and {names[j]}: aligned / REPAIRed | {_metric_text(p['aligned'], language_model)} / "
+        f"{_metric_text(p['repaired'], language_model)} |" for p in record.get("pairwise", []) for i, j in [p["models"]])
     body = f"""
 # Merge of {len(names)} models
 
@@ -337,6 +340,7 @@ permutation groups), the aligned models averaged with the weights below, and {re
 | plain average of the unaligned models | {_metric_text(record['naive'], language_model)} |
 | aligned average, before REPAIR | {_metric_text(record['aligned'], language_model)} |
 | **this model** | **{_metric_text(record['merged'], language_model)}** |
+{pairs}
 
 Gap between the endpoints' weighted mean and this model: {gap_text}. Every number was
 measured on the weights it describes; calibration: {record['calibration_examples']} examples of split

@@ -445,6 +445,10 @@ def format_many_table(result: ManyResult, names: list[str], task: str) -> str:
     lines += [f"  {'plain average (unaligned)':<40} {score(result.naive)}",
               f"  {'aligned average':<40} {score(result.aligned)}",
               f"  {'aligned + REPAIR (saved)':<40} {score(result.merged)}"]
+    for pair in result.pairwise:
+        first, second = (names[k] for k in pair["models"])
+        lines.append(f"  {'midpoint ' + first + ' + ' + second:<40} {score(pair['aligned'])} aligned, "
+                     f"{score(pair['repaired'])} REPAIRed")
     if "accuracy" in result.gap and not language_model:
         lines.append(f"gap to the endpoints' weighted mean: {100 * result.gap['accuracy']:.1f} points")
     elif "loss" in result.gap:

@@ -56,6 +56,7 @@ class ManyResult:
     aligned: dict = field(default_factory=dict)
     merged: dict = field(default_factory=dict)
     gap: dict = field(default_factory=dict)
+    pairwise: list[dict] = field(default_factory=list)  # each pair's midpoint, aligned in the common order
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -117,6 +118,7 @@ def merge_many(
     match_at: str = "activation",
     num_samples: int | None = None,
     max_rounds: int = 20,
+    pairwise: bool = True,
     accelerator: Accelerator | None = None,
     cache_memory: int = DEFAULT_MEMORY,
 ) -> tuple[nn.Module, ManyResult]:
@@ -126,7 +128,8 @@ def merge_many(
     caps them); ``evaluation`` labelled batches: each endpoint, the plain average of the
     unaligned models (naive), the aligned average before REPAIR and the merged model are
     measured, and ``gap`` is the endpoints' mean metric minus the merged model's (the
-    N-model barrier at the average).
+    N-model barrier at the average); with ``pairwise`` (and N > 2) also every pair's
+    midpoint in the common unit order, aligned and REPAIRed (one more REPAIR pass a pair).
     """
     if len(models) < 2:
         raise MergeError(f"merging needs at least 2 models, got {len(models)}")
@@ -194,5 +197,14 @@ def merge_many(
                 if result.merged.get(metric) is not None:
                     mean = sum(w * e[metric] for w, e in zip(weights, result.endpoints))
                     result.gap[metric] = mean - result.merged[metric]
+            if pairwise and len(models) > 2:
+                for i in range(len(models)):
+                    for j in range(i + 1, len(models)):
+                        pair_goals = goal_statistics(spec, [moments[i], moments[j]], [perms[i], perms[j]], [0.5, 0.5])
+                        midpoint = average([aligned[i], aligned[j]], [0.5, 0.5])
+                        repaired = repair(models[0], midpoint, spec, pair_goals, identity, 0.0, method, calibration,
+                                          num_samples, accelerator, workspace=work)
+                        result.pairwise.append({"models": [i, j], "aligned": score(midpoint),
+                                                "repaired": score(repaired)})
         merged = load_into(copy.deepcopy(models[0]), merged_state)
         return merged.eval(), result

@@ -361,6 +361,9 @@ def test_three_models_merge_into_one_through_the_cli(three_mlp_folders, mnist_fo
     assert record["merged"]["accuracy"] > record["naive"]["accuracy"] + 0.35
     card = (out / "README.md").read_text()
     assert all(name in card for name in ("mlp-1", "mlp-2", "mlp-3")) and "Merge of 3 models" in card
+    assert [p["models"] for p in record["pairwise"]] == [[0, 1], [0, 2], [1, 2]]
+    assert all(p["repaired"]["accuracy"] > record["naive"]["accuracy"] for p in record["pairwise"])
+    assert "midpoint of mlp-1 and mlp-2" in card and "midpoint mlp-1 + mlp-2" in done.stdout
     fresh = subprocess.run([sys.executable, "-c", RELOAD, str(out), str(mnist_folder), "1000"],
                            capture_output=True, text=True, env=ENV, check=True)
     assert json.loads(fresh.stdout.strip().splitlines()[-1])["accuracy"] == record["merged"]["accuracy"]
