@@ -7,11 +7,14 @@ trained endpoint pairs and data sets the tests share, e.g.
 ``/tmp/pytest-of-$USER/pytest-N/built``); the demo pair that ships with hfrepair is
 merged too, and three more pairs are trained on the demo digits first (seeds 1 and 2): an
 MLP 3 x 256 (10 epochs), a VGG 16-32-64 (two convs a stage, 5 epochs) and, with the tests'
-own recipe, a transformers ConvNeXt (LayerNorm, depthwise convs, 16-32 channels, 6 epochs). Each pair is merged twice through the CLI (``--matcher activation`` and
-``--matcher weight``, everything else equal) and the script prints, per pair and matcher:
-the matching time, the relative weight distance ``|A - P(B)| / |A|`` before and after, the
-mean matched activation correlation, and the midpoint's metric aligned and aligned +
-REPAIR (test accuracy for classifiers, test loss per token for language models).
+own recipe, a transformers ConvNeXt (LayerNorm, depthwise convs, 16-32 channels, 6 epochs).
+
+Each pair is merged twice through the CLI (``--matcher activation`` and ``--matcher
+weight``, everything else equal) and the script prints, per pair and matcher: the matching
+time, the whole merge's peak resident memory, the relative weight distance
+``|A - P(B)| / |A|`` before and after, the mean matched activation correlation, and the
+midpoint's metric aligned and aligned + REPAIR (test accuracy for classifiers, test loss
+per token for language models).
 """
 
 from __future__ import annotations
@@ -76,14 +79,26 @@ def pairs(built: Path, demo_data: Path, scratch: Path, only) -> dict[str, tuple[
     }
 
 
+# The CLI in a process that reports its own peak resident memory when it exits.
+WITH_PEAK = """
+import resource, runpy, sys
+sys.argv = ["hfrepair", *sys.argv[1:]]
+try:
+    runpy.run_module("hfrepair.cli", run_name="__main__")
+finally:
+    print("peak_rss_kb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+"""
+
+
 def merge(a: Path, b: Path, data: Path, flags: list[str], matcher: str, out: Path) -> dict:
     env = {**os.environ, "TQDM_DISABLE": "1"}
-    done = subprocess.run([sys.executable, "-m", "hfrepair.cli", "merge", str(a), str(b), "--dataset", str(data),
+    done = subprocess.run([sys.executable, "-c", WITH_PEAK, "merge", str(a), str(b), "--dataset", str(data),
                            "--output", str(out), "--matcher", matcher, *flags],
                           capture_output=True, text=True, env=env, check=False)
     if done.returncode:
         raise SystemExit(f"{a.parent.name} with {matcher} matching failed:\n{done.stderr[-2000:]}")
-    return json.loads((out / "merge_results.json").read_text())
+    peak = next(line.split()[1] for line in done.stderr.splitlines() if line.startswith("peak_rss_kb"))
+    return {**json.loads((out / "merge_results.json").read_text()), "peak_rss_mb": int(peak) / 1024}
 
 
 def row(name: str, matcher: str, record: dict) -> str:
@@ -96,7 +111,8 @@ def row(name: str, matcher: str, record: dict) -> str:
 
     correlations = list(record["matched_correlation"].values())
     distance = record["weight_distance"]
-    return (f"| {name} | {matcher} | {record['seconds']['match']:.2f} | {distance['unaligned']:.3f} -> "
+    return (f"| {name} | {matcher} | {record['seconds']['match']:.2f} | {record['peak_rss_mb']:.0f} | "
+            f"{distance['unaligned']:.3f} -> "
             f"{distance['aligned']:.3f} | {sum(correlations) / len(correlations):.3f} | {metric('naive')} | "
             f"{metric('aligned')} | {metric('repaired')} |")
 
@@ -111,8 +127,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         demo_data = write_mnist_dataset(scratch / "digits")
-        print("| pair | matcher | match s | weight distance | matched corr | naive | aligned | aligned + REPAIR |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| pair | matcher | match s | merge peak RSS MB | weight distance | matched corr | naive | aligned | "
+              "aligned + REPAIR |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for name, (a, b, data, flags) in pairs(args.built, demo_data, scratch, args.only).items():
             if args.only and name not in args.only:
                 continue
