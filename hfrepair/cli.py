@@ -13,6 +13,7 @@ import shlex
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -322,49 +323,29 @@ def run_merge(args: argparse.Namespace, argv: list[str]) -> MergeResult:
     output = Path(args.output)
     check_output(output, [args.model_a, args.model_b, args.dataset], args.overwrite)
     accelerator = make_accelerator(args.mixed_precision)
-    trust = args.trust_remote_code
-    with accelerator.main_process_first():  # one download into the shared cache, then cache hits
-        source_a = resolve_model(args.model_a, trust_remote_code=trust)
-        source_b = resolve_model(args.model_b, trust_remote_code=trust)
-        data_source = resolve_dataset(args.dataset)
-    folder_a, folder_b = source_a.folder, source_b.folder
-    config_a, config_b = read_config(folder_a), read_config(folder_b)
-    differences = config_differences(config_a, config_b)
-    if differences:
-        field = differences[0]
-        raise MergeError(f"endpoints have different architectures: config field {field!r} is "
-                         f"{config_a.get(field)!r} in A and {config_b.get(field)!r} in B")
-    task = task_of(config_a)
-    tokenizer = None
-    if task in TEXT_TASKS:
-        tokenizer = load_tokenizer(folder_a)
-        check_same_tokenizer(tokenizer, load_tokenizer(folder_b))
-    model_a, model_b = load_model(folder_a, trust), load_model(folder_b, trust)
-    calibration, evaluation = data_streams(args, task, folder_a, config_a, tokenizer, data_source)
+    inputs = load_inputs(args, [args.model_a, args.model_b], accelerator)
+    task, tokenizer = inputs.task, inputs.tokenizer
+    calibration, evaluation = data_streams(args, task, inputs.folders[0], inputs.configs[0], tokenizer, inputs.data)
     spec = load_spec(args.spec) if args.spec else None
     curves = () if args.no_curves else (
         "naive", *(("naive-repaired",) if args.unaligned else ()), "aligned", "repaired",
         *(("repaired+blocks",) if args.block_outputs else ()))
-    merged, result = merge(model_a, model_b, calibration, evaluation, alpha=args.alpha, method=args.method,
+    merged, result = merge(*inputs.models, calibration, evaluation, alpha=args.alpha, method=args.method,
                            match_at=args.match_at, matcher=args.matcher, spec=spec, grid=args.grid,
                            eval_samples=args.eval_samples,
                            train_examples=args.train_eval_samples, curves=curves, accelerator=accelerator,
                            cache_memory=size_in_bytes(args.cache_memory),
                            announce=lambda plan: print(plan, file=sys.stderr, flush=True))
     record = {
-        "command": "hfrepair " + " ".join(shlex.quote(a) for a in argv),
-        "sources": {"model_a": source_a.to_dict(), "model_b": source_b.to_dict(),
-                    "dataset": data_source.to_dict()},
-        "task": task, "dtype": str(floating_dtype(merged)).removeprefix("torch."),
+        **base_record(args, argv, inputs, merged, accelerator),
+        "sources": {"model_a": inputs.sources[0].to_dict(), "model_b": inputs.sources[1].to_dict(),
+                    "dataset": inputs.data.to_dict()},
         "text_batches": (args.text_batches or "packed") if task == "text-generation" else None,
-        "tokenizer": describe_tokenizer(tokenizer, source_a.repo_id or Path(source_a.reference).name) if tokenizer else None,
-        "split": args.split, "eval_split": args.eval_split, "torch": torch.__version__,
-        "processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
         "config": getattr(args, "effective_config", None),
         **result.to_dict(),
     }
     if accelerator.is_main_process:
-        publish(args, output, merged, result, record, (folder_a, folder_b), (config_a, config_b), tokenizer)
+        publish(args, output, merged, result, record, tuple(inputs.folders), tuple(inputs.configs), tokenizer)
     accelerator.wait_for_everyone()
     return result
 
@@ -381,37 +362,15 @@ def run_merge_many(args: argparse.Namespace, argv: list[str]) -> ManyResult:
     output = Path(args.output)
     check_output(output, [*names, args.dataset], args.overwrite)
     accelerator = make_accelerator(args.mixed_precision)
-    trust = args.trust_remote_code
-    with accelerator.main_process_first():
-        sources = [resolve_model(name, trust_remote_code=trust) for name in names]
-        data_source = resolve_dataset(args.dataset)
-    folders = [source.folder for source in sources]
-    configs = [read_config(folder) for folder in folders]
-    for number, config in enumerate(configs[1:], 2):
-        differences = config_differences(configs[0], config)
-        if differences:
-            field = differences[0]
-            raise MergeError(f"models 1 and {number} have different architectures: config field {field!r} is "
-                             f"{configs[0].get(field)!r} and {config.get(field)!r}")
-    task = task_of(configs[0])
-    tokenizer = None
-    if task in TEXT_TASKS:
-        tokenizer = load_tokenizer(folders[0])
-        for folder in folders[1:]:
-            check_same_tokenizer(tokenizer, load_tokenizer(folder))
-    models = [load_model(folder, trust) for folder in folders]
-    calibration, evaluation = data_streams(args, task, folders[0], configs[0], tokenizer, data_source)
-    merged, result = merge_many(models, calibration, evaluation["test"], weights=args.weights, matcher=args.matcher,
-                                method=args.method, match_at=args.match_at, accelerator=accelerator,
-                                cache_memory=size_in_bytes(args.cache_memory))
+    inputs = load_inputs(args, names, accelerator)
+    sources, folders, configs, tokenizer = inputs.sources, inputs.folders, inputs.configs, inputs.tokenizer
+    calibration, evaluation = data_streams(args, inputs.task, folders[0], configs[0], tokenizer, inputs.data)
+    merged, result = merge_many(inputs.models, calibration, evaluation["test"], weights=args.weights,
+                                matcher=args.matcher, method=args.method, match_at=args.match_at,
+                                accelerator=accelerator, cache_memory=size_in_bytes(args.cache_memory))
     record = {
-        "command": "hfrepair " + " ".join(shlex.quote(a) for a in argv),
-        "sources": {"models": [source.to_dict() for source in sources], "dataset": data_source.to_dict()},
-        "task": task, "dtype": str(floating_dtype(merged)).removeprefix("torch."),
-        "tokenizer": describe_tokenizer(tokenizer, sources[0].repo_id or Path(sources[0].reference).name)
-        if tokenizer else None,
-        "split": args.split, "eval_split": args.eval_split, "torch": torch.__version__,
-        "processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
+        **base_record(args, argv, inputs, merged, accelerator),
+        "sources": {"models": [source.to_dict() for source in sources], "dataset": inputs.data.to_dict()},
         **result.to_dict(),
     }
     if accelerator.is_main_process:
@@ -421,8 +380,8 @@ def run_merge_many(args: argparse.Namespace, argv: list[str]) -> ManyResult:
             many_model_card(record, configs[0], [read_license(f) for f in folders]).save(folder / "README.md")
 
         write_atomically(output, write)
-        print(format_many_table(result, [Path(source.reference).name if not source.repo_id else source.repo_id
-                                         for source in sources], task))
+        print(format_many_table(result, [source.repo_id or Path(source.reference).name for source in sources],
+                                inputs.task))
         print(f"merged model written to {output}")
         push_output(args, output)
     accelerator.wait_for_everyone()
@@ -458,6 +417,60 @@ def format_many_table(result: ManyResult, names: list[str], task: str) -> str:
     if result.matcher == "weight" and not result.settled:
         lines.append(f"note: weight matching stopped after {result.rounds} rounds with permutations still changing")
     return "\n".join(lines)
+
+
+@dataclass
+class Inputs:
+    """A merge's models (resolved, checked alike, loaded), their task and tokenizer, and the data source."""
+
+    sources: list
+    folders: list[Path]
+    configs: list[dict]
+    task: str
+    tokenizer: object
+    models: list
+    data: object
+
+
+def load_inputs(args: argparse.Namespace, names: list[str], accelerator) -> Inputs:
+    """Resolve (download once, on the main process first) and load the models to merge;
+    refuse models whose configs or tokenizers differ from the first's."""
+    trust = args.trust_remote_code
+    with accelerator.main_process_first():  # one download into the shared cache, then cache hits
+        sources = [resolve_model(name, trust_remote_code=trust) for name in names]
+        data = resolve_dataset(args.dataset)
+    folders = [source.folder for source in sources]
+    configs = [read_config(folder) for folder in folders]
+    for number, config in enumerate(configs[1:], 2):
+        differences = config_differences(configs[0], config)
+        if differences:
+            field = differences[0]
+            first, other = configs[0].get(field), config.get(field)
+            raise MergeError(f"endpoints have different architectures: config field {field!r} is {first!r} in A "
+                             f"and {other!r} in B" if len(names) == 2 else
+                             f"models 1 and {number} have different architectures: config field {field!r} is "
+                             f"{first!r} and {other!r}")
+    task = task_of(configs[0])
+    tokenizer = None
+    if task in TEXT_TASKS:
+        tokenizer = load_tokenizer(folders[0])
+        for folder in folders[1:]:
+            check_same_tokenizer(tokenizer, load_tokenizer(folder))
+    models = [load_model(folder, trust) for folder in folders]
+    return Inputs(sources, folders, configs, task, tokenizer, models, data)
+
+
+def base_record(args: argparse.Namespace, argv: list[str], inputs: Inputs, merged, accelerator) -> dict:
+    """What every merge record says of its command, task, dtype, tokenizer, data splits and run."""
+    first = inputs.sources[0]
+    return {
+        "command": "hfrepair " + " ".join(shlex.quote(a) for a in argv),
+        "task": inputs.task, "dtype": str(floating_dtype(merged)).removeprefix("torch."),
+        "tokenizer": describe_tokenizer(inputs.tokenizer, first.repo_id or Path(first.reference).name)
+        if inputs.tokenizer else None,
+        "split": args.split, "eval_split": args.eval_split, "torch": torch.__version__,
+        "processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
+    }
 
 
 def data_streams(args: argparse.Namespace, task: str, folder_a: Path, config_a: dict, tokenizer, data_source):

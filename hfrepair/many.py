@@ -29,12 +29,14 @@ from .distributed import make_accelerator
 from .evaluate import evaluate
 from .interpolate import average
 from .matching import match_permutations
-from .pipeline import MergeError, check_endpoints, statistics_plan
+from .pipeline import MATCHERS, MergeError, check_endpoints, statistics_plan
 from .prepared import DEFAULT_MEMORY, preparer
 from .repair import METHODS, repair
 from .report import repair_summary
-from .spec import PermutationSpec, check_function_preserved, load_into, permute_state_dict, verify_spec
-from .statistics import Moments, PairMoments, Statistics, collect_statistics
+from .spec import (PermutationSpec, check_function_preserved, identity_permutations, load_into, permute_state_dict,
+                   verify_spec)
+from .passes import run_pass
+from .statistics import Moments, PairMoments, SiteStatistics, Statistics
 from .weight_matching import match_weights
 
 
@@ -71,8 +73,7 @@ def _weight_matched(spec: PermutationSpec, models: list[nn.Module],
     """MergeMany: each model matched to the reference, then each to the average of the
     others (aligned), until a round changes no permutation (or ``max_rounds``)."""
     params = [_parameters(model) for model in models]
-    identity = {name: torch.arange(group.size) for name, group in spec.groups.items()}
-    perms = [identity] + [match_weights(spec, params[0], p) for p in params[1:]]
+    perms = [identity_permutations(spec)] + [match_weights(spec, params[0], p) for p in params[1:]]
     keys = set(params[0])
     for round_ in range(1, max_rounds + 1):
         changed = False
@@ -136,8 +137,8 @@ def merge_many(
     weights = [1 / len(models)] * len(models) if weights is None else [float(w) for w in weights]
     if len(weights) != len(models) or min(weights) < 0 or abs(sum(weights) - 1) > 1e-6:
         raise MergeError(f"weights must be {len(models)} non-negative numbers that add up to 1, got {weights}")
-    if matcher not in ("activation", "weight"):
-        raise MergeError(f"matcher must be activation or weight, not {matcher!r}")
+    if matcher not in MATCHERS:
+        raise MergeError(f"matcher must be one of {', '.join(MATCHERS)}, not {matcher!r}")
     if method not in METHODS or method == "closed-form":
         raise MergeError(f"an N-model merge corrects with repair, reset or none, not {method!r}")
     for model in models[1:]:
@@ -161,9 +162,11 @@ def merge_many(
         sites, cross = statistics_plan(spec, method, match_at, curves=())
         if matcher == "weight":
             cross = {}
-        pairs = [collect_statistics(models[0], model, sites, calibration, num_samples, cross, accelerator)
-                 for model in models[1:]]
-        identity = {name: torch.arange(group.size) for name, group in spec.groups.items()}
+        # One pass runs every model on each batch: the reference's forward serves every pair.
+        taps = [SiteStatistics(sites, cross, pair=(0, k)) for k in range(1, len(models))]
+        examples = run_pass(models, taps, calibration, limit=num_samples, accelerator=accelerator, desc="statistics")
+        pairs = [Statistics(tap.pairs, examples) for tap in taps]
+        identity = identity_permutations(spec)
         rounds, settled = 0, True
         if matcher == "activation":
             perms = [identity] + [match_permutations(spec, stats, match_at) for stats in pairs]

@@ -27,8 +27,8 @@ from .weight_matching import match_weights, weight_distance
 from .repair import METHODS, block_output_sites, correction_sites, repair, repair_block_outputs
 from .passes import forward_count, run_pass
 from .prepared import DEFAULT_MEMORY, preparer
-from .spec import (PermutationSpec, check_function_preserved, coupled_blocks, load_into, permute_state_dict,
-                   verify_spec)
+from .spec import (PermutationSpec, check_function_preserved, coupled_blocks, identity_permutations, load_into,
+                   permute_state_dict, verify_spec)
 from .report import alignment_summary, corrected_count, fixed_summary, repair_summary, unsupported_ops
 from .statistics import SiteMoments, collect_statistics
 
@@ -345,7 +345,7 @@ def _merge(model_a, model_b, calibration, evaluation, alpha, method, match_at, m
         state_b_aligned = permute_state_dict(state_b, spec, perms)
         permuted_diff = check_function_preserved(model_b, state_b_aligned, example, workspace=work)
 
-    identity = {name: torch.arange(g.size) for name, g in spec.groups.items()}
+    identity = identity_permutations(spec)
 
     def repaired_state(alpha_: float, aligned: bool = True) -> dict:
         """REPAIRed interpolation; unaligned B keeps its own unit order (identity)."""

@@ -223,6 +223,11 @@ def permute_state_dict(
     return permuted
 
 
+def identity_permutations(spec: PermutationSpec) -> dict[str, torch.Tensor]:
+    """Every group's units left where they are (B unaligned)."""
+    return {name: torch.arange(group.size) for name, group in spec.groups.items()}
+
+
 def random_permutations(spec: PermutationSpec, generator: torch.Generator | None = None) -> dict:
     """A random permutation per group (block-diagonal where the group says so)."""
     return {name: block_diagonal([torch.randperm(g.size // g.blocks, generator=generator) for _ in range(g.blocks)])

@@ -229,19 +229,22 @@ class SiteStatistics(Tap):
 
     ``cross_sites``: the modules that need cross-products (default: every site), as a set,
     or as a mapping to the diagonal blocks to keep (None: all; see :class:`PairMoments`).
+    ``pair``: which of the pass's models are A and B (the first runs first on each batch).
     """
 
     def __init__(self, sites: list[ActivationSite],
-                 cross_sites: set[str] | Mapping[str, list[tuple[int, int]] | None] | None = None) -> None:
+                 cross_sites: set[str] | Mapping[str, list[tuple[int, int]] | None] | None = None,
+                 pair: tuple[int, int] = (0, 1)) -> None:
         self.sites = {site.module: site for site in sites}
         blocks = cross_sites if isinstance(cross_sites, Mapping) else {}
         self.pairs = {name: PairMoments(with_cross=cross_sites is None or name in cross_sites,
                                         blocks=blocks.get(name)) for name in self.sites}
         self._pending: dict[str, BatchSample | None] = {}
         self._buffers = SampleBuffers()
+        self.pair = pair
 
     def attach(self, models):
-        model_a, model_b = models
+        model_a, model_b = (models[index] for index in self.pair)
 
         def keep_a(name):
             def hook(_module, _inputs, output):
@@ -263,7 +266,7 @@ class SiteStatistics(Tap):
         return handles
 
     def hooked(self):
-        return [(index, name) for index in (0, 1) for name in self.sites]
+        return [(index, name) for index in self.pair for name in self.sites]
 
     def sums(self):
         return all_sums(self.pairs.values())

@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 
 from .matching import assignment, blockwise_assignment
-from .spec import PermutationGroup, PermutationSpec, _block, block_diagonal, permute_state_dict, positions
+from .spec import (PermutationGroup, PermutationSpec, _block, block_diagonal, identity_permutations,
+                   permute_state_dict, positions)
 
 
 def _unit_weights(tensor: torch.Tensor, member: tuple, size: int) -> torch.Tensor:
@@ -144,7 +145,7 @@ def match_weights(spec: PermutationSpec, state_a: dict, state_b: dict, max_round
     scale, and would outweigh the weights."""
     state_a = {k: v.detach().cpu() for k, v in state_a.items()}
     state_b = {k: v.detach().cpu() for k, v in state_b.items()}
-    perms = {name: torch.arange(group.size) for name, group in spec.groups.items()}
+    perms = identity_permutations(spec)
     nested = _nested(spec)
     generator = torch.Generator().manual_seed(seed)
     names = list(spec.groups)
