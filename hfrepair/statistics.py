@@ -36,16 +36,16 @@ EPS = 1e-12
 @dataclass
 class BatchSample:
     """One batch's activations at a site: per-unit ``count``, ``mean`` and population
-    ``var`` (float64) and, where cross-products are needed, the float32 activations minus a
-    per-unit ``shift`` near their mean, laid out ``(units, samples)`` (``units_first``) or
-    ``(samples, units)``."""
+    ``var`` (float64), and the float32 activations minus a per-unit ``shift`` (their batch
+    mean in float32), laid out ``(units, samples)`` (``units_first``) or ``(samples, units)``;
+    cross-products read ``centred``, its buffer is reused for the site's next batch."""
 
     count: int
     mean: torch.Tensor
     var: torch.Tensor
-    centred: torch.Tensor | None = None
-    shift: torch.Tensor | None = None
-    units_first: bool = False
+    centred: torch.Tensor
+    shift: torch.Tensor
+    units_first: bool
 
     def add_product_sums(self, other: BatchSample, start: int, stop: int, total: torch.Tensor) -> None:
         """Add ``sum x_i y_j`` over the batch, for units ``start:stop`` of both, to the float64
