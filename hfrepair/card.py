@@ -18,6 +18,8 @@ from pathlib import Path
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .report import CORRECTION_KINDS
+
 # model_cards/ at the repository's top level, installed as the package hfrepair.model_cards.
 TEMPLATE = importlib.resources.files("hfrepair.model_cards") / "merged_model.md"
 CURVE_STYLES = {"naive": ":", "naive-repaired": "-.", "aligned": "--", "repaired": "-", "repaired+blocks": "-"}
@@ -189,14 +191,16 @@ def matching_text(record: dict) -> str:
 def repair_text(record: dict) -> tuple[str, str]:
     """The card's sentence on REPAIR and its list of corrected sites."""
     corrected = record.get("corrected") or {}
-    counts = {k: len(corrected.get(k, [])) for k in ("affine", "scale", "batchnorm")}
+    counts = {k: len(corrected.get(k, [])) for k in CORRECTION_KINDS}
     total = sum(counts.values())
     if not total:
         return (f"no statistics correction was applied (method `{record['method']}`): this is plain interpolation",
                 "REPAIR corrected nothing.")
     parts = [f"{n} {label}" for n, label in ((counts["affine"], "with scale and shift"),
                                              (counts["scale"], "scale-only (no bias to take a shift)"),
-                                             (counts["batchnorm"], "by re-estimating their BatchNorm")) if n]
+                                             (counts["batchnorm"], "by re-estimating their BatchNorm"),
+                                             (counts["stream"], "residual-stream sums, folded back through "
+                                                                "their stage")) if n]
     details = f"REPAIR corrected {total} sites: {', '.join(parts)}; the corrections are folded into the weights."
     if corrected.get("uncorrected"):
         details += (f" {len(corrected['uncorrected'])} layer outputs could not be corrected (no bias, BatchNorm "

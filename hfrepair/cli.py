@@ -33,7 +33,7 @@ from .matching import MATCH_LOCATIONS, MatchingError
 from .many import ManyResult, merge_many
 from .pipeline import MATCHERS, MergeError, MergeResult, merge
 from .repair import METHODS
-from .report import describe, describe_spec
+from .report import corrected_count, describe, describe_spec
 from .spec import PermutationSpec, SpecError, verify_spec
 from .text import (
     DEFAULT_MAX_LENGTH,
@@ -412,7 +412,7 @@ def format_many_table(result: ManyResult, names: list[str], task: str) -> str:
         lines.append(f"gap to the endpoints' weighted mean: {100 * result.gap['accuracy']:.1f} points")
     elif "loss" in result.gap:
         lines.append(f"gap to the endpoints' weighted mean: {-result.gap['loss']:.3f} loss")
-    corrected = sum(len(result.corrected.get(k, [])) for k in ("affine", "scale", "batchnorm"))
+    corrected = corrected_count(result.corrected)
     lines.append(f"REPAIR corrected {corrected} sites" if corrected else f"REPAIR: nothing corrected ({result.method})")
     if result.matcher == "weight" and not result.settled:
         lines.append(f"note: weight matching stopped after {result.rounds} rounds with permutations still changing")

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .batches import in_model_dtype
-from .spec import ActivationSite, PermutationGroup, PermutationSpec
+from .spec import ActivationSite, PermutationGroup, PermutationSpec, StreamFold
 
 Axis = tuple  # (tensor id, axis index)
 
@@ -786,8 +786,9 @@ def discover_spec(model: nn.Module, example_inputs) -> PermutationSpec:
 
     g.sets.propagate_fixes()
     groups, fixed, group_of_class = _collect_groups(g, graph, placeholder_keys, _aliases(model))
-    sites = _find_sites(model, graph, g, group_of_class, groups)
-    return PermutationSpec(_name_kinds(g, groups, group_of_class, sites), fixed, sites)
+    sites, site_at = _find_sites(model, graph, g, group_of_class, groups)
+    streams = _stream_folds(graph, g, group_of_class, placeholder_keys, sites, site_at)
+    return PermutationSpec(_name_kinds(g, groups, group_of_class, sites), fixed, sites, streams)
 
 
 def _aliases(model: nn.Module) -> dict[str, list[str]]:
@@ -980,8 +981,9 @@ def _leaf(node) -> tuple[str, str] | None:
     return path, key
 
 
-def _find_sites(model, graph, g: _GraphAxes, group_of_class, groups) -> list[ActivationSite]:
-    """Module outputs whose one permutable axis belongs to a group."""
+def _find_sites(model, graph, g: _GraphAxes, group_of_class, groups) -> tuple[list[ActivationSite], dict]:
+    """Module outputs whose one permutable axis belongs to a group, and each site by its
+    module's output node."""
     modules = dict(model.named_modules())
     nodes_of: dict[str, list] = defaultdict(list)
     calls_of: dict[str, set] = defaultdict(set)
@@ -993,6 +995,7 @@ def _find_sites(model, graph, g: _GraphAxes, group_of_class, groups) -> list[Act
         calls_of[path].add(key)
     sites = []
     exit_of = {}  # output node of each site's module
+    site_at = {}
     for path, nodes in nodes_of.items():
         module = modules.get(path)
         kind = _module_kind(module) if module is not None else None
@@ -1048,5 +1051,161 @@ def _find_sites(model, graph, g: _GraphAxes, group_of_class, groups) -> list[Act
             if len(sources) == 1:
                 site.source = exit_of.get(_through_layout_ops(next(iter(sources))))
         exit_of[exits[-1]] = path
+        site_at[exits[-1]] = site
         sites.append(site)
-    return sites
+    return sites, site_at
+
+
+# Ops that read a tensor through a weight: op -> (index of the input, index of the weight).
+_READERS = {"conv1d": (0, 1), "conv2d": (0, 1), "conv3d": (0, 1), "convolution": (0, 1), "linear": (0, 1),
+            "addmm": (1, 2)}
+
+
+def _module_exits(graph) -> dict:
+    """Output node -> the innermost module (called once, at any depth) whose only output it is:
+    where a forward hook sees that node's value (a residual block's sum)."""
+    nodes_of: dict[str, set] = defaultdict(set)
+    calls_of: dict[str, set] = defaultdict(set)
+    for node in graph.nodes:
+        if node.op == "call_function":
+            for key, (path, _) in (node.meta.get("nn_module_stack") or {}).items():
+                nodes_of[path].add(node)
+                calls_of[path].add(key)
+    owner: dict = {}
+    for path, nodes in nodes_of.items():
+        exits = [n for n in nodes if any(user not in nodes for user in n.users)]
+        if path and len(calls_of[path]) == 1 and len(exits) == 1 and len(path) > len(owner.get(exits[0], "")):
+            owner[exits[0]] = path
+    return owner
+
+
+def _stream_folds(graph, g: _GraphAxes, group_of_class, placeholder_keys, sites, site_at) -> list[StreamFold]:
+    """Stretches of residual streams whose sums' corrections fold into the weights.
+
+    A sum ``t_k = t_{k-1} + branch`` qualifies when its branch ends in a conv/linear with a
+    bias (through layout ops and at most one per-unit parameter product, a layer scale) and
+    its hook point is a module's only output. A stretch starts at the output of a conv/linear
+    with a bias or of a norm with an affine, and goes on while every other reader of the
+    stream is a conv/linear reading it through its weight (which can take the inverse of a
+    per-unit scale: the next branch's depthwise or pointwise conv); it ends at a sum read by
+    anything else (a LayerNorm, a ReLU, pooling). Pre-LN transformers read every sum through
+    a LayerNorm, which no per-unit rescaling passes, so they get none; ConvNeXt stages and
+    post-LN blocks do. Sum sites (kind ``sum``) are added to ``sites``.
+    """
+    owner = _module_exits(graph)
+    sum_at: dict = {}  # add node -> its ActivationSite
+    previous: dict = {}  # add node -> the node it adds a branch to (an entry's output or a sum)
+    chains: list[list] = []  # [entry node, sum nodes...]
+
+    def whole_group(node):
+        tensor = g.tensor(node)
+        found = []
+        for axis in range(g.rank(tensor) if tensor else 0):
+            blocks = [b for b in g.sets.layout((tensor, axis)) if b[0] in group_of_class]
+            if blocks:
+                found.append((axis, blocks))
+        if len(found) != 1 or len(found[0][1]) != 1:
+            return None
+        axis, (block,) = found[0]
+        whole = _pattern(g, block) == (0, (), 1) and g.sets.size(block[0]) == g.size(tensor, axis)
+        return (axis, block[0]) if whole else None
+
+    def upstream(node):
+        while (node not in site_at and node not in sum_at and node.op == "call_function"
+               and _op_name(node) in _LAYOUT_OPS and node.all_input_nodes):
+            node = node.all_input_nodes[0]
+        return node
+
+    def branch_end(node, root):
+        """(writer site, gain key) if ``node`` is a branch's output for the sum, else None."""
+        gain = None
+        while len(node.users) == 1 and node.op == "call_function":
+            site = site_at.get(node)
+            if site is not None:
+                usable = site.kind == "linear" and site.bias and whole_group(node) is not None \
+                    and whole_group(node)[1] == root
+                return (site, gain) if usable else None
+            name = _op_name(node)
+            params = [a for a in node.all_input_nodes if a.op == "placeholder" and a.name in placeholder_keys]
+            if name in _LAYOUT_OPS and node.all_input_nodes:
+                node = node.all_input_nodes[0]
+            elif name == "mul" and gain is None and len(params) == 1 and len(node.all_input_nodes) == 2 \
+                    and g.rank(g.tensor(params[0])) == 1 and g.sets.size(root) == g.size(g.tensor(params[0]), 0):
+                gain = placeholder_keys[params[0].name]
+                node = next(a for a in node.all_input_nodes if a is not params[0])
+            else:
+                return None
+        return None
+
+    def entry_site(node, root):
+        site = site_at.get(node)
+        if site is None or whole_group(node) is None or whole_group(node)[1] != root:
+            return None
+        return site if (site.kind == "linear" and site.bias) or (site.kind == "norm" and site.weight and site.bias) \
+            else None
+
+    writers, gains = {}, {}
+    for node in graph.nodes:
+        operands = node.all_input_nodes if node.op == "call_function" and _op_name(node) == "add" else []
+        unit = whole_group(node) if len(operands) == 2 and node.kwargs.get("alpha", 1) == 1 else None
+        if unit is None or node not in owner:
+            continue
+        for residual, other in (operands, operands[::-1]):
+            end = branch_end(other, unit[1])
+            before = upstream(residual)
+            if end is None or not (before in sum_at or entry_site(before, unit[1])):
+                continue
+            sum_at[node] = ActivationSite(module=owner[node], axis=unit[0], group=group_of_class[unit[1]], kind="sum")
+            previous[node], writers[node], gains[node] = before, end[0].module, end[1]
+            chain = next((c for c in chains if c[-1] is before), None)
+            if chain is None and before in sum_at:
+                break  # the stream forks or its stretch was cut: this sum cannot fold
+            if chain is None:
+                chains.append(chain := [before])
+            chain.append(node)
+            break
+
+    def readers(point, following, root):
+        """[key, axis] of every weight reading ``point`` besides the next sum; None if some
+        other op reads it."""
+        found, pending = [], [(user, point) for user in point.users]
+        while pending:
+            user, value = pending.pop()
+            name = _op_name(user) if user.op == "call_function" else None
+            if user is following and previous.get(user) is upstream(point):
+                continue
+            if name in _LAYOUT_OPS and user not in site_at and user not in sum_at:
+                pending += [(u, user) for u in user.users]
+                continue
+            if name not in _READERS or user.args[_READERS[name][0]] is not value:
+                return None
+            weight = user.args[_READERS[name][1]]
+            key = placeholder_keys.get(getattr(weight, "name", None))
+            tensor = g.tensor(weight)
+            axis = 0 if name == "addmm" else 1
+            if name != "linear" and name != "addmm" and g.size(tensor, 1) == 1 and g.size(tensor, 0) > 1:
+                axis = 0  # a depthwise kernel: each channel's filter in its own row
+            if key is None or g.sets.find((tensor, axis)) != g.sets.find(root):
+                return None
+            found.append([key, axis])
+        return found
+
+    folds = []
+    for chain in chains:
+        root = whole_group(chain[1])
+        root = (g.tensor(chain[1]), root[0])
+        read = []
+        for k, point in enumerate(chain[:-1]):
+            found = readers(point, chain[k + 1], root)
+            if found is None:
+                chain = chain[:k + 1]
+                break
+            read.append(found)
+        if len(chain) < 2:
+            continue
+        for node in chain[1:]:
+            sites.append(sum_at[node])
+        folds.append(StreamFold(entry=site_at[chain[0]].module, sums=[sum_at[n].module for n in chain[1:]],
+                                writers=[writers[n] for n in chain[1:]], gains=[gains[n] for n in chain[1:]],
+                                readers=read[:len(chain) - 1]))
+    return folds

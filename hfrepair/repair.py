@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .batches import counted_rows, counting_padding
-from .fuse import fold_batchnorm
+from .fuse import fold_batchnorm, fold_stream
 from .passes import Tap, run_pass
 from .spec import ActivationSite, PermutationSpec, load_into, with_state_dict
 from .statistics import Statistics
@@ -165,24 +165,32 @@ def correction_sites(spec: PermutationSpec) -> list[ActivationSite]:
     or a norm that reads a transformer's residual stream. A norm right after a corrected
     layer (ConvNeXt's LayerNorm after its depthwise conv) is left alone.
     Networks with no bias anywhere (Llama: bias-free projections, RMSNorm) get a scale-only
-    correction of every projection output and norm output (:func:`correction_mode`)."""
+    correction of every projection output and norm output (:func:`correction_mode`).
+    The sums of the spec's foldable stream stretches (:class:`~hfrepair.spec.StreamFold`)
+    are corrected too: their corrections fold back through the stretch."""
     sites, corrected = [], set()
     biased = any(s.bias or s.batchnorm for s in spec.sites if s.kind in ("linear", "norm"))
+    sums = {name for fold in spec.streams for name in fold.sums}
     for site in spec.sites:  # graph order: a norm's input comes before it
         if site.kind == "linear" and (site.batchnorm or site.bias or (not biased and site.weight)):
             sites.append(site)
             corrected.add(site.module)
         elif site.kind == "norm" and site.weight and (site.bias or not biased) and site.source not in corrected:
             sites.append(site)
+        elif site.kind == "sum" and site.module in sums:
+            sites.append(site)
     return sites
 
 
 def correction_mode(site: ActivationSite) -> str:
     """How a site is corrected: ``batchnorm`` (re-estimate the BN after it), ``affine``
-    (scale and shift, folded into weight rows and bias) or ``scale`` (no bias to take a
-    shift: the scale alone, folded into weight rows or the norm's weight)."""
+    (scale and shift, folded into weight rows and bias), ``scale`` (no bias to take a
+    shift: the scale alone, folded into weight rows or the norm's weight) or ``stream`` (a
+    residual sum's scale and shift, folded back through its stretch of the stream)."""
     if site.batchnorm:
         return "batchnorm"
+    if site.kind == "sum":
+        return "stream"
     return "affine" if site.bias else "scale"
 
 
@@ -225,7 +233,7 @@ def repair(
         sites = correction_sites(spec)
     net, added = _corrected_network(model, state_dict, sites, stats, perms, alpha, method, batches, max_examples,
                                     accelerator, workspace)
-    return _fold(_own_state(net, workspace), sites, added)
+    return _fold(_own_state(net, workspace), spec, sites, added)
 
 
 @torch.no_grad()
@@ -253,7 +261,7 @@ def repair_block_outputs(
     blocks = block_output_sites(spec)
     net, added = _corrected_network(model, state_dict, layer_sites + blocks, stats, perms, alpha, "repair",
                                     batches, max_examples, accelerator, workspace)
-    state = _fold(_own_state(net, workspace), layer_sites, added)
+    state = _fold(_own_state(net, workspace), spec, layer_sites, added)
     block_correctors = {site.module: added[site.module].eval() for site in blocks}
     return state, Corrections(block_correctors, {})
 
@@ -339,13 +347,19 @@ def _own_state(net: nn.Module, workspace: nn.Module | None) -> dict:
     return {key: value.clone() for key, value in state.items()} if workspace is not None else dict(state)
 
 
-def _fold(state: dict, sites: list[ActivationSite], added: dict) -> dict:
-    """Fold every added corrector of a conv/linear site into that layer's weights."""
+def _fold(state: dict, spec: PermutationSpec, sites: list[ActivationSite], added: dict) -> dict:
+    """Fold every added corrector of a conv/linear or norm site into that layer's weights,
+    then those of the stream sums back through their stretches."""
     for site in sites:
         if site.module in added and site.kind in ("linear", "norm"):
             corrector = added[site.module]
             corrector.to(state[site.weight].device).eval()
             fold_batchnorm(state, site.weight, site.bias, corrector, site.weight_axis)
+    chosen = {site.module for site in sites if site.kind == "sum" and site.module in added}
+    by_module = {site.module: site for site in spec.sites}
+    for fold in spec.streams:
+        if chosen & set(fold.sums):
+            fold_stream(state, fold, {name: added[name].eval() for name in fold.sums if name in chosen}, by_module)
     return state
 
 

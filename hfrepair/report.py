@@ -51,10 +51,15 @@ def unsupported_ops(spec: PermutationSpec) -> list[str]:
     return sorted({r[len(prefix):] for r in spec.fixed.values() if r.startswith(prefix)})
 
 
+# How a site can be corrected (:func:`~hfrepair.repair.correction_mode`), as the table says it.
+CORRECTION_KINDS = {"affine": "scale+shift", "scale": "scale-only", "batchnorm": "BatchNorm re-estimated",
+                    "stream": "residual sums folded through their stage"}
+
+
 def repair_summary(spec: PermutationSpec, method: str, model: nn.Module) -> dict[str, list]:
     """Sites REPAIR corrected, by how (``affine``, ``scale``, ``batchnorm``), and the layer
     outputs it could not correct; ``none`` corrects nothing and ``reset`` only BatchNorms."""
-    report: dict[str, list] = {"affine": [], "scale": [], "batchnorm": [], "uncorrected": []}
+    report: dict[str, list] = {**{kind: [] for kind in CORRECTION_KINDS}, "uncorrected": []}
     if method == "none":
         return report
     if method == "reset":
@@ -69,7 +74,7 @@ def repair_summary(spec: PermutationSpec, method: str, model: nn.Module) -> dict
 
 
 def corrected_count(summary: dict[str, list]) -> int:
-    return sum(len(summary[k]) for k in ("affine", "scale", "batchnorm"))
+    return sum(len(summary.get(k, ())) for k in CORRECTION_KINDS)
 
 
 def describe(result) -> list[str]:
@@ -90,9 +95,7 @@ def describe(result) -> list[str]:
         lines.append(f"fixed: {fixed} weight axes, e.g. {top}")
     corrected = result.corrected
     if corrected_count(corrected):
-        parts = [f"{len(corrected[k])} {label}" for k, label in
-                 (("affine", "scale+shift"), ("scale", "scale-only"), ("batchnorm", "BatchNorm re-estimated"))
-                 if corrected[k]]
+        parts = [f"{len(corrected[k])} {label}" for k, label in CORRECTION_KINDS.items() if corrected.get(k)]
         lines.append(f"REPAIR corrected {corrected_count(corrected)} sites: {', '.join(parts)}"
                      + (f"; {len(corrected['uncorrected'])} layer outputs could not be corrected ({UNCORRECTABLE})"
                         if corrected["uncorrected"] else ""))
@@ -122,7 +125,7 @@ def describe_spec(spec: PermutationSpec, model: nn.Module, check: dict[str, floa
             lines.append(f"  {reason} ({len(axes)}): {', '.join(axes[:3])}{' ...' if len(axes) > 3 else ''}")
     corrected = repair_summary(spec, "repair", model)
     count = corrected_count(corrected)
-    modes = ", ".join(f"{len(corrected[k])} {k}" for k in ("affine", "scale", "batchnorm") if corrected[k])
+    modes = ", ".join(f"{len(corrected[k])} {k}" for k in CORRECTION_KINDS if corrected[k])
     lines.append(f"REPAIR would correct {count} sites" + (f" ({modes})" if modes else "") +
                  (f"; {len(corrected['uncorrected'])} layer outputs cannot be corrected ({UNCORRECTABLE})"
                   if corrected["uncorrected"] else ""))

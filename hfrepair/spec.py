@@ -7,7 +7,9 @@ A :class:`PermutationSpec` is what every later stage works from. It holds
   parameters and buffers, and the next conv's input columns);
 * ``fixed``: ``(key, axis) -> reason`` for every axis that must not move;
 * ``sites``: :class:`ActivationSite` s, module outputs whose channel axis belongs to a
-  group, where activations are measured (matching) and corrected (REPAIR).
+  group, where activations are measured (matching) and corrected (REPAIR);
+* ``streams``: :class:`StreamFold` s, stretches of a residual stream with nothing but
+  additions on them, whose sums REPAIR can correct and fold back into the weights.
 
 A member ``(key, axis)`` means the whole axis carries the group's units. An axis can also
 carry units of several groups in a regular pattern (a q projection's output rows are
@@ -100,8 +102,8 @@ class ActivationSite:
     stay fixed. ``weight_axis`` is the axis of ``weight`` that holds the output units (1 for
     GPT-2's Conv1D, which stores its weight transposed).
 
-    ``kind`` is ``linear`` (conv/linear output), ``batchnorm``, ``norm`` (other norms) or
-    ``activation``. ``batchnorm`` names the BatchNorm module that consumes a linear site's
+    ``kind`` is ``linear`` (conv/linear output), ``batchnorm``, ``norm`` (other norms),
+    ``activation`` or ``sum`` (a residual stream's sum of a :class:`StreamFold`). ``batchnorm`` names the BatchNorm module that consumes a linear site's
     output and nothing else (REPAIR then resets it instead of adding a corrector).
     ``weight``/``bias`` are the state_dict keys of a linear site's parameters, or of a
     norm site's per-unit affine.
@@ -133,10 +135,33 @@ class ActivationSite:
 
 
 @dataclass
+class StreamFold:
+    """A stretch of a residual stream on which nothing but additions sit (a ConvNeXt stage):
+    ``t_k = t_{k-1} + branch_k(t_{k-1})``, started by the output of ``entry``.
+
+    A per-unit correction ``a_k * t_k + b_k`` of each sum (the output of ``sums[k]``, a site
+    of kind ``sum``) folds exactly into the weights: the stream is carried scaled by
+    ``D_k = a_{k+1} ... a_K`` (``D_K = 1`` at the last sum, whose readers may be anything),
+    so the entry's weight rows and bias take ``D_0``, each branch's last layer (``writers``,
+    site modules, through a per-unit ``gains`` parameter such as ConvNeXt's layer scale)
+    takes ``D_{k-1}`` and the shift ``D_k b_k``, and every layer that reads the stream before
+    the last sum (``readers[k]``: ``[key, axis]`` of weight axes over the stream's units,
+    for the entry's output and then each sum but the last) takes ``1 / D_k``.
+    """
+
+    entry: str
+    sums: list[str]
+    writers: list[str]
+    gains: list[str | None]
+    readers: list[list[list]]
+
+
+@dataclass
 class PermutationSpec:
     groups: dict[str, PermutationGroup]
     fixed: dict[tuple[str, int], str] = field(default_factory=dict)
     sites: list[ActivationSite] = field(default_factory=list)
+    streams: list[StreamFold] = field(default_factory=list)
 
     def sites_of(self, group: str, kinds: tuple[str, ...] | None = None) -> list[ActivationSite]:
         return [s for s in self.sites if group in s.groups() and (kinds is None or s.kind in kinds)]
@@ -146,6 +171,7 @@ class PermutationSpec:
             "groups": [asdict(g) for g in self.groups.values()],
             "fixed": [{"key": k, "axis": a, "reason": r} for (k, a), r in self.fixed.items()],
             "sites": [asdict(s) for s in self.sites],
+            "streams": [asdict(s) for s in self.streams],
         }
 
     @classmethod
@@ -163,7 +189,7 @@ class PermutationSpec:
                 site["layout"] = [(b[0], b[1], _nested(b[2]), *b[3:4], *(_nested(u) for u in b[4:]))
                                   for b in site["layout"]]
             sites.append(ActivationSite(**site))
-        return cls(groups, fixed, sites)
+        return cls(groups, fixed, sites, [StreamFold(**stream) for stream in data.get("streams", [])])
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
@@ -173,7 +199,8 @@ class PermutationSpec:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     def summary(self) -> str:
-        lines = [f"{len(self.groups)} permutation groups, {len(self.sites)} activation sites"]
+        lines = [f"{len(self.groups)} permutation groups, {len(self.sites)} activation sites, "
+                 f"{len(self.streams)} foldable stream stretches"]
         for group in self.groups.values():
             lines.append(f"  {group.name}: {group.kind}, {group.size} units, {len(group.members)} tied axes")
         return "\n".join(lines)

@@ -132,6 +132,31 @@ def test_spec_round_trips_through_json(tmp_path):
     verify_spec(model, loaded, torch.randn(2, 1, 16, 16))
 
 
+def test_convnext_stages_are_foldable_stream_stretches_and_round_trip(tmp_path):
+    """Each ConvNeXt stage is a stretch: entered by the stem's LayerNorm or the downsampling
+    conv, one sum per block, written by the block's pwconv2 through its layer scale, read by
+    the next block's depthwise conv (kernel rows); no other architecture has one (ReLU after
+    the sums, or LayerNorms reading them, or no hookable sum)."""
+    model = randomise(convnext([8, 16], [1, 2]))
+    spec = discover_spec(model, torch.randn(2, 1, 16, 16))
+    stage = "convnext.encoder.stages.{}.layers.{}".format
+    assert [(f.entry, f.sums) for f in spec.streams] == [
+        ("convnext.embeddings.layernorm", [stage(0, 0)]),
+        ("convnext.encoder.stages.1.downsampling_layer.1", [stage(1, 0), stage(1, 1)])]
+    second = spec.streams[1]
+    assert second.writers == [stage(1, 0) + ".pwconv2", stage(1, 1) + ".pwconv2"]
+    assert second.gains == [stage(1, i) + ".layer_scale_parameter" for i in (0, 1)]
+    assert second.readers == [[[stage(1, 0) + ".dwconv.weight", 0]], [[stage(1, 1) + ".dwconv.weight", 0]]]
+    sums = [s for s in spec.sites if s.kind == "sum"]
+    assert [s.module for s in sums] == [stage(0, 0), stage(1, 0), stage(1, 1)]
+    assert [correction_mode(s) for s in correction_sites(spec) if s.kind == "sum"] == ["stream"] * 3
+    spec.save(tmp_path / "spec.json")
+    assert PermutationSpec.load(tmp_path / "spec.json").streams == spec.streams
+    for name in ("resnet20-bn", "resnet-none", "hf-resnet-basic", "vgg-2x2"):
+        factory, _ = ARCHITECTURES[name]
+        assert not discover_spec(randomise(factory()), torch.randn(2, 1, 16, 16)).streams, name
+
+
 def test_hand_edited_spec_can_drop_a_group():
     """Overriding by hand: a spec without a group leaves those axes alone and stays valid."""
     model = randomise(VGG(widths=(8, 16), layers_per_stage=1, image_size=16))
@@ -305,6 +330,9 @@ def test_transformer_spec_preserves_function(name):
     for group in spec.groups.values():
         assert len(set(group.members)) == len(group.members), group.name
     assert correction_sites(spec)
+    # Pre-LN streams are read by LayerNorms (no per-unit rescaling passes them); BERT's sums
+    # are inside the module that normalises them: nothing to fold.
+    assert not spec.streams
     # Every group has somewhere to measure its activations (matching needs them).
     assert {g for site in spec.sites for g in site.groups()} == set(spec.groups)
 

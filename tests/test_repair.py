@@ -1,5 +1,7 @@
 """REPAIR sets the corrected layers' statistics to their goals, and folds exactly."""
 
+import importlib
+
 import pytest
 import torch
 from torch import nn
@@ -137,6 +139,47 @@ def test_fold_matches_layer_followed_by_corrector(layer, shape, axis):
     fold_batchnorm(state, "weight", "bias", corrector)
     layer.load_state_dict(state)
     torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_stream_sum_corrections_fold_exactly_through_each_stage():
+    """ConvNeXt's residual sums are corrected and folded back through their stage: the saved
+    network gives the in-memory corrected network's logits (1e-5) and meets every sum's goal."""
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+
+    def convnext():
+        model = ConvNextForImageClassification(ConvNextConfig(
+            num_channels=1, num_stages=2, hidden_sizes=[8, 16], depths=[1, 2], num_labels=5))
+        with torch.no_grad():  # trained-like layer scales (1e-6 at init) and biases (0 at init)
+            for name, value in model.named_parameters():
+                if "layer_scale" in name:
+                    value.uniform_(0.3, 1.5)
+                elif name.endswith("bias"):
+                    value.normal_(0, 0.2)
+        return model.eval()
+
+    a, b = endpoints(convnext)
+    inputs = torch.randn(64, 1, 16, 16)
+    spec, stats, perms, mixed = prepare(a, b, inputs)
+    sites = correction_sites(spec)
+    sums = [s for s in sites if s.kind == "sum"]
+    assert len(sums) == 3
+    engine = importlib.import_module("hfrepair.repair")
+    with torch.no_grad():
+        net, added = engine._corrected_network(a, mixed, sites, stats, perms, 0.5, "repair", [inputs], None, None)
+        layers_only = engine._fold(dict(net.state_dict()), spec, [s for s in sites if s.kind != "sum"], added)
+        in_memory = with_state_dict(a, layers_only)
+        for site in sums:
+            in_memory.get_submodule(site.module).register_forward_hook(
+                lambda _m, _i, out, c=added[site.module].eval(): c(out))
+        expected = in_memory(inputs).logits
+    folded = with_state_dict(a, repair(a, mixed, spec, stats, perms, 0.5, "repair", [inputs]))
+    with torch.no_grad():
+        torch.testing.assert_close(folded(inputs).logits, expected, atol=1e-5, rtol=1e-5)
+    measured = collect_moments(folded, sums, [inputs])
+    for site in sums:
+        goal = site_goal(stats, site, perms[site.group], 0.5)
+        torch.testing.assert_close(measured[site.module].mean, goal.mean, atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(measured[site.module].std, goal.std, atol=1e-3, rtol=1e-3)
 
 
 def test_block_output_correction_meets_goals_and_stays_in_memory():
