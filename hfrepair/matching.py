@@ -12,12 +12,17 @@ Where correlations are measured is a choice (``match_at``):
 * ``"all"``: every site of the group.
 
 A group without a site of the chosen kind falls back, in this order, to activation,
-normalisation, then linear sites. A transformer's residual stream has no activation
-site, so it is matched from its LayerNorm outputs: on three ViT pairs trained on the
-digits that gave REPAIRed midpoints of 58.7 / 71.1 / 74.5% against 56.4 / 65.8 / 71.0%
-when every site that reads or writes the stream was averaged in (aligned-only midpoints
-favour the latter; the saved, REPAIRed model is what counts). Several sites of one
-group contribute the average of their correlation matrices.
+normalisation, then linear sites. A residual stream has no activation site. Where
+LayerNorms read it (transformers), it is matched from their outputs: on three ViT pairs
+trained on the digits that gave REPAIRed midpoints of 58.7 / 71.1 / 74.5% against
+56.4 / 65.8 / 71.0% when every site that reads or writes the stream was averaged in
+(aligned-only midpoints favour the latter; the saved, REPAIRed model is what counts).
+Where convolutions read it between its sums (a stream with foldable stretches,
+:class:`~hfrepair.spec.StreamFold`: ConvNeXt stages), no norm sees it whole, and it is
+matched at every site of the group, its sums included: on two ConvNeXt 32-64-128 pairs
+trained on the digits that took the REPAIRed midpoint from 86.6 / 84.2% (norm outputs)
+to 90.6 / 89.6% (endpoints 93.8 / 93.4% and 93.3 / 92.6%). Several sites of one group
+contribute the average of their correlation matrices.
 
 Groups laid out in blocks (attention heads: each head a block of head dims) are matched as
 units, coarse to fine: the cost of pairing A's head ``i`` with B's head ``j`` is the best
@@ -38,7 +43,7 @@ MATCH_LOCATIONS = {
     "activation": ("activation",),
     "normalization": ("batchnorm", "norm"),
     "linear": ("linear",),
-    "all": ("activation", "batchnorm", "norm", "linear"),
+    "all": ("activation", "batchnorm", "norm", "linear", "sum"),
 }
 _FALLBACK = ("activation", "normalization", "linear")
 
@@ -49,7 +54,8 @@ class MatchingError(RuntimeError):
 
 def matching_sites(spec: PermutationSpec, group: str, match_at: str) -> list[str]:
     """Module names whose correlations decide ``group``'s permutation."""
-    for location in (match_at, *_FALLBACK):
+    read_by_convs = any(site.kind == "sum" for site in spec.sites_of(group))
+    for location in (match_at, *(("all",) if read_by_convs else ()), *_FALLBACK):
         sites = spec.sites_of(group, MATCH_LOCATIONS[location])
         if sites:
             return [site.module for site in sites]
