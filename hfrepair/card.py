@@ -126,31 +126,38 @@ def merged_summary(record: dict) -> str:
             f"{merged['loss']:.4f}); the endpoints score {_percent(a['accuracy'])} and {_percent(b['accuracy'])}.")
 
 
+def merged_metrics(merged: dict, language_model: bool) -> list[tuple[str, str, float]]:
+    """The merged model's own model-index entries: (metric type, name, value)."""
+    if language_model:
+        return [("loss", "Merged model loss (per token)", merged["loss"]),
+                ("perplexity", "Merged model perplexity", math.exp(merged["loss"])),
+                ("accuracy", "Merged model next-token accuracy", merged["accuracy"])]
+    return [("accuracy", "Merged model accuracy", merged["accuracy"]), ("loss", "Merged model loss", merged["loss"])]
+
+
 def card_metrics(record: dict, saved: str) -> list[tuple[str, str, float]]:
-    """The model-index entries: (metric type, name, value), named as the task's metrics."""
-    merged = record["merged"]["test"]
+    """The model-index entries of a two-model merge, named as the task's metrics: the merged
+    model's, then the barriers when curves were measured."""
+    metrics = merged_metrics(record["merged"]["test"], is_language_model(record))
     by_curve = record["barriers"]  # empty for a merge without curves (--no-curves)
     barriers = by_curve["repaired"]["test"] if "repaired" in by_curve else None
     aligned = by_curve["aligned"]["test"] if "aligned" in by_curve else None
-    if is_language_model(record):
-        metrics = [
-            ("loss", "Merged model loss (per token)", merged["loss"]),
-            ("perplexity", "Merged model perplexity", math.exp(merged["loss"])),
-            ("accuracy", "Merged model next-token accuracy", merged["accuracy"]),
-        ]
-        if barriers and aligned:
-            metrics += [("loss_barrier", f"Loss barrier ({saved})", barriers["loss"]["max"]),
-                        ("loss_barrier_aligned", "Loss barrier (aligned only)", aligned["loss"]["max"])]
+    if not (barriers and aligned):
         return metrics
-    metrics = [
-        ("accuracy", "Merged model accuracy", merged["accuracy"]),
-        ("loss", "Merged model loss", merged["loss"]),
-    ]
-    if barriers and aligned:
-        metrics += [("accuracy_barrier", f"Accuracy barrier ({saved})", barriers["accuracy"]["max"]),
-                    ("loss_barrier", f"Loss barrier ({saved})", barriers["loss"]["max"]),
-                    ("accuracy_barrier_aligned", "Accuracy barrier (aligned only)", aligned["accuracy"]["max"])]
-    return metrics
+    if is_language_model(record):
+        return metrics + [("loss_barrier", f"Loss barrier ({saved})", barriers["loss"]["max"]),
+                          ("loss_barrier_aligned", "Loss barrier (aligned only)", aligned["loss"]["max"])]
+    return metrics + [("accuracy_barrier", f"Accuracy barrier ({saved})", barriers["accuracy"]["max"]),
+                      ("loss_barrier", f"Loss barrier ({saved})", barriers["loss"]["max"]),
+                      ("accuracy_barrier_aligned", "Accuracy barrier (aligned only)", aligned["accuracy"]["max"])]
+
+
+def eval_results(record: dict, metrics: list[tuple[str, str, float]]) -> list[EvalResult]:
+    """Model-index entries for ``metrics``, measured on the record's evaluation split."""
+    dataset = _name(record["sources"]["dataset"])
+    return [EvalResult(task_type=record.get("task", "image-classification"), dataset_type=dataset,
+                       dataset_name=dataset, dataset_split=record["eval_split"], metric_type=metric,
+                       metric_name=label, metric_value=round(value, 6)) for metric, label, value in metrics]
 
 
 def tokenizer_text(record: dict) -> str:
@@ -239,15 +246,9 @@ def model_card(record: dict, configs: tuple[dict, dict], licenses: tuple[str | N
     hub_dataset = dataset["repo_id"]
     split = record["eval_split"]
     corrected = record.get("corrected") or {}
-    repaired = any(corrected.get(k) for k in ("affine", "scale", "batchnorm"))
+    repaired = any(corrected.get(k) for k in CORRECTION_KINDS)
     saved = "REPAIR" if repaired else "saved merge, uncorrected"
     task = record.get("task", "image-classification")
-    eval_results = [
-        EvalResult(task_type=task, dataset_type=_name(dataset),
-                   dataset_name=_name(dataset), dataset_split=split,
-                   metric_type=metric, metric_name=label, metric_value=round(value, 6))
-        for metric, label, value in card_metrics(record, saved)
-    ]
     is_transformers = "architectures" in configs[0]
     card_data = ModelCardData(
         base_model=[n for n in (a["repo_id"], b["repo_id"]) if n] or None,
@@ -258,7 +259,7 @@ def model_card(record: dict, configs: tuple[dict, dict], licenses: tuple[str | N
         pipeline_tag=task if is_transformers else None,
         license=licenses[0] if licenses[0] and licenses[0] == licenses[1] else None,
         model_name=record.get("title", "merged"),
-        eval_results=eval_results,
+        eval_results=eval_results(record, card_metrics(record, saved)),
         base_model_revisions={n: r for n, r in ((a["repo_id"], a["revision"]), (b["repo_id"], b["revision"])) if n},
     )
     aligned_sentence, alignment_table = alignment_text(record)
@@ -305,7 +306,7 @@ def many_model_card(record: dict, config: dict, licenses: list[str | None]) -> M
     repo_ids = [source["repo_id"] for source in sources if source["repo_id"]]
     dataset = record["sources"]["dataset"]
     corrected = record.get("corrected") or {}
-    repaired = any(corrected.get(k) for k in ("affine", "scale", "batchnorm"))
+    repaired = any(corrected.get(k) for k in CORRECTION_KINDS)
     language_model = is_language_model(record)
     card_data = ModelCardData(
         base_model=repo_ids or None, base_model_relation="merge" if repo_ids else None,
@@ -314,6 +315,8 @@ def many_model_card(record: dict, config: dict, licenses: list[str | None]) -> M
         library_name="transformers" if "architectures" in config else "hfrepair",
         pipeline_tag=record["task"] if "architectures" in config else None,
         license=licenses[0] if licenses[0] and len(set(licenses)) == 1 else None,
+        model_name=record.get("title", f"merge of {len(names)} models"),
+        eval_results=eval_results(record, merged_metrics(record["merged"], language_model)),
     )
     rows = [f"| {name} | `{source['revision'] or 'local'}` | {weight:.3f} | {_metric_text(scores, language_model)} |"
             for name, source, weight, scores in zip(names, sources, record["weights"], record["endpoints"])]

@@ -243,9 +243,9 @@ def tiny_gpt2(tokenizer):
         embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id))
 
 
-def train_language_model_pair(factory, text_folder, root, **training):
-    """Two causal LMs (seeds 1 and 2) trained on the packed train split, each saved with the
-    byte-level BPE tokenizer trained on that split, as a Hub repo ships its tokenizer."""
+def train_language_model_pair(factory, text_folder, root, seeds=(1, 2), **training):
+    """Causal LMs (seeds 1 and 2 unless told) trained on the packed train split, each saved
+    with the byte-level BPE tokenizer trained on that split, as a Hub repo ships its tokenizer."""
     import datasets
 
     from hfrepair.corpora import train_tokenizer
@@ -255,7 +255,7 @@ def train_language_model_pair(factory, text_folder, root, **training):
     blocks = torch.cat([ids for ids, _ in packed_batches(str(text_folder), "train", tokenizer, LM_LENGTH,
                                                          batch_size=512) if ids.shape[1] == LM_LENGTH])
     folders = []
-    for seed in (1, 2):
+    for seed in seeds:
         folder = root / f"endpoint-{seed}"
         torch.manual_seed(seed)
         model = factory(tokenizer)
@@ -270,6 +270,13 @@ def train_language_model_pair(factory, text_folder, root, **training):
 def gpt2_folders(text_folder, tmp_path_factory):
     return built_once(tmp_path_factory, "gpt2", lambda root: train_language_model_pair(
         tiny_gpt2, text_folder, root, epochs=4, lr=5e-3, weight_decay=0.01, batch_size=32))
+
+
+@pytest.fixture(scope="session")
+def third_gpt2_folder(text_folder, tmp_path_factory):
+    """A third GPT-2 like those of ``gpt2_folders`` (seed 3), for merges of N models."""
+    return built_once(tmp_path_factory, "gpt2-3", lambda root: train_language_model_pair(
+        tiny_gpt2, text_folder, root, seeds=(3,), epochs=4, lr=5e-3, weight_decay=0.01, batch_size=32))[0]
 
 
 def tiny_llama(tokenizer):
