@@ -414,8 +414,9 @@ def format_many_table(result: ManyResult, names: list[str], task: str) -> str:
         lines.append(f"gap to the endpoints' weighted mean: {-result.gap['loss']:.3f} loss")
     corrected = corrected_count(result.corrected)
     lines.append(f"REPAIR corrected {corrected} sites" if corrected else f"REPAIR: nothing corrected ({result.method})")
-    if result.matcher == "weight" and not result.settled:
-        lines.append(f"note: weight matching stopped after {result.rounds} rounds with permutations still changing")
+    if not result.settled:
+        lines.append(f"note: {result.matcher} matching stopped after {result.rounds} rounds with permutations still "
+                     "changing")
     return "\n".join(lines)
 
 

@@ -3,10 +3,12 @@
 In: N models, calibration batches, optional evaluation batches and weights. Out: the merged
 model (the first model's class and keys, fused weights) and a :class:`ManyResult`.
 
-Every model is aligned into one unit order: with activation matching, each to the first
-(the reference), from the correlations of one statistics pass per model; with weight
-matching, MergeMany-style: each to the reference, then each in turn to the average of the
-others until a round changes nothing. The aligned models are averaged with ``weights``
+Every model is aligned into one unit order, MergeMany-style: each to the first (the
+reference), then each in turn to the others in their current order until a round changes
+nothing. Activation matching scores model ``k``'s units by their correlation with the
+others' units averaged over the others (every pair's correlations come from one
+statistics pass); weight matching by inner products with the average of the others'
+weights. The aligned models are averaged with ``weights``
 (uniform by default), and REPAIR gives each corrected unit the weighted average of the
 endpoints' means and standard deviations: the N-model form of the paper's goals
 ``(1 - a) mu_A + a mu_B``. For N = 2 this is the pairwise merge at ``alpha = weights[1]``.
@@ -28,7 +30,7 @@ from .discovery import discover_spec
 from .distributed import make_accelerator
 from .evaluate import evaluate
 from .interpolate import average
-from .matching import match_permutations
+from .matching import match_permutations, matching_sites
 from .pipeline import MATCHERS, MergeError, check_endpoints, statistics_plan
 from .prepared import DEFAULT_MEMORY, preparer
 from .repair import METHODS, repair
@@ -51,7 +53,7 @@ class ManyResult:
     calibration_examples: int
     groups: dict[str, int]
     corrected: dict[str, list]
-    rounds: int = 0  # weight matching's re-alignment rounds
+    rounds: int = 0  # rounds of re-aligning each model to the others
     settled: bool = True  # False when max_rounds ended them with permutations still changing
     endpoints: list[dict] = field(default_factory=list)
     naive: dict = field(default_factory=dict)
@@ -73,14 +75,61 @@ def _weight_matched(spec: PermutationSpec, models: list[nn.Module],
     """MergeMany: each model matched to the reference, then each to the average of the
     others (aligned), until a round changes no permutation (or ``max_rounds``)."""
     params = [_parameters(model) for model in models]
-    perms = [identity_permutations(spec)] + [match_weights(spec, params[0], p) for p in params[1:]]
     keys = set(params[0])
+
+    def to_the_others(k, perms):
+        others = [permute_state_dict(params[j], spec, perms[j], keys) for j in range(len(models)) if j != k]
+        return match_weights(spec, average(others, [1 / len(others)] * len(others)), params[k])
+
+    first = [identity_permutations(spec)] + [match_weights(spec, params[0], p) for p in params[1:]]
+    return _rounds(first, to_the_others, max_rounds)
+
+
+@dataclass
+class _MeanCorrelation:
+    """What matching reads of a site (its correlation matrix), here the correlation of one
+    model's units (columns) with each other model's units in the common order (rows),
+    averaged over the others: the activation form of matching to the others' mean."""
+
+    matrix: torch.Tensor
+
+    def correlation(self) -> torch.Tensor:
+        return self.matrix
+
+
+def _activation_matched(spec: PermutationSpec, pairs: dict[tuple[int, int], Statistics], count: int,
+                        match_at: str, max_rounds: int) -> tuple[list[dict], int, bool]:
+    """MergeMany with activation correlations: each model matched to the reference, then
+    each to the others in their current order, until a round changes nothing."""
+    modules = {m for group in spec.groups for m in matching_sites(spec, group, match_at)}
+    by_module = {site.module: site for site in spec.sites}
+
+    def correlation(j, k, module):  # rows: model j's units, columns: model k's
+        return pairs[(j, k)].pairs[module].correlation() if j < k else pairs[(k, j)].pairs[module].correlation().T
+
+    def to_the_others(k, perms):
+        mean = {}
+        for module in modules:
+            rows = []
+            for j in range(count):
+                if j != k:
+                    corr = correlation(j, k, module)
+                    rows.append(corr[by_module[module].order(perms[j], len(corr)).to(corr.device)])
+            mean[module] = _MeanCorrelation(torch.stack(rows).mean(0))
+        return match_permutations(spec, Statistics(mean), match_at)
+
+    first = [identity_permutations(spec)] + [match_permutations(spec, pairs[(0, k)], match_at)
+                                             for k in range(1, count)]
+    return _rounds(first, to_the_others, max_rounds) if count > 2 else (first, 0, True)
+
+
+def _rounds(perms: list[dict], to_the_others, max_rounds: int) -> tuple[list[dict], int, bool]:
+    """Re-align each model to the others in turn until a round changes nothing (or
+    ``max_rounds``): the permutations, the rounds run and whether they settled."""
     for round_ in range(1, max_rounds + 1):
         changed = False
-        for k in range(len(models)):
-            others = [permute_state_dict(params[j], spec, perms[j], keys) for j in range(len(models)) if j != k]
-            target = average(others, [1 / len(others)] * len(others))
-            found = match_weights(spec, target, params[k])
+        for k in range(len(perms)):
+            found = to_the_others(k, perms)
             changed |= any(not torch.equal(found[name], perms[k][name]) for name in found)
             perms[k] = found
         if not changed:
@@ -162,14 +211,20 @@ def merge_many(
         sites, cross = statistics_plan(spec, method, match_at, curves=())
         if matcher == "weight":
             cross = {}
-        # One pass runs every model on each batch: the reference's forward serves every pair.
-        taps = [SiteStatistics(sites, cross, pair=(0, k)) for k in range(1, len(models))]
-        examples = run_pass(models, taps, calibration, limit=num_samples, accelerator=accelerator, desc="statistics")
-        pairs = [Statistics(tap.pairs, examples) for tap in taps]
+        # One pass runs every model on each batch: each model's forward serves every pair it
+        # is in. The reference's pairs measure every site (REPAIR's goals); the other pairs,
+        # needed by activation matching only, the matching sites' cross-products.
+        count = len(models)
+        others = [(j, k) for j in range(1, count) for k in range(j + 1, count)] if matcher == "activation" else []
+        matched = [site for site in sites if site.module in cross]
+        taps = {(0, k): SiteStatistics(sites, cross, pair=(0, k)) for k in range(1, count)}
+        taps.update({pair: SiteStatistics(matched, cross, pair=pair) for pair in others})
+        examples = run_pass(models, list(taps.values()), calibration, limit=num_samples, accelerator=accelerator,
+                            desc="statistics")
+        pairs = {pair: Statistics(tap.pairs, examples) for pair, tap in taps.items()}
         identity = identity_permutations(spec)
-        rounds, settled = 0, True
         if matcher == "activation":
-            perms = [identity] + [match_permutations(spec, stats, match_at) for stats in pairs]
+            perms, rounds, settled = _activation_matched(spec, pairs, count, match_at, max_rounds)
         else:
             perms, rounds, settled = _weight_matched(spec, models, max_rounds)
 
@@ -178,15 +233,15 @@ def merge_many(
         aligned = [permute_state_dict(state, spec, order) for state, order in zip(states, perms)]
         for model, state in zip(models, aligned):
             check_function_preserved(model, state, example, workspace=work)
-        moments = [{name: pair.a for name, pair in pairs[0].pairs.items()}] + \
-                  [{name: pair.b for name, pair in stats.pairs.items()} for stats in pairs]
+        moments = [{name: pair.a for name, pair in pairs[(0, 1)].pairs.items()}] + \
+                  [{name: pair.b for name, pair in pairs[(0, k)].pairs.items()} for k in range(1, count)]
         goals = goal_statistics(spec, moments, perms, weights)
         averaged = average(aligned, weights)
         merged_state = repair(models[0], averaged, spec, goals, identity, 0.0, method, calibration, num_samples,
                               accelerator, workspace=work)
         result = ManyResult(
             models=len(models), weights=weights, matcher=matcher, method=method,
-            calibration_examples=pairs[0].examples, groups={name: g.size for name, g in spec.groups.items()},
+            calibration_examples=examples, groups={name: g.size for name, g in spec.groups.items()},
             corrected=repair_summary(spec, method, models[0]), rounds=rounds, settled=settled)
         if evaluation is not None:
             def score(state):

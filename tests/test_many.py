@@ -31,9 +31,12 @@ def test_models_merge_far_above_their_plain_average(four, count, matcher):
     models, calibration, test = four
     merged, result = merge_many(models[:count], calibration, test, matcher=matcher)
     # Measured (one run): endpoints 91.7 / 92.1 / 92.6 / 92.4%. Three: plain average 45.3%,
-    # activation matching 87.2% aligned and 88.3% REPAIRed, weight matching 80.8% / 86.0%.
-    # Four: plain average 29.0%, activation matching 86.6% / 88.3%.
+    # activation matching 89.5% aligned and 88.3% REPAIRed after 5 rounds of re-aligning each
+    # model to the others (87.2% / 88.2% with each aligned to the first only), weight matching
+    # 80.8% / 86.0%. Four: plain average 29.0%, activation matching 87.8% / 88.0% after 6 rounds
+    # (87.0% / 88.4% each to the first).
     assert min(e["accuracy"] for e in result.endpoints) > 0.9
+    assert result.rounds >= 1 and (result.settled or matcher == "weight")  # weight matching may cycle
     assert result.aligned["accuracy"] > result.naive["accuracy"] + 0.25
     assert result.merged["accuracy"] > result.naive["accuracy"] + 0.35
     assert result.corrected["affine"] and result.models == count
