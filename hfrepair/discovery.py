@@ -1088,9 +1088,10 @@ def _stream_folds(graph, g: _GraphAxes, group_of_class, placeholder_keys, sites,
     with a bias or of a norm with an affine, and goes on while every other reader of the
     stream is a conv/linear reading it through its weight (which can take the inverse of a
     per-unit scale: the next branch's depthwise or pointwise conv); it ends at a sum read by
-    anything else (a LayerNorm, a ReLU, pooling). Pre-LN transformers read every sum through
-    a LayerNorm, which no per-unit rescaling passes, so they get none; ConvNeXt stages and
-    post-LN blocks do. Sum sites (kind ``sum``) are added to ``sites``.
+    anything else (a LayerNorm, a ReLU, pooling). ConvNeXt stages qualify. Pre-LN transformers
+    read every sum through a LayerNorm, which no per-unit rescaling passes; BERT's post-LN
+    sums are computed inside the module that normalises them, where no hook sees them; a
+    ResNet applies a ReLU to its sums. Sum sites (kind ``sum``) are added to ``sites``.
     """
     owner = _module_exits(graph)
     sum_at: dict = {}  # add node -> its ActivationSite

