@@ -256,18 +256,22 @@ def merged_through_the_hub(root, folders, dataset, model_repo: str, dataset_repo
     return record, pulled
 
 
+# Client code run on a pulled language model: its class, its test loss, the card's metrics.
+PULL_LANGUAGE_MODEL = f"""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    test = packed_batches("user/pydoc", "test", load_tokenizer(folder), {LM_LENGTH}, limit={EVAL_BLOCKS}, seed=0)
+    result(cls=type(model).__name__, loss=evaluate(model, test).loss, card=metrics, base=card.data.base_model,
+           files=sorted(os.listdir(folder)))
+    """
+
+
 def test_gpt2_from_the_hub_pushed_and_pulled_back(gpt2_folders, text_folder, tmp_path_factory):
     """The pulled repo loads with transformers and its tokenizer, and scores the card's loss."""
     record, pulled = merged_through_the_hub(
         tmp_path_factory.mktemp("hub-text"), gpt2_folders, text_folder, "gpt2", "user/pydoc",
         [*FAST, "--num-samples", "200", "--train-eval-samples", "50"],  # the last flags win: a lighter merge
-        f"""
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained(folder).eval()
-        test = packed_batches("user/pydoc", "test", load_tokenizer(folder), {LM_LENGTH}, limit={EVAL_BLOCKS}, seed=0)
-        result(cls=type(model).__name__, loss=evaluate(model, test).loss, card=metrics, base=card.data.base_model,
-               files=sorted(os.listdir(folder)))
-        """)
+        PULL_LANGUAGE_MODEL)
     assert pulled["cls"] == "GPT2LMHeadModel"
     assert pulled["loss"] == pytest.approx(record["merged"]["test"]["loss"], rel=1e-6)
     assert pulled["card"]["loss"] == pytest.approx(record["merged"]["test"]["loss"], abs=1e-6)
@@ -281,13 +285,7 @@ def test_three_gpt2s_merged_from_the_hub_pushed_and_pulled_back(gpt2_folders, th
     record, pulled = merged_through_the_hub(
         tmp_path_factory.mktemp("hub-three"), [*gpt2_folders, third_gpt2_folder], text_folder, "gpt2",
         "user/pydoc", [*FAST, "--num-samples", "200"],
-        f"""
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained(folder).eval()
-        test = packed_batches("user/pydoc", "test", load_tokenizer(folder), {LM_LENGTH}, limit={EVAL_BLOCKS}, seed=0)
-        result(cls=type(model).__name__, loss=evaluate(model, test).loss, card=metrics, base=card.data.base_model,
-               files=sorted(os.listdir(folder)))
-        """)
+        PULL_LANGUAGE_MODEL)
     assert pulled["cls"] == "GPT2LMHeadModel"
     assert [source["repo_id"] for source in record["sources"]["models"]] == ["user/gpt2-a", "user/gpt2-b", "user/gpt2-c"]
     assert pulled["loss"] == pytest.approx(record["merged"]["loss"], rel=1e-6)
