@@ -320,11 +320,12 @@ def many_model_card(record: dict, config: dict, licenses: list[str | None]) -> M
     )
     rows = [f"| {name} | `{source['revision'] or 'local'}` | {weight:.3f} | {_metric_text(scores, language_model)} |"
             for name, source, weight, scores in zip(names, sources, record["weights"], record["endpoints"])]
-    matching = (("activation correlation, each model matched to the first, then re-aligned to the others"
-                 if record["matcher"] == "activation" else
-                 "weight matching, each model matched to the first, then re-aligned to the average of the others")
-                + f" ({record['rounds']} rounds" + (")" if record["settled"] else
-                                                     ", stopped with permutations still changing)"))
+    matching = ("activation correlation" if record["matcher"] == "activation" else "weight matching") + \
+        ", each model matched to the first"
+    if record["rounds"]:
+        matching += (", then re-aligned to the others" if record["matcher"] == "activation" else
+                     ", then re-aligned to the average of the others") + f" ({record['rounds']} rounds" + \
+            (")" if record["settled"] else ", stopped with permutations still changing)")
     repair_line, corrected_details = repair_text(record)
     split = record["eval_split"]
     gap = record.get("gap") or {}

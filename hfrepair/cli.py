@@ -173,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="more models: all of them are merged into one (uniform weights, or --weights)")
     m.add_argument("--weights", type=_weights, default=None,
                    help="comma-separated weights of 3 or more models, adding up to 1 (default: uniform)")
+    m.add_argument("--max-rounds", type=int, default=None, metavar="N",
+                   help="3 or more models: rounds of re-aligning each model to the others after aligning each to "
+                        "the first (default 20, stopping when a round changes nothing; 0: each to the first only)")
     m.add_argument("--config", default=None,
                    help="YAML file with any of these options (keys as the flags' names, e.g. num_samples: 1000, "
                         "model_a: ..., dataset: ...); flags on the command line override it")
@@ -320,6 +323,8 @@ def run_merge(args: argparse.Namespace, argv: list[str]) -> MergeResult:
         return run_merge_many(args, argv)
     if args.weights is not None:
         raise MergeError("--weights is for 3 or more models; two models take --alpha (B's weight)")
+    if args.max_rounds is not None:
+        raise MergeError("--max-rounds is for 3 or more models; two models are matched once")
     output = Path(args.output)
     check_output(output, [args.model_a, args.model_b, args.dataset], args.overwrite)
     accelerator = make_accelerator(args.mixed_precision)
@@ -359,13 +364,16 @@ def run_merge_many(args: argparse.Namespace, argv: list[str]) -> ManyResult:
                                          ("--no-curves", args.no_curves)) if given]
     if two_only:
         raise MergeError(f"{two_only[0]} is for two models; {len(names)} models are merged at --weights")
+    if args.max_rounds is not None and args.max_rounds < 0:
+        raise MergeError(f"--max-rounds must be 0 or more, got {args.max_rounds}")
     output = Path(args.output)
     check_output(output, [*names, args.dataset], args.overwrite)
     accelerator = make_accelerator(args.mixed_precision)
     inputs = load_inputs(args, names, accelerator)
     sources, folders, configs, tokenizer = inputs.sources, inputs.folders, inputs.configs, inputs.tokenizer
     calibration, evaluation = data_streams(args, inputs.task, folders[0], configs[0], tokenizer, inputs.data)
-    merged, result = merge_many(inputs.models, calibration, evaluation["test"], weights=args.weights,
+    rounds = {} if args.max_rounds is None else {"max_rounds": args.max_rounds}
+    merged, result = merge_many(inputs.models, calibration, evaluation["test"], weights=args.weights, **rounds,
                                 matcher=args.matcher, method=args.method, match_at=args.match_at,
                                 accelerator=accelerator, cache_memory=size_in_bytes(args.cache_memory))
     record = {

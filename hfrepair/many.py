@@ -125,7 +125,10 @@ def _activation_matched(spec: PermutationSpec, pairs: dict[tuple[int, int], Stat
 
 def _rounds(perms: list[dict], to_the_others, max_rounds: int) -> tuple[list[dict], int, bool]:
     """Re-align each model to the others in turn until a round changes nothing (or
-    ``max_rounds``): the permutations, the rounds run and whether they settled."""
+    ``max_rounds``; 0 keeps each aligned to the first): the permutations, the rounds run and
+    whether they settled."""
+    if max_rounds == 0:
+        return perms, 0, True
     for round_ in range(1, max_rounds + 1):
         changed = False
         for k in range(len(perms)):

@@ -375,12 +375,25 @@ def test_three_models_merge_into_one_through_the_cli(three_mlp_folders, mnist_fo
     assert json.loads(fresh.stdout.strip().splitlines()[-1])["accuracy"] == record["merged"]["accuracy"]
 
 
+def test_max_rounds_zero_aligns_each_model_to_the_first(three_mlp_folders, mnist_folder, tmp_path):
+    out = tmp_path / "first-only"
+    done = run_cli("merge", *three_mlp_folders, "--dataset", mnist_folder, "--output", out, "--num-samples", "1000",
+                   "--max-rounds", "0")
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((out / "merge_results.json").read_text())
+    assert record["rounds"] == 0 and record["settled"]
+    card = (out / "README.md").read_text()
+    assert "each model matched to the first;" in card and "re-aligned" not in card
+
+
 def test_weights_that_do_not_fit_are_one_line_errors(three_mlp_folders, endpoint_folders, mnist_folder, tmp_path):
     out = tmp_path / "never"
     for models, flags, message in (
             (three_mlp_folders, ["--weights", "0.5,0.5"], "weights must be 3 non-negative numbers"),
             (endpoint_folders, ["--weights", "0.5,0.5"], "--weights is for 3 or more models"),
-            (three_mlp_folders, ["--alpha", "0.3"], "--alpha is for two models")):
+            (three_mlp_folders, ["--alpha", "0.3"], "--alpha is for two models"),
+            (three_mlp_folders, ["--max-rounds", "-1"], "--max-rounds must be 0 or more"),
+            (endpoint_folders, ["--max-rounds", "3"], "--max-rounds is for 3 or more models")):
         done = run_cli("merge", *models, "--dataset", mnist_folder, "--output", out, *flags)
         assert done.returncode == 2
         assert_one_line_error(done.stderr, message)
