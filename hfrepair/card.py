@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .report import CORRECTION_KINDS
+from .report import CORRECTION_KINDS, corrected_count
 
 # model_cards/ at the repository's top level, installed as the package hfrepair.model_cards.
 TEMPLATE = importlib.resources.files("hfrepair.model_cards") / "merged_model.md"
@@ -246,7 +246,7 @@ def model_card(record: dict, configs: tuple[dict, dict], licenses: tuple[str | N
     hub_dataset = dataset["repo_id"]
     split = record["eval_split"]
     corrected = record.get("corrected") or {}
-    repaired = any(corrected.get(k) for k in CORRECTION_KINDS)
+    repaired = corrected_count(corrected) > 0
     saved = "REPAIR" if repaired else "saved merge, uncorrected"
     task = record.get("task", "image-classification")
     is_transformers = "architectures" in configs[0]
@@ -306,7 +306,7 @@ def many_model_card(record: dict, config: dict, licenses: list[str | None]) -> M
     repo_ids = [source["repo_id"] for source in sources if source["repo_id"]]
     dataset = record["sources"]["dataset"]
     corrected = record.get("corrected") or {}
-    repaired = any(corrected.get(k) for k in CORRECTION_KINDS)
+    repaired = corrected_count(corrected) > 0
     language_model = is_language_model(record)
     card_data = ModelCardData(
         base_model=repo_ids or None, base_model_relation="merge" if repo_ids else None,

@@ -981,6 +981,23 @@ def _leaf(node) -> tuple[str, str] | None:
     return path, key
 
 
+def _unit_axis(g: _GraphAxes, tensor, group_of_class) -> tuple[int, list] | None:
+    """``(axis, blocks)`` of a tensor's one axis that carries group units, or None when none or
+    several of its axes do."""
+    axes = []
+    for axis in range(g.rank(tensor)):
+        blocks = [b for b in g.sets.layout((tensor, axis)) if b[0] in group_of_class]
+        if blocks:
+            axes.append((axis, blocks))
+    return axes[0] if len(axes) == 1 else None
+
+
+def _whole_group(g: _GraphAxes, tensor, axis: int, blocks: list) -> bool:
+    """Whether ``axis`` holds exactly one group's units, one per position."""
+    return len(blocks) == 1 and _pattern(g, blocks[0]) == (0, (), 1) and \
+        g.sets.size(blocks[0][0]) == g.size(tensor, axis)
+
+
 def _find_sites(model, graph, g: _GraphAxes, group_of_class, groups) -> tuple[list[ActivationSite], dict]:
     """Module outputs whose one permutable axis belongs to a group, and each site by its
     module's output node."""
@@ -1008,17 +1025,12 @@ def _find_sites(model, graph, g: _GraphAxes, group_of_class, groups) -> tuple[li
         if out is None:
             continue
         sources = {a for n in nodes for a in n.all_input_nodes if a not in inside and a.op == "call_function"}
-        axes = []
-        for axis in range(g.rank(out)):
-            blocks = [b for b in g.sets.layout((out, axis)) if b[0] in group_of_class]
-            if blocks:
-                axes.append((axis, blocks))
-        if len(axes) != 1:
+        found = _unit_axis(g, out, group_of_class)
+        if found is None:
             continue
-        axis, blocks = axes[0]
-        root = blocks[0][0]
-        if len(blocks) == 1 and _pattern(g, blocks[0]) == (0, (), 1) and g.sets.size(root) == g.size(out, axis):
-            site = ActivationSite(module=path, axis=axis, group=group_of_class[root], kind=kind)
+        axis, blocks = found
+        if _whole_group(g, out, axis, blocks):
+            site = ActivationSite(module=path, axis=axis, group=group_of_class[blocks[0][0]], kind=kind)
         else:
             # Per-head dims last: they are applied after the heads they sit in have moved.
             blocks = sorted(blocks, key=lambda b: b[0] in g.per_head)
@@ -1095,21 +1107,17 @@ def _stream_folds(graph, g: _GraphAxes, group_of_class, placeholder_keys, sites,
     """
     owner = _module_exits(graph)
     sum_at: dict = {}  # add node -> its ActivationSite
-    previous: dict = {}  # add node -> the node it adds a branch to (an entry's output or a sum)
     chains: list[list] = []  # [entry node, sum nodes...]
 
     def whole_group(node):
+        """``(axis, class root)`` when one axis of ``node`` holds exactly one group's units."""
         tensor = g.tensor(node)
-        found = []
-        for axis in range(g.rank(tensor) if tensor else 0):
-            blocks = [b for b in g.sets.layout((tensor, axis)) if b[0] in group_of_class]
-            if blocks:
-                found.append((axis, blocks))
-        if len(found) != 1 or len(found[0][1]) != 1:
-            return None
-        axis, (block,) = found[0]
-        whole = _pattern(g, block) == (0, (), 1) and g.sets.size(block[0]) == g.size(tensor, axis)
-        return (axis, block[0]) if whole else None
+        found = _unit_axis(g, tensor, group_of_class) if tensor is not None else None
+        return (found[0], found[1][0][0]) if found and _whole_group(g, tensor, *found) else None
+
+    def in_group(node, root) -> bool:
+        unit = whole_group(node)
+        return unit is not None and unit[1] == root
 
     def upstream(node):
         while (node not in site_at and node not in sum_at and node.op == "call_function"
@@ -1123,9 +1131,7 @@ def _stream_folds(graph, g: _GraphAxes, group_of_class, placeholder_keys, sites,
         while len(node.users) == 1 and node.op == "call_function":
             site = site_at.get(node)
             if site is not None:
-                usable = site.kind == "linear" and site.bias and whole_group(node) is not None \
-                    and whole_group(node)[1] == root
-                return (site, gain) if usable else None
+                return (site, gain) if site.kind == "linear" and site.bias and in_group(node, root) else None
             name = _op_name(node)
             params = [a for a in node.all_input_nodes if a.op == "placeholder" and a.name in placeholder_keys]
             if name in _LAYOUT_OPS and node.all_input_nodes:
@@ -1140,7 +1146,7 @@ def _stream_folds(graph, g: _GraphAxes, group_of_class, placeholder_keys, sites,
 
     def entry_site(node, root):
         site = site_at.get(node)
-        if site is None or whole_group(node) is None or whole_group(node)[1] != root:
+        if site is None or not in_group(node, root):
             return None
         return site if (site.kind == "linear" and site.bias) or (site.kind == "norm" and site.weight and site.bias) \
             else None
@@ -1157,7 +1163,7 @@ def _stream_folds(graph, g: _GraphAxes, group_of_class, placeholder_keys, sites,
             if end is None or not (before in sum_at or entry_site(before, unit[1])):
                 continue
             sum_at[node] = ActivationSite(module=owner[node], axis=unit[0], group=group_of_class[unit[1]], kind="sum")
-            previous[node], writers[node], gains[node] = before, end[0].module, end[1]
+            writers[node], gains[node] = end[0].module, end[1]
             chain = next((c for c in chains if c[-1] is before), None)
             if chain is None and before in sum_at:
                 break  # the stream forks or its stretch was cut: this sum cannot fold
@@ -1173,7 +1179,7 @@ def _stream_folds(graph, g: _GraphAxes, group_of_class, placeholder_keys, sites,
         while pending:
             user, value = pending.pop()
             name = _op_name(user) if user.op == "call_function" else None
-            if user is following and previous.get(user) is upstream(point):
+            if user is following:  # the stream going on (the chain was built from this residual)
                 continue
             if name in _LAYOUT_OPS and user not in site_at and user not in sum_at:
                 pending += [(u, user) for u in user.users]

@@ -28,10 +28,7 @@ def fold_batchnorm(
     """
     weight = state_dict[weight_key]
     if getattr(norm, "scale_only", False):
-        scale = (norm.weight / torch.sqrt(norm.running_var + norm.eps)).detach()
-        shape = [1] * weight.dim()
-        shape[weight_axis] = -1
-        state_dict[weight_key] = (weight * scale.view(shape).to(weight.device)).to(weight.dtype)
+        _scale_axis(state_dict, weight_key, weight_axis, _affine(norm)[0])
         return
     if weight_axis != 0:
         state_dict[weight_key] = weight.movedim(weight_axis, 0)
@@ -41,9 +38,9 @@ def fold_batchnorm(
     bias = state_dict[bias_key]
     args = (norm.running_mean, norm.running_var, norm.eps, norm.weight, norm.bias)
     with torch.no_grad():
-        if weight.dim() == 1:  # a norm's per-unit affine: y' = s * (w n + b - mean) + beta
-            scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
-            fused_w, fused_b = weight * scale, (bias - norm.running_mean) * scale + norm.bias
+        if weight.dim() == 1:  # a norm's per-unit affine: y' = s * (w n + b) + (beta - s mean)
+            scale, shift = _affine(norm)
+            fused_w, fused_b = weight * scale, bias * scale + shift
         elif weight.dim() > 2:
             fused_w, fused_b = fuse_conv_bn_weights(weight, bias, *args)
         else:
@@ -54,8 +51,9 @@ def fold_batchnorm(
 
 def _affine(norm: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-unit ``(scale, shift)`` of an eval-mode BatchNorm, in float64."""
-    scale = norm.weight.double() / torch.sqrt(norm.running_var.double() + norm.eps)
-    return scale, norm.bias.double() - norm.running_mean.double() * scale
+    with torch.no_grad():
+        scale = norm.weight.double() / torch.sqrt(norm.running_var.double() + norm.eps)
+        return scale, norm.bias.double() - norm.running_mean.double() * scale
 
 
 def _scale_axis(state_dict: dict[str, torch.Tensor], key: str, axis: int, factor: torch.Tensor) -> None:
