@@ -10,6 +10,7 @@ of the measured barriers and accuracies), plus ``barrier_curve.png`` and
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.resources
 import math
 import platform
@@ -18,6 +19,7 @@ from pathlib import Path
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .pipeline import REPAIRED_CURVES
 from .report import CORRECTION_KINDS, corrected_count
 
 # model_cards/ at the repository's top level, installed as the package hfrepair.model_cards.
@@ -111,6 +113,20 @@ def barrier_table(record: dict) -> str:
         rows.append(f"| {label} | {first} | {_points(barriers['test']['accuracy']['max'])} | "
                     f"{barriers['test']['loss']['max']:.3f} | {train} |")
     return "\n".join(rows)
+
+
+def curve_repair_text(record: dict) -> str:
+    """Which calibration examples the REPAIRed curves' points other than the saved model's were
+    REPAIRed on (the saved model's REPAIR reads them all)."""
+    inner = record["alphas"][1:-1]
+    others = [a for a in inner if abs(a - record["alpha"]) > 1e-9]  # the saved model's point aside
+    repaired = [label for label in record["curves"] if label in REPAIRED_CURVES
+                and (others if label == "repaired" else inner)]
+    first = record.get("plan", {}).get("sizes", {}).get("first calibration")
+    if not repaired or record["method"] not in ("repair", "reset") or first is None:
+        return ""
+    return (f"The points of the {' and '.join(repaired)} curve{'s' if len(repaired) > 1 else ''} other than the saved "
+            f"model were REPAIRed on the first {first} calibration {calibration_unit(record)}.")
 
 
 def merged_summary(record: dict) -> str:
@@ -226,16 +242,13 @@ def fixed_text(record: dict) -> str:
 
 
 def _versions() -> str:
-    import datasets
-    import huggingface_hub
-    import torch
-    import transformers
-
+    # Installed versions from the packages' metadata: importing transformers just to read its
+    # version took a second of a merge that had not loaded it (image models).
     from . import __version__
 
-    return (f"hfrepair {__version__}, torch {torch.__version__}, transformers {transformers.__version__}, "
-            f"huggingface_hub {huggingface_hub.__version__}, datasets {datasets.__version__}, "
-            f"Python {platform.python_version()}")
+    installed = ", ".join(f"{name} {importlib.metadata.version(name)}"
+                          for name in ("torch", "transformers", "huggingface_hub", "datasets"))
+    return f"hfrepair {__version__}, {installed}, Python {platform.python_version()}"
 
 
 def model_card(record: dict, configs: tuple[dict, dict], licenses: tuple[str | None, str | None]) -> ModelCard:
@@ -274,7 +287,7 @@ def model_card(record: dict, configs: tuple[dict, dict], licenses: tuple[str | N
         alpha=record["alpha"], method=record["method"], matching=matching_text(record), dtype=record["dtype"],
         calibration_examples=record["calibration_examples"], dataset=_name(dataset),
         split=record["split"], eval_split=split, num_groups=len(record["groups"]), grid=len(record["alphas"]),
-        curves=bool(record["curves"]),
+        curves=bool(record["curves"]), curve_repair=curve_repair_text(record),
         table=barrier_table(record), merged_summary=merged_summary(record), tokenizer=tokenizer_text(record),
         unit=calibration_unit(record),
         notes=record.get("notes", []), command=record["command"], versions=_versions(),

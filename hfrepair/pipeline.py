@@ -40,6 +40,11 @@ BLOCK_OUTPUT_NOTE = (
     "into the weights of this architecture, so it is measured in memory only and never saved"
 )
 DEFAULT_CURVES = ("naive", "aligned", "repaired")
+# Calibration examples each REPAIR pass of a curve point reads (the saved model's reads all):
+# the curve's REPAIR passes were a third of a default merge's forwards, and per-unit means and
+# variances settle long before (on the demo pair, REPAIRing its points on 1,000 rather than 4,000
+# examples moved the repaired curve by at most 0.2 points of test accuracy and 0.002 in loss).
+CURVE_REPAIR_EXAMPLES = 1000
 MATCHERS = ("activation", "weight")
 
 
@@ -165,7 +170,8 @@ def plan_merge(method: str, alpha: float, curves: tuple[str, ...], inner: list[f
     """Every pass a merge will run over the data, in order; :func:`merge` follows it.
 
     ``inner``: the curves' alphas strictly between the endpoints; ``sizes``: examples per
-    data set (``calibration`` and each evaluation set; None when unknown before reading).
+    data set (``calibration``, ``first calibration`` (the curves' REPAIR passes) and each
+    evaluation set; None when unknown before reading).
     The saved model's point is reused in the ``repaired`` curve; the variance ratios are
     taps on passes that run anyway where there are such passes (:func:`variance_data`).
     """
@@ -187,7 +193,7 @@ def plan_merge(method: str, alpha: float, curves: tuple[str, ...], inner: list[f
             if label == "repaired" and _same(point, alpha):
                 continue  # the saved model
             if label in REPAIRED_CURVES and repairs:
-                plan.add(f"REPAIR ({label} curve)", "calibration", 1)
+                plan.add(f"REPAIR ({label} curve)", "first calibration", 1)
             for name in datasets:
                 plan.add(f"evaluation: {label} curve", name, 1)
     return plan
@@ -221,6 +227,9 @@ class MergePlan:
         for (what, data, models), count in counts.items():
             size = self.sizes.get(data)
             over = f"{size:,} {data} examples" if size is not None else f"the {data} data"
+            if data.startswith("first "):  # a prefix of a data set
+                over = (f"the first {size:,} {data[6:]} examples" if size is not None
+                        else f"the first examples of the {data[6:]} data")
             times = f"{count} passes" if count > 1 else "1 pass"
             lines.append(f"  {what}: {times} x {models} model{'s' if models > 1 else ''} over {over}")
         return "\n".join(lines)
@@ -253,6 +262,7 @@ def merge(
     eval_samples: int | None = None,
     train_examples: int | None = None,
     curves: tuple[str, ...] = DEFAULT_CURVES,
+    curve_repair_examples: int | None = CURVE_REPAIR_EXAMPLES,
     accelerator: Accelerator | None = None,
     cache_memory: int = DEFAULT_MEMORY,
     announce: Callable[[str], None] | None = None,
@@ -264,8 +274,10 @@ def merge(
     batches; ``train_examples`` adds ``"train"``: the first calibration examples. When
     there is evaluation data, the naive / aligned / repaired curves over ``grid`` alphas and
     their barriers are measured (``curves`` picks them from :data:`CURVES`; ``()`` for
-    none: the endpoints and the saved model only). Returns the merged model (A's class,
-    fused weights) and a :class:`MergeResult`.
+    none: the endpoints and the saved model only); each REPAIRed point of a curve other
+    than the saved model is REPAIRed on the first ``curve_repair_examples`` calibration
+    examples (None: all of them). Returns the merged model (A's class, fused weights) and
+    a :class:`MergeResult`.
 
     Each example is read (streamed, decoded, preprocessed) once: later passes replay the
     prepared batches, held in memory up to ``cache_memory`` bytes per data set and in a
@@ -281,6 +293,8 @@ def merge(
         raise MergeError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
     if matcher not in MATCHERS:
         raise MergeError(f"matcher must be one of {', '.join(MATCHERS)}, not {matcher!r}")
+    if curve_repair_examples is not None and curve_repair_examples < 1:
+        raise MergeError(f"curve_repair_examples must be positive (or None for all), got {curve_repair_examples}")
     if grid < 3:
         raise MergeError(f"the alpha grid needs at least 3 points (0, 0.5, 1), got {grid}")
     unknown = set(curves) - set(CURVES)
@@ -298,12 +312,15 @@ def merge(
         evaluation = {name: prepared(batches) for name, batches in (evaluation or {}).items()}
         if train_examples:
             evaluation["train"] = calibration.prefix(min(train_examples, num_samples or train_examples))
-        return _merge(model_a, model_b, calibration, evaluation, alpha, method, match_at, matcher, spec, num_samples,
-                      grid, eval_samples, curves, accelerator, announce)
+        curve_cap = curve_repair_examples if num_samples is None else min(curve_repair_examples or num_samples,
+                                                                           num_samples)
+        curve_calibration = calibration.prefix(curve_cap) if curve_cap else calibration
+        return _merge(model_a, model_b, calibration, curve_calibration, evaluation, alpha, method, match_at, matcher,
+                      spec, num_samples, grid, eval_samples, curves, accelerator, announce)
 
 
-def _merge(model_a, model_b, calibration, evaluation, alpha, method, match_at, matcher, spec, num_samples, grid,
-           eval_samples, curves, accelerator, announce):
+def _merge(model_a, model_b, calibration, curve_calibration, evaluation, alpha, method, match_at, matcher, spec,
+           num_samples, grid, eval_samples, curves, accelerator, announce):
     """:func:`merge` on prepared data: the plan, then the stages."""
     seconds: dict[str, float] = {}
     example = next(iter(calibration), None)  # this process's first batch: read once, kept for the passes
@@ -326,7 +343,7 @@ def _merge(model_a, model_b, calibration, evaluation, alpha, method, match_at, m
     inner = alphas[1:-1] if evaluation else []
     curves = curves if evaluation else ()
     variance_on_train, variance_on_aligned_curve = variance_data(evaluation, curves, inner, alpha)
-    sizes = {"calibration": _size(calibration, num_samples),
+    sizes = {"calibration": _size(calibration, num_samples), "first calibration": _size(curve_calibration, num_samples),
              **{name: _size(batches, eval_samples) for name, batches in evaluation.items()}}
     plan = plan_merge(method, alpha, curves, inner, sizes, tuple(evaluation))
     if announce is not None and is_main_process(accelerator):
@@ -347,14 +364,14 @@ def _merge(model_a, model_b, calibration, evaluation, alpha, method, match_at, m
 
     identity = identity_permutations(spec)
 
-    def repaired_state(alpha_: float, aligned: bool = True) -> dict:
+    def repaired_state(alpha_: float, aligned: bool = True, data=curve_calibration) -> dict:
         """REPAIRed interpolation; unaligned B keeps its own unit order (identity)."""
         target, order = (state_b_aligned, perms) if aligned else (state_b, identity)
         return repair(model_a, interpolate(state_a, target, alpha_), spec, stats, order, alpha_, method,
-                      calibration, num_samples, accelerator, workspace=work)
+                      data, num_samples, accelerator, workspace=work)
 
     with _timed(seconds, "interpolate+repair"):
-        merged_state = repaired_state(alpha)
+        merged_state = repaired_state(alpha, data=calibration)
     result = MergeResult(
         alpha=alpha, method=method, match_at=match_at, calibration_examples=stats.examples, matcher=matcher,
         groups={name: g.size for name, g in spec.groups.items()},
@@ -406,7 +423,7 @@ def _merge(model_a, model_b, calibration, evaluation, alpha, method, match_at, m
             load_into(work, interpolate(state_a, state_b_aligned, point))
         elif label == "repaired+blocks":
             state, in_memory = repair_block_outputs(model_a, interpolate(state_a, state_b_aligned, point), spec,
-                                                    stats, perms, point, calibration, num_samples, accelerator,
+                                                    stats, perms, point, curve_calibration, num_samples, accelerator,
                                                     workspace=work)
             load_into(work, state)
             return [in_memory]
@@ -447,6 +464,7 @@ def _merge(model_a, model_b, calibration, evaluation, alpha, method, match_at, m
     if "repaired+blocks" in curves:
         result.notes.append(BLOCK_OUTPUT_NOTE)
     plan.sizes["calibration"] = stats.examples  # measured: the plan's figures now hold whatever was known
+    plan.sizes["first calibration"] = min(stats.examples, getattr(curve_calibration, "limit", stats.examples))
     for name in evaluation:
         plan.sizes[name] = result.merged[name]["examples"]
     result.plan = {**plan.to_dict(), "example_forwards_run": forward_count() - forwards_before,

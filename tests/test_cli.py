@@ -95,6 +95,25 @@ def test_no_curves_measures_the_endpoints_and_the_saved_model_only_as_its_printe
     assert "No interpolation curve was measured" in card and "barrier_curve.png" not in card
 
 
+def test_curve_points_are_repaired_on_the_first_calibration_examples_as_plan_and_card_say(
+        endpoint_folders, mnist_folder, tmp_path):
+    a, b = endpoint_folders
+    out = tmp_path / "merged"
+    done = run_cli("merge", a, b, "--dataset", mnist_folder, "--output", out, *FAST, "--grid", "5",
+                   "--curve-repair-samples", "300")
+    assert done.returncode == 0, done.stderr
+    plan = json.loads((out / "merge_results.json").read_text())["plan"]
+    assert plan["sizes"]["first calibration"] == 300
+    assert "REPAIR (repaired curve): 2 passes x 1 model over the first 300 calibration examples" in done.stderr
+    # statistics (2 models) and the saved model's REPAIR (1) over 1,000 calibration examples, the 2 other
+    # repaired points' REPAIR over 300; endpoints (2), saved model (1), naive and aligned (3 alphas each)
+    # and the other repaired points (2) over the 500 test and 250 train examples
+    assert plan["example_forwards"] == plan["example_forwards_run"] == 3 * 1000 + 2 * 300 + 11 * (500 + 250)
+    card = (out / "README.md").read_text()
+    assert ("The points of the repaired curve other than the saved model were REPAIRed on the first 300 "
+            "calibration examples.") in card
+
+
 def test_saved_model_gives_the_in_memory_logits_in_a_fresh_process(resnet_pair, mnist, endpoint_folders, tmp_path):
     train_x, train_y, test_x, _ = mnist(14)
     merged, _ = merge(*resnet_pair, batches(train_x[:1000], train_y[:1000]))
@@ -392,6 +411,7 @@ def test_weights_that_do_not_fit_are_one_line_errors(three_mlp_folders, endpoint
             (three_mlp_folders, ["--weights", "0.5,0.5"], "weights must be 3 non-negative numbers"),
             (endpoint_folders, ["--weights", "0.5,0.5"], "--weights is for 3 or more models"),
             (three_mlp_folders, ["--alpha", "0.3"], "--alpha is for two models"),
+            (three_mlp_folders, ["--curve-repair-samples", "300"], "--curve-repair-samples is for two models"),
             (three_mlp_folders, ["--max-rounds", "-1"], "--max-rounds must be 0 or more"),
             (endpoint_folders, ["--max-rounds", "3"], "--max-rounds is for 3 or more models")):
         done = run_cli("merge", *models, "--dataset", mnist_folder, "--output", out, *flags)

@@ -97,15 +97,17 @@ def test_a_merge_decodes_each_example_once_and_runs_the_forwards_it_announced(mn
     handle = torch.nn.modules.module.register_module_forward_pre_hook(count)
     try:
         _merged, result = merge(model_a, model_b, stream("train", 600), {"test": stream("test", 300)},
-                                train_examples=200, grid=5, announce=plans.append)
+                                train_examples=200, curve_repair_examples=400, grid=5, announce=plans.append)
     finally:
         handle.remove()
     assert sum(decoded) == 600 + 300  # every example decoded once, the train-loss examples included
     total = result.plan["example_forwards"]
     assert sum(forwards) == total == result.plan["example_forwards_run"]
     assert len(plans) == 1 and f"{total:,} example-forwards" in plans[0]
-    # statistics (2 x 600), REPAIR of the saved model and of 2 more repaired points (3 x 600),
-    # endpoints (2 x 500), saved model (500), naive and aligned at 3 alphas, repaired at 2 (8 x 500)
-    assert total == 2 * 600 + 3 * 600 + 2 * 500 + 500 + 8 * 500
+    assert "REPAIR (repaired curve): 2 passes x 1 model over the first 400 calibration examples" in plans[0]
+    # statistics (2 x 600), REPAIR of the saved model (600) and of 2 more repaired points on the
+    # curve's 400 (2 x 400), endpoints (2 x 500), saved model (500), naive and aligned at 3
+    # alphas, repaired at 2 (8 x 500)
+    assert total == 2 * 600 + 600 + 2 * 400 + 2 * 500 + 500 + 8 * 500
     assert result.curves["repaired"]["test"][2] == result.merged["test"]  # the saved point, reused
     assert result.plan["variance_data"] == "train" and set(result.variance_ratio) == {"aligned", "repaired"}
