@@ -370,7 +370,7 @@ def run_merge_many(args: argparse.Namespace, argv: list[str]) -> ManyResult:
     names = [args.model_a, args.model_b, *args.more_models]
     two_only = [flag for flag, given in (("--alpha", args.alpha != 0.5), ("--spec", args.spec),
                                          ("--unaligned", args.unaligned), ("--block-outputs", args.block_outputs),
-                                         ("--no-curves", args.no_curves), ("--grid", args.grid != 11),
+                                         ("--no-curves", args.no_curves),
                                          ("--curve-repair-samples",
                                           args.curve_repair_samples != CURVE_REPAIR_EXAMPLES)) if given]
     if two_only:
