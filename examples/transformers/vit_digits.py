@@ -81,20 +81,32 @@ def endpoints(cache: Path, data: Path, epochs: int, examples: int) -> list[Path]
     return folders
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def study_parser(description: str) -> argparse.ArgumentParser:
+    """The options the ViT studies share: where results go, where the pair is cached, threads."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get(
         "HFREPAIR_CACHE", Path.home() / ".cache" / "hfrepair")) / "transformers")
     parser.add_argument("--threads", type=int, default=1)
+    return parser
+
+
+def digits_folder(cache: Path) -> Path:
+    """The MNIST digits as a dataset folder in the cache, written on first use."""
+    cache.mkdir(parents=True, exist_ok=True)
+    data = cache / "mnist"
+    if not (data / "train.parquet").is_file():
+        write_mnist_dataset(data)
+    return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = study_parser(__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     epochs, examples, tested = (12, 2000, 500) if args.quick else (30, 4000, None)
-    args.cache.mkdir(parents=True, exist_ok=True)
-    data = args.cache / "mnist"
-    if not (data / "train.parquet").is_file():
-        write_mnist_dataset(data)
+    data = digits_folder(args.cache)
     start = time.perf_counter()
     folder_a, folder_b = endpoints(args.cache, data, epochs, examples)
     model_a, model_b = load_model(folder_a), load_model(folder_b)

@@ -17,11 +17,9 @@ aligned pair). Prints and writes ``orthogonal_stream.json``; nothing here is in 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import importlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -30,13 +28,12 @@ import torch
 
 import hfrepair
 from hfrepair.data import image_batches, model_transform
-from hfrepair.demo import write_mnist_dataset
 from hfrepair.evaluate import evaluate
 from hfrepair.io import load_model
 from hfrepair.spec import identity_permutations, permute_state_dict, with_state_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vit_digits import RESULTS, endpoints  # noqa: E402  (the same cached pair)
+from vit_digits import digits_folder, endpoints, study_parser  # noqa: E402  (the same cached pair)
 
 repair = importlib.import_module("hfrepair.repair").repair
 
@@ -125,17 +122,9 @@ def procrustes_keeping_ones(cross: torch.Tensor) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", type=Path, default=RESULTS)
-    parser.add_argument("--cache", type=Path, default=Path(os.environ.get(
-        "HFREPAIR_CACHE", Path.home() / ".cache" / "hfrepair")) / "transformers")
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args(argv)
+    args = study_parser(__doc__.splitlines()[0]).parse_args(argv)
     torch.set_num_threads(args.threads)
-    args.cache.mkdir(parents=True, exist_ok=True)
-    data = args.cache / "mnist"
-    if not (data / "train.parquet").is_file():
-        write_mnist_dataset(data)
+    data = digits_folder(args.cache)
     start = time.perf_counter()
     folder_a, folder_b = endpoints(args.cache, data, 30, 4000)
     model_a, model_b = load_model(folder_a), load_model(folder_b)
