@@ -58,10 +58,10 @@ def family(module: str) -> str:
     return "other"
 
 
-def endpoints(cache: Path, data: Path, epochs: int, examples: int) -> list[Path]:
-    """Two trained ViT folders (seeds 1 and 2), trained once and cached."""
+def endpoints(cache: Path, data: Path, epochs: int, examples: int, seeds: tuple[int, int] = (1, 2)) -> list[Path]:
+    """Two trained ViT folders (from ``seeds``), trained once and cached."""
     folders = []
-    for seed in (1, 2):
+    for seed in seeds:
         folder = cache / f"vit-L4W64P7-E{epochs}-N{examples}-{seed}"
         folders.append(folder)
         if (folder / "model.safetensors").is_file() and (folder / "trained").is_file():

@@ -1,6 +1,6 @@
 """Study: the ViT pair's residual stream aligned by an orthogonal map instead of a permutation.
 
-    python examples/transformers/vit_orthogonal_stream.py [--threads N] [--output DIR]
+    python examples/transformers/vit_orthogonal_stream.py [--threads N] [--output DIR] [--seeds 1 2]
 
 Uses the pair of ``vit_digits.py`` (trained there, or here on first use, and cached). A
 pre-LN transformer's stream can be rotated, not only permuted, without changing the function,
@@ -10,9 +10,12 @@ LayerNorm's centring and norm): the writers' output rows (patch embedding, cls t
 positions, attention output, MLP output) take Q, the readers' input columns (q, k, v, MLP
 in, classifier) take Q^T. Q is fitted by orthogonal Procrustes, on the complement of the
 all-ones direction, to the per-token normalised stream at every LayerNorm input of A and B.
-Heads, head dims and MLP units keep hfrepair's permutations. Each variant is then
+Heads, head dims and MLP units keep hfrepair's permutations; a last variant also rotates
+each head's value dims (v_proj rows by M, o_proj columns by M^T, M by Procrustes on the
+head's values). Each variant is then
 interpolated at the midpoint and REPAIRed exactly by hfrepair (statistics re-collected on the
-aligned pair). Prints and writes ``orthogonal_stream.json``; nothing here is in the library yet.
+aligned pair). Prints and writes ``orthogonal_stream.json`` (``orthogonal_stream_seeds_S_T.json``
+for another pair); nothing here is in the library yet.
 """
 
 from __future__ import annotations
@@ -110,6 +113,50 @@ def stream_cross_products(model_a, model_b, batches) -> torch.Tensor:
     return total
 
 
+@torch.no_grad()
+def value_cross_products(model_a, model_b, batches) -> dict[int, torch.Tensor]:
+    """Per layer, per head: the sum over tokens of v_A v_B^T (heads x dims x dims)."""
+    heads = model_a.config.num_attention_heads
+    seen: dict[tuple, torch.Tensor] = {}
+
+    def grab(key):
+        def hook(_module, _args, output):
+            seen[key] = output.reshape(-1, heads, output.shape[-1] // heads).double()
+        return hook
+
+    handles = [layer.attention.v_proj.register_forward_hook(grab((i, index)))
+               for i, model in enumerate((model_a, model_b)) for index, layer in enumerate(model.vit.layers)]
+    total: dict[int, torch.Tensor] = {}
+    try:
+        for images, _ in batches:
+            model_a(images)
+            model_b(images)
+            for index in range(len(model_a.vit.layers)):
+                product = torch.einsum("nhd,nhe->hde", seen[(0, index)], seen[(1, index)])
+                total[index] = total.get(index, 0) + product
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total
+
+
+@torch.no_grad()
+def rotate_values(model, cross: dict[int, torch.Tensor]):
+    """A copy whose every head carries its values as ``M v`` (``M`` orthogonal, by Procrustes
+    per head), the attention output reading them through ``M^T``: the function is unchanged."""
+    rotated = copy.deepcopy(model)
+    heads = rotated.config.num_attention_heads
+    for index, layer in enumerate(rotated.vit.layers):
+        attention, dims = layer.attention, rotated.config.hidden_size // heads
+        for head in range(heads):
+            u, _, vh = torch.linalg.svd(cross[index][head])
+            rotation, rows = (u @ vh).float(), slice(head * dims, (head + 1) * dims)
+            attention.v_proj.weight[rows] = rotation @ attention.v_proj.weight[rows]
+            attention.v_proj.bias[rows] = rotation @ attention.v_proj.bias[rows]
+            attention.o_proj.weight[:, rows] = attention.o_proj.weight[:, rows] @ rotation.T
+    return rotated
+
+
 def procrustes_keeping_ones(cross: torch.Tensor) -> torch.Tensor:
     """The orthogonal Q maximising tr(Q^T cross) among those with Q 1 = 1."""
     width = cross.shape[0]
@@ -122,11 +169,13 @@ def procrustes_keeping_ones(cross: torch.Tensor) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = study_parser(__doc__.splitlines()[0]).parse_args(argv)
+    parser = study_parser(__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs=2, default=(1, 2), help="the pair's seeds (default 1 2)")
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     data = digits_folder(args.cache)
     start = time.perf_counter()
-    folder_a, folder_b = endpoints(args.cache, data, 30, 4000)
+    folder_a, folder_b = endpoints(args.cache, data, 30, 4000, tuple(args.seeds))
     model_a, model_b = load_model(folder_a), load_model(folder_b)
     transform = model_transform(folder_a)
     calibration = list(image_batches(str(data), "train", transform, limit=4000, batch_size=500))
@@ -153,19 +202,24 @@ def main(argv: list[str] | None = None) -> int:
     folded_b = fold_norm_affines(permuted(heads_only))
     rotation = procrustes_keeping_ones(stream_cross_products(folded_a, folded_b, calibration))
     rotated_b = rotate_stream(folded_b, rotation)
+    values_rotated_b = rotate_values(rotated_b, value_cross_products(folded_a, rotated_b, calibration))
     record = {
         "endpoints": {"A": evaluate(model_a, test).accuracy, "B": evaluate(model_b, test).accuracy},
         "function_preserved_max_abs_diff": {
             "A folded": float((folded_a(probe).logits - model_a(probe).logits).abs().max()),
-            "B rotated": float((rotated_b(probe).logits - model_b(probe).logits).abs().max())},
+            "B rotated": float((rotated_b(probe).logits - model_b(probe).logits).abs().max()),
+            "B rotated, values too": float((values_rotated_b(probe).logits - model_b(probe).logits).abs().max())},
         "midpoint": {
             "stream permuted (hfrepair today)": midpoint(model_a, permuted(perms)),
             "stream permuted, norm affines folded": midpoint(folded_a, fold_norm_affines(permuted(perms))),
-            "stream rotated (orthogonal, norm affines folded)": midpoint(folded_a, rotated_b)},
+            "stream rotated (orthogonal, norm affines folded)": midpoint(folded_a, rotated_b),
+            "stream rotated, and each head's value dims": midpoint(folded_a, values_rotated_b)},
     }
     record["seconds"] = time.perf_counter() - start
     args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "orthogonal_stream.json").write_text(json.dumps(record, indent=2))
+    record["seeds"] = list(args.seeds)
+    name = "orthogonal_stream.json" if tuple(args.seeds) == (1, 2) else "orthogonal_stream_seeds_{}_{}.json".format(*args.seeds)
+    (args.output / name).write_text(json.dumps(record, indent=2))
     print(json.dumps(record, indent=2))
     return 0
 
