@@ -1,4 +1,4 @@
-"""Study: the ViT pair's residual stream aligned by an orthogonal map instead of a permutation.
+"""Study: the ViT pair's residual stream and value dims aligned by orthogonal maps, not permutations.
 
     python examples/transformers/vit_orthogonal_stream.py [--threads N] [--output DIR] [--seeds 1 2]
 
@@ -12,9 +12,8 @@ in, classifier) take Q^T. Q is fitted by orthogonal Procrustes, on the complemen
 all-ones direction, to the per-token normalised stream at every LayerNorm input of A and B.
 Heads, head dims and MLP units keep hfrepair's permutations; a last variant also rotates
 each head's value dims (v_proj rows by M, o_proj columns by M^T, M by Procrustes on the
-head's values). Each variant is then
-interpolated at the midpoint and REPAIRed exactly by hfrepair (statistics re-collected on the
-aligned pair). Prints and writes ``orthogonal_stream.json`` (``orthogonal_stream_seeds_S_T.json``
+head's values). Each variant is then interpolated at the midpoint and REPAIRed exactly by
+hfrepair (statistics re-collected on the aligned pair). Prints and writes ``orthogonal_stream.json`` (``orthogonal_stream_seeds_S_T.json``
 for another pair); nothing here is in the library yet.
 """
 
@@ -218,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     record["seconds"] = time.perf_counter() - start
     args.output.mkdir(parents=True, exist_ok=True)
     record["seeds"] = list(args.seeds)
-    name = "orthogonal_stream.json" if tuple(args.seeds) == (1, 2) else "orthogonal_stream_seeds_{}_{}.json".format(*args.seeds)
+    name = ("orthogonal_stream.json" if tuple(args.seeds) == (1, 2)
+            else "orthogonal_stream_seeds_{}_{}.json".format(*args.seeds))
     (args.output / name).write_text(json.dumps(record, indent=2))
     print(json.dumps(record, indent=2))
     return 0
