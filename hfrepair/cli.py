@@ -149,6 +149,9 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
                         help="after writing OUTPUT, upload it to this Hub repo in one commit")
     parser.add_argument("--private", action="store_true", help="create the pushed repo as private")
     parser.add_argument("--revision", default=None, help="branch to push to (created if needed)")
+    parser.add_argument("--rotate", action="store_true",
+                        help="after the permutations, align a pre-norm transformer's residual stream and attention "
+                             "value dims by orthogonal maps (its stream norms' affines are folded into their readers)")
     parser.add_argument("--unaligned", action="store_true",
                         help="also measure REPAIR without alignment (curve naive-repaired)")
     parser.add_argument("--block-outputs", action="store_true",
@@ -347,7 +350,8 @@ def run_merge(args: argparse.Namespace, argv: list[str]) -> MergeResult:
                            match_at=args.match_at, matcher=args.matcher, spec=spec, grid=args.grid,
                            eval_samples=args.eval_samples,
                            train_examples=args.train_eval_samples, curves=curves,
-                           curve_repair_examples=args.curve_repair_samples, accelerator=accelerator,
+                           curve_repair_examples=args.curve_repair_samples, rotate=args.rotate,
+                           accelerator=accelerator,
                            cache_memory=size_in_bytes(args.cache_memory),
                            announce=lambda plan: print(plan, file=sys.stderr, flush=True))
     record = {
@@ -370,7 +374,7 @@ def run_merge_many(args: argparse.Namespace, argv: list[str]) -> ManyResult:
     names = [args.model_a, args.model_b, *args.more_models]
     two_only = [flag for flag, given in (("--alpha", args.alpha != 0.5), ("--spec", args.spec),
                                          ("--unaligned", args.unaligned), ("--block-outputs", args.block_outputs),
-                                         ("--no-curves", args.no_curves),
+                                         ("--no-curves", args.no_curves), ("--rotate", args.rotate),
                                          ("--curve-repair-samples",
                                           args.curve_repair_samples != CURVE_REPAIR_EXAMPLES)) if given]
     if two_only:

@@ -30,6 +30,7 @@ from .prepared import DEFAULT_MEMORY, preparer
 from .spec import (PermutationSpec, check_function_preserved, coupled_blocks, identity_permutations, load_into,
                    permute_state_dict, verify_spec)
 from .report import alignment_summary, corrected_count, fixed_summary, repair_summary, unsupported_ops
+from .rotation import RotationError, fit_rotations, fold_norms, rotate_state_dict, rotation_plan
 from .statistics import SiteMoments, collect_statistics
 
 # Interpolations the evaluation can trace; "naive-repaired" is REPAIR without alignment.
@@ -77,6 +78,7 @@ class MergeResult:
     weight_distance: dict[str, float] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     plan: dict = field(default_factory=dict)
+    rotated: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -166,7 +168,7 @@ def variance_data(datasets, curves: tuple[str, ...], inner: list[float], alpha: 
 
 
 def plan_merge(method: str, alpha: float, curves: tuple[str, ...], inner: list[float], sizes: dict[str, int | None],
-               datasets: tuple[str, ...]) -> MergePlan:
+               datasets: tuple[str, ...], rotate: bool = False) -> MergePlan:
     """Every pass a merge will run over the data, in order; :func:`merge` follows it.
 
     ``inner``: the curves' alphas strictly between the endpoints; ``sizes``: examples per
@@ -177,6 +179,9 @@ def plan_merge(method: str, alpha: float, curves: tuple[str, ...], inner: list[f
     """
     plan = MergePlan(sizes=dict(sizes))
     plan.add("statistics", "calibration", 2)
+    if rotate:
+        plan.add("rotations (Procrustes sums)", "calibration", 2)
+        plan.add("statistics (rotated pair)", "calibration", 2)
     repairs = method in ("repair", "reset")
     if repairs:
         plan.add("REPAIR (saved model)", "calibration", 1)
@@ -263,6 +268,7 @@ def merge(
     train_examples: int | None = None,
     curves: tuple[str, ...] = DEFAULT_CURVES,
     curve_repair_examples: int | None = CURVE_REPAIR_EXAMPLES,
+    rotate: bool = False,
     accelerator: Accelerator | None = None,
     cache_memory: int = DEFAULT_MEMORY,
     announce: Callable[[str], None] | None = None,
@@ -276,8 +282,10 @@ def merge(
     their barriers are measured (``curves`` picks them from :data:`CURVES`; ``()`` for
     none: the endpoints and the saved model only); each REPAIRed point of a curve other
     than the saved model is REPAIRed on the first ``curve_repair_examples`` calibration
-    examples (None: all of them). Returns the merged model (A's class, fused weights) and
-    a :class:`MergeResult`.
+    examples (None: all of them). ``rotate``: after the permutations, align the residual
+    stream and each head's value dims by orthogonal maps (:mod:`~hfrepair.rotation`; the
+    stream's norm affines are folded into the layers that read them). Returns the merged
+    model (A's class, fused weights) and a :class:`MergeResult`.
 
     Each example is read (streamed, decoded, preprocessed) once: later passes replay the
     prepared batches, held in memory up to ``cache_memory`` bytes per data set and in a
@@ -316,11 +324,11 @@ def merge(
                                                                            num_samples)
         curve_calibration = calibration.prefix(curve_cap) if curve_cap else calibration
         return _merge(model_a, model_b, calibration, curve_calibration, evaluation, alpha, method, match_at, matcher,
-                      spec, num_samples, grid, eval_samples, curves, accelerator, announce)
+                      spec, num_samples, grid, eval_samples, curves, rotate, accelerator, announce)
 
 
 def _merge(model_a, model_b, calibration, curve_calibration, evaluation, alpha, method, match_at, matcher, spec,
-           num_samples, grid, eval_samples, curves, accelerator, announce):
+           num_samples, grid, eval_samples, curves, rotate, accelerator, announce):
     """:func:`merge` on prepared data: the plan, then the stages."""
     seconds: dict[str, float] = {}
     example = next(iter(calibration), None)  # this process's first batch: read once, kept for the passes
@@ -338,6 +346,13 @@ def _merge(model_a, model_b, calibration, curve_calibration, evaluation, alpha, 
     if "repaired+blocks" in curves and not block_output_sites(spec):
         raise MergeError(f"{type(model_a).__name__} has no residual-block outputs (activations on a residual "
                          "stream) to correct: drop --block-outputs")
+    work = copy.deepcopy(model_a)  # the one working copy every built network is loaded into
+    rotation = None
+    if rotate:  # decided before any pass over the data
+        try:
+            rotation = rotation_plan(model_a, spec, example, workspace=work)
+        except RotationError as error:
+            raise MergeError(f"cannot rotate: {error}") from None
 
     alphas = [i / (grid - 1) for i in range(grid)]
     inner = alphas[1:-1] if evaluation else []
@@ -345,7 +360,7 @@ def _merge(model_a, model_b, calibration, curve_calibration, evaluation, alpha, 
     variance_on_train, variance_on_aligned_curve = variance_data(evaluation, curves, inner, alpha)
     sizes = {"calibration": _size(calibration, num_samples), "first calibration": _size(curve_calibration, num_samples),
              **{name: _size(batches, eval_samples) for name, batches in evaluation.items()}}
-    plan = plan_merge(method, alpha, curves, inner, sizes, tuple(evaluation))
+    plan = plan_merge(method, alpha, curves, inner, sizes, tuple(evaluation), rotate)
     if announce is not None and is_main_process(accelerator):
         announce(plan.describe())
 
@@ -357,17 +372,33 @@ def _merge(model_a, model_b, calibration, curve_calibration, evaluation, alpha, 
     with _timed(seconds, "match"):
         perms = match_permutations(spec, stats, match_at) if matcher == "activation" else \
             match_weights(spec, dict(model_a.named_parameters()), dict(model_b.named_parameters()))
-    work = copy.deepcopy(model_a)  # the one working copy every built network is loaded into
     with _timed(seconds, "permute"):
         state_b_aligned = permute_state_dict(state_b, spec, perms)
         permuted_diff = check_function_preserved(model_b, state_b_aligned, example, workspace=work)
 
     identity = identity_permutations(spec)
+    # The aligned pair as interpolated and REPAIRed: permuted B (and A) by default; with
+    # ``rotate``, both with the stream's norms folded and B rotated, measured anew.
+    state_a_aligned, aligned_stats, aligned_perms = state_a, stats, perms
+    if rotation is not None:
+        with _timed(seconds, "rotate"):
+            maps = fit_rotations(model_a, load_into(work, state_b_aligned), spec, rotation, calibration, num_samples,
+                                 accelerator)
+            state_a_aligned = fold_norms(state_a, rotation, spec)
+            state_b_aligned = rotate_state_dict(fold_norms(state_b_aligned, rotation, spec), spec, rotation, maps)
+            check_function_preserved(model_b, state_b_aligned, example, workspace=work)
+            folded_a = load_into(copy.deepcopy(model_a), state_a_aligned)
+        with _timed(seconds, "statistics"):
+            aligned_stats = collect_statistics(folded_a, load_into(work, state_b_aligned), sites, calibration,
+                                               num_samples, cross_modules, accelerator)
+        aligned_perms = identity
+        del folded_a
 
     def repaired_state(alpha_: float, aligned: bool = True, data=curve_calibration) -> dict:
         """REPAIRed interpolation; unaligned B keeps its own unit order (identity)."""
-        target, order = (state_b_aligned, perms) if aligned else (state_b, identity)
-        return repair(model_a, interpolate(state_a, target, alpha_), spec, stats, order, alpha_, method,
+        base, target, measured, order = ((state_a_aligned, state_b_aligned, aligned_stats, aligned_perms) if aligned
+                                         else (state_a, state_b, stats, identity))
+        return repair(model_a, interpolate(base, target, alpha_), spec, measured, order, alpha_, method,
                       data, num_samples, accelerator, workspace=work)
 
     with _timed(seconds, "interpolate+repair"):
@@ -383,6 +414,9 @@ def _merge(model_a, model_b, calibration, curve_calibration, evaluation, alpha, 
                          for label, order in (("unaligned", identity), ("aligned", perms))},
     )
     result.aligned = alignment_summary(spec, result.matched_correlation, result.unaligned_correlation)
+    if rotation is not None:
+        result.rotated = rotation.describe(spec)
+        result.notes.append(rotation.note(spec))
     if not spec.groups:
         result.notes.append("the given spec has no permutation groups: B's units were not aligned to A's")
 
@@ -392,7 +426,7 @@ def _merge(model_a, model_b, calibration, curve_calibration, evaluation, alpha, 
     variance_taps = {"aligned": SiteMoments(variance_sites), "repaired": SiteMoments(variance_sites)}
     if not variance_on_aligned_curve:
         with _timed(seconds, "variance"):
-            load_into(work, interpolate(state_a, state_b_aligned, alpha))
+            load_into(work, interpolate(state_a_aligned, state_b_aligned, alpha))
             data, limit = (evaluation["train"], eval_samples) if variance_on_train else (calibration, num_samples)
             run_pass([work], [variance_taps["aligned"]], data, limit=limit, accelerator=accelerator,
                      desc="variance (aligned)")
@@ -420,10 +454,11 @@ def _merge(model_a, model_b, calibration, curve_calibration, evaluation, alpha, 
         if label == "naive":
             load_into(work, interpolate(state_a, state_b, point))
         elif label == "aligned":
-            load_into(work, interpolate(state_a, state_b_aligned, point))
+            load_into(work, interpolate(state_a_aligned, state_b_aligned, point))
         elif label == "repaired+blocks":
-            state, in_memory = repair_block_outputs(model_a, interpolate(state_a, state_b_aligned, point), spec,
-                                                    stats, perms, point, curve_calibration, num_samples, accelerator,
+            state, in_memory = repair_block_outputs(model_a, interpolate(state_a_aligned, state_b_aligned, point),
+                                                    spec, aligned_stats, aligned_perms, point, curve_calibration,
+                                                    num_samples, accelerator,
                                                     workspace=work)
             load_into(work, state)
             return [in_memory]
@@ -455,7 +490,7 @@ def _merge(model_a, model_b, calibration, curve_calibration, evaluation, alpha, 
                 result.barriers[label] = {
                     name: barriers_of(alphas, values) for name, values in result.curves[label].items()
                 }
-    endpoints = {site.module: stats.pairs[site.module] for site in variance_sites}
+    endpoints = {site.module: aligned_stats.pairs[site.module] for site in variance_sites}
     result.variance_ratio = {
         label: variance_ratios(tap.moments, {k: p.a for k, p in endpoints.items()},
                                {k: p.b for k, p in endpoints.items()})

@@ -405,13 +405,15 @@ def test_max_rounds_zero_aligns_each_model_to_the_first(three_mlp_folders, mnist
     assert "each model matched to the first;" in card and "re-aligned" not in card
 
 
-def test_weights_that_do_not_fit_are_one_line_errors(three_mlp_folders, endpoint_folders, mnist_folder, tmp_path):
+def test_flags_that_do_not_fit_the_models_are_one_line_errors(three_mlp_folders, endpoint_folders, mnist_folder, tmp_path):
     out = tmp_path / "never"
     for models, flags, message in (
             (three_mlp_folders, ["--weights", "0.5,0.5"], "weights must be 3 non-negative numbers"),
             (endpoint_folders, ["--weights", "0.5,0.5"], "--weights is for 3 or more models"),
             (three_mlp_folders, ["--alpha", "0.3"], "--alpha is for two models"),
             (three_mlp_folders, ["--curve-repair-samples", "300"], "--curve-repair-samples is for two models"),
+            (three_mlp_folders, ["--rotate"], "--rotate is for two models"),
+            (endpoint_folders, ["--rotate"], "cannot rotate: no norm reads the residual stream of ResNet"),
             (three_mlp_folders, ["--max-rounds", "-1"], "--max-rounds must be 0 or more"),
             (endpoint_folders, ["--max-rounds", "3"], "--max-rounds is for 3 or more models")):
         done = run_cli("merge", *models, "--dataset", mnist_folder, "--output", out, *flags)

@@ -1,0 +1,113 @@
+"""Orthogonal maps for a pre-norm transformer's stream and value dims: which models admit
+them (decided by trying), that a rotated copy is matched back exactly, and refusals."""
+
+import pytest
+import torch
+from transformers import (BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM, ViTConfig,
+                          ViTForImageClassification)
+
+from hfrepair.batches import model_outputs
+from hfrepair.discovery import discover_spec
+from hfrepair.models import ResNet
+from hfrepair.rotation import (RotationError, fit_rotations, fold_norms, random_rotation, rotate_state_dict,
+                               rotation_plan)
+from hfrepair.spec import load_into, with_state_dict
+
+
+def trained_looking_norms(model):
+    """Norm affines away from their initial 1 and 0 (at 1 and 0 every norm commutes with a
+    rotation, so a refusal could not be tested)."""
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for module in model.modules():
+            if "Norm" in type(module).__name__:
+                module.weight.copy_(0.5 + torch.rand(module.weight.shape, generator=generator))
+                if getattr(module, "bias", None) is not None:
+                    module.bias.copy_(0.3 * torch.randn(module.bias.shape, generator=generator))
+    return model.eval()
+
+
+def tiny_vit(seed=0):
+    torch.manual_seed(seed)
+    return trained_looking_norms(ViTForImageClassification(ViTConfig(
+        image_size=28, patch_size=7, num_channels=1, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, num_labels=10)))
+
+
+def tiny_llama(tied: bool):
+    torch.manual_seed(0)
+    return trained_looking_norms(LlamaForCausalLM(LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=tied)))
+
+
+def random_maps(spec, plan, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return {name: random_rotation(spec.groups[name].size, spec.groups[name].blocks,
+                                  plan.centred and name == plan.stream, generator)
+            for name in [plan.stream, *plan.values]}
+
+
+@pytest.mark.parametrize("make, example", [
+    (tiny_vit, torch.randn(4, 1, 28, 28)),
+    (lambda: tiny_llama(tied=False), torch.randint(0, 128, (2, 16))),  # RMSNorm, grouped-query attention
+])
+def test_folded_and_rotated_models_compute_the_same_function(make, example):
+    model = make()
+    spec = discover_spec(model, example)
+    plan = rotation_plan(model, spec, example)
+    assert plan.values and all(plan.norms.values())
+    assert plan.centred == isinstance(model, ViTForImageClassification)  # LayerNorm centres, RMSNorm does not
+    folded = fold_norms(model.state_dict(), plan, spec)
+    rotated = rotate_state_dict(folded, spec, plan, random_maps(spec, plan, seed=1))
+    want = model_outputs(model, example)
+    with torch.no_grad():
+        for state in (folded, rotated):
+            got = model_outputs(with_state_dict(model, state), example)
+            assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    norm = next(iter(plan.norms))
+    assert torch.equal(folded[f"{norm}.weight"], torch.ones_like(folded[f"{norm}.weight"]))
+    # A rotation that ignores the norms' affines changes the function: the check has teeth.
+    careless = rotate_state_dict(model.state_dict(), spec, plan, random_maps(spec, plan, seed=1))
+    with torch.no_grad():
+        assert (model_outputs(with_state_dict(model, careless), example) - want).abs().max() > 1e-2 * want.abs().max()
+
+
+def test_a_rotated_copy_is_matched_back_exactly():
+    """B = A with its stream and value dims rotated at random: Procrustes finds the inverse
+    maps, and B rotated by them has A's folded weights."""
+    model_a = tiny_vit()
+    images = torch.randn(256, 1, 28, 28, generator=torch.Generator().manual_seed(5))
+    batches = [images[i:i + 64] for i in range(0, 256, 64)]
+    spec = discover_spec(model_a, images[:8])
+    plan = rotation_plan(model_a, spec, images[:8])
+    folded_a = fold_norms(model_a.state_dict(), plan, spec)
+    model_b = with_state_dict(model_a, rotate_state_dict(folded_a, spec, plan, random_maps(spec, plan, seed=2)))
+    maps = fit_rotations(model_a, model_b, spec, plan, batches)
+    back = rotate_state_dict(fold_norms(model_b.state_dict(), plan, spec), spec, plan, maps)
+    for key, value in folded_a.items():
+        assert torch.allclose(back[key], value, atol=1e-4), key
+
+
+@pytest.mark.parametrize("make, example, reason", [
+    (lambda: trained_looking_norms(BertForSequenceClassification(BertConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64))),
+     torch.randint(0, 128, (2, 16)), "changes its outputs"),  # post-LN: the residual carries the affine
+    (lambda: tiny_llama(tied=True), torch.randint(0, 128, (2, 16)), "changes its outputs"),  # the head is the embedding
+    (lambda: ResNet(blocks_per_stage=1, base_channels=8).eval(), torch.randn(2, 1, 28, 28), "residual stream"),
+])
+def test_models_whose_stream_cannot_rotate_are_refused_with_the_reason(make, example, reason):
+    model = make()
+    with pytest.raises(RotationError, match=reason):
+        rotation_plan(model, discover_spec(model, example), example)
+
+
+def test_the_check_leaves_the_workspace_reusable():
+    model = tiny_vit()
+    example = torch.randn(2, 1, 28, 28)
+    spec = discover_spec(model, example)
+    workspace = with_state_dict(model, model.state_dict())
+    rotation_plan(model, spec, example, workspace=workspace)
+    load_into(workspace, model.state_dict())  # the caller reloads it; the plan left the architecture intact
+    with torch.no_grad():
+        assert torch.equal(model_outputs(workspace, example), model_outputs(model, example))
