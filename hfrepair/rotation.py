@@ -26,7 +26,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from .batches import model_outputs
+from .batches import counted_rows, model_outputs
 from .passes import Tap, run_pass
 from .spec import PermutationSpec, _block, load_into, positions
 
@@ -227,7 +227,8 @@ def rotate_state_dict(state: dict[str, torch.Tensor], spec: PermutationSpec, pla
 
 class _ProcrustesSums(Tap):
     """For two models run on the same batches: ``sum n_A n_B^T`` of the per-token normalised
-    stream at every stream norm's input, and ``sum v_A v_B^T`` per value group (float64)."""
+    stream at every stream norm's input, and ``sum v_A v_B^T`` per value group (float64, on
+    the models' device; padded positions of a text batch never enter)."""
 
     def __init__(self, plan: RotationPlan, spec: PermutationSpec) -> None:
         self.plan, self.spec = plan, spec
@@ -239,7 +240,7 @@ class _ProcrustesSums(Tap):
 
     def _stream_hook(self, index: int, norm: str):
         def hook(_module, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            x = counted_rows(args[0]).double()
             if self.plan.centred:
                 x = x - x.mean(-1, keepdim=True)
             x = x / x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)
@@ -248,7 +249,7 @@ class _ProcrustesSums(Tap):
 
     def _value_hook(self, index: int, group: str):
         def hook(_module, _args, output):
-            x = output.reshape(-1, output.shape[-1]).double()
+            x = counted_rows(output).double()
             self._pair(index, f"value:{group}", x, self.values[group])
         return hook
 
@@ -256,9 +257,12 @@ class _ProcrustesSums(Tap):
         if index == 0:
             self._held[key] = x
         else:
-            total += self._held.pop(key).T.to(total.device) @ x.to(total.device)
+            total += self._held.pop(key).T @ x
 
     def attach(self, models):
+        device = next(models[0].parameters()).device
+        self.stream = self.stream.to(device)
+        self.values = {name: total.to(device) for name, total in self.values.items()}
         handles = []
         for index, model in enumerate(models):
             modules = dict(model.named_modules())
@@ -283,7 +287,7 @@ def fit_rotations(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec,
     of both models over ``batches``, then Procrustes per group."""
     sums = _ProcrustesSums(plan, spec)
     run_pass([model_a, model_b], [sums], batches, limit=limit, accelerator=accelerator, desc="rotations")
-    maps = {plan.stream: procrustes(sums.stream, keep_ones=plan.centred)}
+    maps = {plan.stream: procrustes(sums.stream.cpu(), keep_ones=plan.centred)}
     for name, cross in sums.values.items():
-        maps[name] = procrustes(cross, blocks=spec.groups[name].blocks)
+        maps[name] = procrustes(cross.cpu(), blocks=spec.groups[name].blocks)
     return maps
