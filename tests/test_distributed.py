@@ -51,7 +51,7 @@ def test_stream_parts_cover_the_capped_stream_exactly_once(mnist_folder):
     assert torch.equal(torch.cat(interleaved), whole) and len(whole) == NUM_SAMPLES
 
 
-def run_passes(folders, dataset, accelerator):
+def run_passes(folders, dataset, accelerator, rotate=False):
     """Statistics and a whole merge, as one process of a launch (or alone)."""
     model_a, model_b = load_model(folders[0]), load_model(folders[1])
     transform = model_transform(folders[0])
@@ -59,18 +59,19 @@ def run_passes(folders, dataset, accelerator):
     test = image_batches(dataset, "test", transform, limit=EVAL_SAMPLES, batch_size=BATCH, seed=0)
     spec = discover_spec(model_a, next(iter(calibration))[0][:4])
     stats = collect_statistics(model_a, model_b, spec.sites, calibration, accelerator=accelerator)
-    merged, result = merge(model_a, model_b, calibration, {"test": test}, grid=3, accelerator=accelerator)
+    merged, result = merge(model_a, model_b, calibration, {"test": test}, grid=3, rotate=rotate,
+                           accelerator=accelerator)
     sums = {name: [t.tolist() for t in pair.sums()] for name, pair in stats.pairs.items()}
     return {"examples": stats.examples, "sums": sums, "result": result.to_dict(),
             "merged": {k: v.tolist() for k, v in merged.state_dict().items()}}
 
 
-def two_process_worker(folders, dataset, out):
+def two_process_worker(folders, dataset, out, rotate=False):
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=True)
     assert accelerator.num_processes == 2
-    measured = run_passes(folders, dataset, accelerator)
+    measured = run_passes(folders, dataset, accelerator, rotate)
     if accelerator.is_main_process:
         with open(out, "w") as f:
             json.dump(measured, f)
@@ -115,18 +116,19 @@ def assert_close_nested(a, b, rel):
         assert a == b
 
 
-@pytest.mark.parametrize("pair", ["endpoint_folders", "vit_endpoint_folders"])
-def test_two_processes_equal_one(pair, mnist_folder, tmp_path, request):
+@pytest.mark.parametrize("pair, rotate", [("endpoint_folders", False), ("vit_endpoint_folders", False),
+                                          ("vit_endpoint_folders", True)])  # the rotations' sums and fits too
+def test_two_processes_equal_one(pair, rotate, mnist_folder, tmp_path, request):
     from accelerate import debug_launcher
     from accelerate.state import AcceleratorState
 
     endpoint_folders = request.getfixturevalue(pair)
     out = tmp_path / "two.json"
     AcceleratorState._reset_state(reset_partial_state=True)  # the forked workers must not inherit it
-    debug_launcher(two_process_worker, args=(endpoint_folders, str(mnist_folder), str(out)), num_processes=2)
+    debug_launcher(two_process_worker, args=(endpoint_folders, str(mnist_folder), str(out), rotate), num_processes=2)
     AcceleratorState._reset_state(reset_partial_state=True)
     two = json.loads(out.read_text())
-    one = run_passes(endpoint_folders, str(mnist_folder), None)
+    one = run_passes(endpoint_folders, str(mnist_folder), None, rotate)
 
     assert two["examples"] == one["examples"] == NUM_SAMPLES
     assert two["result"]["calibration_examples"] == NUM_SAMPLES
@@ -135,6 +137,7 @@ def test_two_processes_equal_one(pair, mnist_folder, tmp_path, request):
     assert_close_nested(two["sums"], one["sums"], rel=1e-9)
     assert_close_nested(two["result"]["matched_correlation"], one["result"]["matched_correlation"], rel=1e-9)
     assert two["result"]["groups"] == one["result"]["groups"]
+    assert bool(two["result"]["rotated"]) == bool(one["result"]["rotated"]) == rotate
     # REPAIR's float32 trackers and the evaluation's float32 logits: float32 tolerance
     assert_close_nested(two["merged"], one["merged"], rel=1e-5)
     for label in ("naive", "aligned", "repaired"):
