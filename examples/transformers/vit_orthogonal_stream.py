@@ -14,8 +14,9 @@ Heads, head dims and MLP units keep hfrepair's permutations; a last variant also
 each head's value dims (v_proj rows by M, o_proj columns by M^T, M by Procrustes on the
 head's values). Each variant is then interpolated at the midpoint and REPAIRed exactly by
 hfrepair (statistics re-collected on the aligned pair). Prints and writes
-``orthogonal_stream.json`` (``orthogonal_stream_seeds_S_T.json`` for another pair); nothing
-here is in the library yet.
+``orthogonal_stream.json`` (``orthogonal_stream_seeds_S_T.json`` for another pair). The
+library's ``--rotate`` (:mod:`hfrepair.rotation`) makes the last variant generically and
+reproduces its figures; this script keeps the steps apart to measure each.
 """
 
 from __future__ import annotations
