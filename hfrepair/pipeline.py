@@ -386,7 +386,7 @@ def _merge(model_a, model_b, calibration, curve_calibration, evaluation, alpha, 
                                  accelerator)
             state_a_aligned = fold_norms(state_a, rotation, spec)
             state_b_aligned = rotate_state_dict(fold_norms(state_b_aligned, rotation, spec), spec, rotation, maps)
-            check_function_preserved(model_b, state_b_aligned, example, workspace=work)
+            rotated_diff = check_function_preserved(model_b, state_b_aligned, example, workspace=work)
             folded_a = load_into(copy.deepcopy(model_a), state_a_aligned)
         with _timed(seconds, "statistics"):
             aligned_stats = collect_statistics(folded_a, load_into(work, state_b_aligned), sites, calibration,
@@ -415,7 +415,7 @@ def _merge(model_a, model_b, calibration, curve_calibration, evaluation, alpha, 
     )
     result.aligned = alignment_summary(spec, result.matched_correlation, result.unaligned_correlation)
     if rotation is not None:
-        result.rotated = rotation.describe(spec)
+        result.rotated = {**rotation.describe(spec), "rotated_max_abs_diff": rotated_diff}
         result.notes.append(rotation.note(spec))
     if not spec.groups:
         result.notes.append("the given spec has no permutation groups: B's units were not aligned to A's")

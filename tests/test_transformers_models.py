@@ -75,6 +75,7 @@ def test_vit_stream_and_value_dims_rotated_merge_better(vit_folders, mnist_folde
     rotated = results[True]
     assert rotated.rotated["stream"]["units"] == 64 and rotated.rotated["stream"]["keeps_ones_direction"]
     assert rotated.rotated["value_dims"] == {"groups": 4, "heads": [4], "dims_per_head": [16]}
+    assert rotated.rotated["rotated_max_abs_diff"] <= 1e-4  # B folded and rotated computes what B did
     assert any("orthogonal maps" in note for note in rotated.notes)
     assert merged.state_dict().keys() == model_a.state_dict().keys()
     assert set(merged.vit.layers[0].layernorm_before.weight.tolist()) != {1.0}  # REPAIR set the folded norms
