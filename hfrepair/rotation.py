@@ -140,12 +140,9 @@ def random_rotation(size: int, blocks: int, keep_ones: bool, generator: torch.Ge
     """A random block-diagonal orthogonal matrix (one block per head), keeping the all-ones
     direction when asked."""
     width = size // blocks
-    parts = []
-    for _ in range(blocks):
-        q = torch.linalg.qr(torch.randn(width, width, dtype=torch.float64, generator=generator))[0]
-        parts.append(q)
-    matrix = torch.block_diag(*parts)
-    return procrustes(matrix, keep_ones=True) if keep_ones else matrix  # the nearest that keeps it
+    matrix = torch.block_diag(*torch.linalg.qr(torch.randn(blocks, width, width, dtype=torch.float64,
+                                                           generator=generator))[0])
+    return procrustes(matrix[None], keep_ones=True) if keep_ones else matrix  # the nearest that keeps it
 
 
 def _ones_complement(width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,20 +152,16 @@ def _ones_complement(width: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ones, basis[:, 1:]
 
 
-def procrustes(cross: torch.Tensor, blocks: int = 1, keep_ones: bool = False) -> torch.Tensor:
-    """The orthogonal (block-diagonal) ``Q`` maximising ``tr(Q^T cross)``: the map taking B's
-    units onto A's, from ``cross = sum a b^T``; with ``keep_ones``, among maps with ``Q 1 = 1``."""
+def procrustes(cross: torch.Tensor, keep_ones: bool = False) -> torch.Tensor:
+    """The block-diagonal orthogonal ``Q`` maximising ``tr(Q^T cross)`` block by block: the map
+    taking B's units onto A's, from ``cross`` (blocks x width x width) ``= sum a b^T`` per
+    block; with ``keep_ones`` (one block), among maps with ``Q 1 = 1``."""
     if keep_ones:
-        ones, complement = _ones_complement(len(cross))
-        u, _, vh = torch.linalg.svd(complement.T @ cross @ complement)
+        ones, complement = _ones_complement(cross.shape[-1])
+        u, _, vh = torch.linalg.svd(complement.T @ cross[0] @ complement)
         return complement @ (u @ vh) @ complement.T + ones @ ones.T
-    width = len(cross) // blocks
-    parts = []
-    for b in range(blocks):
-        block = cross[b * width:(b + 1) * width, b * width:(b + 1) * width]
-        u, _, vh = torch.linalg.svd(block)
-        parts.append(u @ vh)
-    return torch.block_diag(*parts)
+    u, _, vh = torch.linalg.svd(cross)
+    return torch.block_diag(*(u @ vh))
 
 
 def fold_norms(state: dict[str, torch.Tensor], plan: RotationPlan, spec: PermutationSpec) -> dict:
@@ -222,14 +215,16 @@ def rotate_state_dict(state: dict[str, torch.Tensor], spec: PermutationSpec, pla
 
 class _ProcrustesSums(Tap):
     """For two models run on the same batches: ``sum n_A n_B^T`` of the per-token normalised
-    stream at every stream norm's input, and ``sum v_A v_B^T`` per value group (float64, on
-    the models' device; padded positions of a text batch never enter)."""
+    stream at every stream norm's input, and ``sum v_A v_B^T`` per head of each value group
+    (blocks x width x width, float64, on the models' device; padded positions of a text batch
+    never enter)."""
 
     def __init__(self, plan: RotationPlan, spec: PermutationSpec) -> None:
-        self.plan, self.spec = plan, spec
+        self.plan = plan
         width = spec.groups[plan.stream].size
-        self.stream = torch.zeros(width, width, dtype=torch.float64)
-        self.values = {name: torch.zeros(spec.groups[name].size, spec.groups[name].size, dtype=torch.float64)
+        self.stream = torch.zeros(1, width, width, dtype=torch.float64)
+        self.values = {name: torch.zeros(spec.groups[name].blocks, spec.groups[name].size // spec.groups[name].blocks,
+                                         spec.groups[name].size // spec.groups[name].blocks, dtype=torch.float64)
                        for name in plan.values}
         self._held: dict[str, torch.Tensor] = {}
 
@@ -239,20 +234,21 @@ class _ProcrustesSums(Tap):
             if self.plan.centred:
                 x = x - x.mean(-1, keepdim=True)
             x = x / x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)
-            self._pair(index, f"stream:{norm}", x, self.stream)
+            self._pair(index, f"stream:{norm}", x[:, None], self.stream)
         return hook
 
     def _value_hook(self, index: int, group: str):
         def hook(_module, _args, output):
+            heads = self.values[group].shape[0]
             x = counted_rows(output).double()
-            self._pair(index, f"value:{group}", x, self.values[group])
+            self._pair(index, f"value:{group}", x.view(len(x), heads, -1), self.values[group])
         return hook
 
     def _pair(self, index: int, key: str, x: torch.Tensor, total: torch.Tensor) -> None:
         if index == 0:
             self._held[key] = x
         else:
-            total += self._held.pop(key).T @ x
+            total += torch.einsum("nhd,nhe->hde", self._held.pop(key), x)
 
     def attach(self, models):
         device = next(models[0].parameters()).device
@@ -282,7 +278,6 @@ def fit_rotations(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec,
     of both models over ``batches``, then Procrustes per group."""
     sums = _ProcrustesSums(plan, spec)
     run_pass([model_a, model_b], [sums], batches, limit=limit, accelerator=accelerator, desc="rotations")
-    maps = {plan.stream: procrustes(sums.stream.cpu(), keep_ones=plan.centred)}
-    for name, cross in sums.values.items():
-        maps[name] = procrustes(cross.cpu(), blocks=spec.groups[name].blocks)
-    return maps
+    crosses = {plan.stream: sums.stream, **sums.values}
+    return {name: procrustes(cross.cpu(), keep_ones=plan.centred and name == plan.stream)
+            for name, cross in crosses.items()}
