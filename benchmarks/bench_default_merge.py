@@ -3,7 +3,7 @@
     python benchmarks/bench_default_merge.py [--threads 2] [--before PATH]
 
 Runs ``hfrepair merge A B --dataset DEMO --output OUT`` with every default (5,000
-calibration examples asked, the 4,000 of the demo's train split used; 11 alphas; naive,
+calibration examples asked, the 4,000 of the demo's train split used; 5 alphas, the default grid; naive,
 aligned and repaired curves on the 1,000 test digits and the first 1,000 calibration
 digits) on the shipped demo endpoints, in this process, and prints:
 

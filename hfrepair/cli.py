@@ -31,7 +31,7 @@ from .hub import HubAccessError, push_folder, read_license, resolve_dataset, res
 from .io import TEXT_TASKS, ModelLoadError, config_differences, load_model, read_config, save_merged, task_of
 from .matching import MATCH_LOCATIONS, MatchingError
 from .many import ManyResult, merge_many
-from .pipeline import CURVE_REPAIR_EXAMPLES, MATCHERS, MergeError, MergeResult, merge
+from .pipeline import CURVE_REPAIR_EXAMPLES, DEFAULT_GRID, MATCHERS, MergeError, MergeResult, merge
 from .repair import METHODS
 from .report import corrected_count, describe, describe_spec
 from .spec import PermutationSpec, SpecError, verify_spec
@@ -127,7 +127,8 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--curve-repair-samples", type=_positive, default=CURVE_REPAIR_EXAMPLES,
                         help="calibration examples each REPAIRed point of a curve is REPAIRed on (the first of the "
                              f"calibration set; the saved model uses all of them; default {CURVE_REPAIR_EXAMPLES})")
-    parser.add_argument("--grid", type=_positive, default=11, help="alphas evaluated for the barrier (default 11)")
+    parser.add_argument("--grid", type=_positive, default=DEFAULT_GRID,
+                        help=f"alphas evaluated for the barrier curves (default {DEFAULT_GRID}; 11 for tenths)")
     parser.add_argument("--no-curves", action="store_true",
                         help="measure the endpoints and the saved model only: no interpolation curves or barriers "
                              "(the fastest merge)")
@@ -222,9 +223,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train a fresh pair into the cache (same code, settings and seeds as the shipped pair; "
                         "minutes on a CPU) and merge it instead of the shipped pair")
     add_merge_arguments(d)
-    # 5 alphas rather than the merge command's 11: the whole demo in minutes on 2 CPU cores.
-    d.set_defaults(grid=5)
-    next(a for a in d._actions if a.dest == "grid").help = "alphas evaluated for the barrier (default 5 in the demo)"
 
     s = commands.add_parser("spec", help="show (and save) the permutation spec discovered for a model", description=(
         "Discover MODEL's permutation spec from its torch.export graph and print it: the groups (kind, "

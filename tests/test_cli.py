@@ -264,6 +264,19 @@ def test_config_reads_yaml_no_as_the_choice_no(tmp_path):
         "mixed_precision": "no", "grid": 5}
 
 
+def test_merge_and_demo_default_to_the_library_s_five_alphas():
+    """One default grid (0, 0.25, 0.5, 0.75, 1) for the merge command, the demo and ``merge()``."""
+    import inspect
+
+    from hfrepair.cli import build_parser, parse
+
+    parser = build_parser()
+    merge_args = parse(parser, ["merge", "a", "b", "--dataset", "d", "--output", "o"])
+    demo_args = parse(parser, ["demo"])
+    assert merge_args.grid == demo_args.grid == inspect.signature(merge).parameters["grid"].default == 5
+    assert parse(parser, ["merge", "a", "b", "--dataset", "d", "--output", "o", "--grid", "11"]).grid == 11
+
+
 def test_spec_command_on_a_transformers_model_without_a_processor(tmp_path, capsys):
     """RGB ViT saved without preprocessor_config.json: example images follow its config."""
     from transformers import ViTConfig, ViTForImageClassification
