@@ -31,7 +31,7 @@ from .hub import HubAccessError, push_folder, read_license, resolve_dataset, res
 from .io import TEXT_TASKS, ModelLoadError, config_differences, load_model, read_config, save_merged, task_of
 from .matching import MATCH_LOCATIONS, MatchingError
 from .many import ManyResult, merge_many
-from .pipeline import CURVE_REPAIR_EXAMPLES, DEFAULT_GRID, MATCHERS, MergeError, MergeResult, merge
+from .pipeline import CURVE_REPAIR_EXAMPLES, DEFAULT_GRID, MATCHERS, ROTATION_STEPS, MergeError, MergeResult, merge
 from .repair import METHODS
 from .report import corrected_count, describe, describe_spec
 from .spec import PermutationSpec, SpecError, verify_spec
@@ -68,6 +68,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _steps(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return value
 
 
@@ -153,6 +160,10 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rotate", action="store_true",
                         help="after the permutations, align a pre-norm transformer's residual stream and attention "
                              "value dims by orthogonal maps (its stream norms' affines are folded into their readers)")
+    parser.add_argument("--rotation-steps", type=_steps, default=None,
+                        help="with --rotate: gradient steps refining the maps so that the merged network predicts "
+                             "what the endpoints' mixed predictions do, each over the first --curve-repair-samples "
+                             f"calibration examples (default {ROTATION_STEPS}; 0: the Procrustes maps as fitted)")
     parser.add_argument("--unaligned", action="store_true",
                         help="also measure REPAIR without alignment (curve naive-repaired)")
     parser.add_argument("--block-outputs", action="store_true",
@@ -333,6 +344,8 @@ def run_merge(args: argparse.Namespace, argv: list[str]) -> MergeResult:
         raise MergeError("--weights is for 3 or more models; two models take --alpha (B's weight)")
     if args.max_rounds is not None:
         raise MergeError("--max-rounds is for 3 or more models; two models are matched once")
+    if args.rotation_steps is not None and not args.rotate:
+        raise MergeError("--rotation-steps refines the maps of --rotate: pass --rotate too")
     output = Path(args.output)
     check_output(output, [args.model_a, args.model_b, args.dataset], args.overwrite)
     accelerator = make_accelerator(args.mixed_precision)
@@ -349,6 +362,7 @@ def run_merge(args: argparse.Namespace, argv: list[str]) -> MergeResult:
                            eval_samples=args.eval_samples,
                            train_examples=args.train_eval_samples, curves=curves,
                            curve_repair_examples=args.curve_repair_samples, rotate=args.rotate,
+                           rotation_steps=ROTATION_STEPS if args.rotation_steps is None else args.rotation_steps,
                            accelerator=accelerator,
                            cache_memory=size_in_bytes(args.cache_memory),
                            announce=lambda plan: print(plan, file=sys.stderr, flush=True))
@@ -373,6 +387,7 @@ def run_merge_many(args: argparse.Namespace, argv: list[str]) -> ManyResult:
     two_only = [flag for flag, given in (("--alpha", args.alpha != 0.5), ("--spec", args.spec),
                                          ("--unaligned", args.unaligned), ("--block-outputs", args.block_outputs),
                                          ("--no-curves", args.no_curves), ("--rotate", args.rotate),
+                                         ("--rotation-steps", args.rotation_steps is not None),
                                          ("--curve-repair-samples",
                                           args.curve_repair_samples != CURVE_REPAIR_EXAMPLES)) if given]
     if two_only:

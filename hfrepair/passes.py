@@ -153,7 +153,6 @@ def _channels_last_convolutions(models: Sequence[nn.Module]):
             module.weight.data = module.weight.data.contiguous()
 
 
-@torch.no_grad()
 def run_pass(
     models: Sequence[nn.Module],
     taps: Sequence[Tap],
@@ -162,13 +161,21 @@ def run_pass(
     limit: int | None = None,
     accelerator: Accelerator | None = None,
     desc: str = "pass",
+    grad: bool = False,
 ) -> int:
     """Run every model on each of this process's batches (at most ``limit`` examples over
     all processes) with ``taps`` attached; returns the examples read by all processes.
 
     Models are put in eval mode; the inputs go to the first model's device. A process that
-    got no batch is an error on every process (its statistics would be undefined).
+    got no batch is an error on every process (its statistics would be undefined). Nothing
+    records gradients unless ``grad`` (a tap that differentiates what it observes). A
+    model's ``forwards_per_example`` (default 1) is what it counts per example.
     """
+    with torch.set_grad_enabled(grad):
+        return _run_pass(models, taps, batches, limit, accelerator, desc)
+
+
+def _run_pass(models, taps, batches, limit, accelerator, desc) -> int:
     for model in models:
         model.eval()
     device = next(models[0].parameters()).device
@@ -197,7 +204,7 @@ def run_pass(
         for handle in handles:
             handle.remove()
     total = require_data_everywhere(examples, accelerator, desc)
-    _FORWARDS[0] += total * len(models)
+    _FORWARDS[0] += total * sum(getattr(model, "forwards_per_example", 1) for model in models)
     _reduce(taps, accelerator)
     for tap in taps:
         tap.finish()

@@ -30,7 +30,8 @@ from .prepared import DEFAULT_MEMORY, preparer
 from .spec import (PermutationSpec, check_function_preserved, coupled_blocks, identity_permutations, load_into,
                    permute_state_dict, verify_spec)
 from .report import alignment_summary, corrected_count, fixed_summary, repair_summary, unsupported_ops
-from .rotation import RotationError, fit_rotations, fold_norms, rotate_state_dict, rotation_plan
+from .rotation import (RotationError, fit_rotations, fold_norms, refine_rotations,
+                       rotate_state_dict, rotation_plan)
 from .statistics import SiteMoments, collect_statistics
 
 # Interpolations the evaluation can trace; "naive-repaired" is REPAIR without alignment.
@@ -50,6 +51,9 @@ CURVE_REPAIR_EXAMPLES = 1000
 # of a default demo merge's 78,000 example-forwards at 11 alphas; quarter steps keep the midpoint,
 # where the barriers of aligned and REPAIRed pairs peak. 11 (tenths) draws the paper's finer curves.
 DEFAULT_GRID = 5
+# Steps refining the fitted rotations (``rotate``) towards a midpoint that predicts what the
+# endpoints do: the ViT pairs of docs/results.md went from 64-78% to 89-90% before REPAIR.
+ROTATION_STEPS = 40
 MATCHERS = ("activation", "weight")
 
 
@@ -172,7 +176,7 @@ def variance_data(datasets, curves: tuple[str, ...], inner: list[float], alpha: 
 
 
 def plan_merge(method: str, alpha: float, curves: tuple[str, ...], inner: list[float], sizes: dict[str, int | None],
-               datasets: tuple[str, ...], rotate: bool = False) -> MergePlan:
+               datasets: tuple[str, ...], rotate: bool = False, rotation_steps: int = 0) -> MergePlan:
     """Every pass a merge will run over the data, in order; :func:`merge` follows it.
 
     ``inner``: the curves' alphas strictly between the endpoints; ``sizes``: examples per
@@ -185,6 +189,9 @@ def plan_merge(method: str, alpha: float, curves: tuple[str, ...], inner: list[f
     plan.add("statistics", "calibration", 2)
     if rotate:
         plan.add("rotations (Procrustes sums)", "calibration", 2)
+        if rotation_steps:
+            plan.add("rotations refined (A, B and the midpoint, with its gradient)", "first calibration", 3,
+                     count=rotation_steps + 1)
         plan.add("statistics (rotated pair)", "calibration", 2)
     repairs = method in ("repair", "reset")
     if repairs:
@@ -273,6 +280,7 @@ def merge(
     curves: tuple[str, ...] = DEFAULT_CURVES,
     curve_repair_examples: int | None = CURVE_REPAIR_EXAMPLES,
     rotate: bool = False,
+    rotation_steps: int = ROTATION_STEPS,
     accelerator: Accelerator | None = None,
     cache_memory: int = DEFAULT_MEMORY,
     announce: Callable[[str], None] | None = None,
@@ -288,7 +296,10 @@ def merge(
     than the saved model is REPAIRed on the first ``curve_repair_examples`` calibration
     examples (None: all of them). ``rotate``: after the permutations, align the residual
     stream and each head's value dims by orthogonal maps (:mod:`~hfrepair.rotation`; the
-    stream's norm affines are folded into the layers that read them). Returns the merged
+    stream's norm affines are folded into the layers that read them), then refine the maps for
+    ``rotation_steps`` steps of gradient descent so that the network interpolated at ``alpha``
+    predicts what the endpoints' mixed predictions do, on the first ``curve_repair_examples``
+    calibration examples (0: the Procrustes maps as fitted). Returns the merged
     model (A's class, fused weights) and a :class:`MergeResult`.
 
     Each example is read (streamed, decoded, preprocessed) once: later passes replay the
@@ -307,6 +318,8 @@ def merge(
         raise MergeError(f"matcher must be one of {', '.join(MATCHERS)}, not {matcher!r}")
     if curve_repair_examples is not None and curve_repair_examples < 1:
         raise MergeError(f"curve_repair_examples must be positive (or None for all), got {curve_repair_examples}")
+    if rotation_steps < 0:
+        raise MergeError(f"rotation_steps must be 0 or more, got {rotation_steps}")
     if grid < 3:
         raise MergeError(f"the alpha grid needs at least 3 points (0, 0.5, 1), got {grid}")
     unknown = set(curves) - set(CURVES)
@@ -328,11 +341,11 @@ def merge(
                                                                            num_samples)
         curve_calibration = calibration.prefix(curve_cap) if curve_cap else calibration
         return _merge(model_a, model_b, calibration, curve_calibration, evaluation, alpha, method, match_at, matcher,
-                      spec, num_samples, grid, eval_samples, curves, rotate, accelerator, announce)
+                      spec, num_samples, grid, eval_samples, curves, rotate, rotation_steps, accelerator, announce)
 
 
 def _merge(model_a, model_b, calibration, curve_calibration, evaluation, alpha, method, match_at, matcher, spec,
-           num_samples, grid, eval_samples, curves, rotate, accelerator, announce):
+           num_samples, grid, eval_samples, curves, rotate, rotation_steps, accelerator, announce):
     """:func:`merge` on prepared data: the plan, then the stages."""
     seconds: dict[str, float] = {}
     example = next(iter(calibration), None)  # this process's first batch: read once, kept for the passes
@@ -364,7 +377,7 @@ def _merge(model_a, model_b, calibration, curve_calibration, evaluation, alpha, 
     variance_on_train, variance_on_aligned_curve = variance_data(evaluation, curves, inner, alpha)
     sizes = {"calibration": _size(calibration, num_samples), "first calibration": _size(curve_calibration, num_samples),
              **{name: _size(batches, eval_samples) for name, batches in evaluation.items()}}
-    plan = plan_merge(method, alpha, curves, inner, sizes, tuple(evaluation), rotate)
+    plan = plan_merge(method, alpha, curves, inner, sizes, tuple(evaluation), rotate, rotation_steps)
     if announce is not None and is_main_process(accelerator):
         announce(plan.describe())
 
@@ -389,7 +402,11 @@ def _merge(model_a, model_b, calibration, curve_calibration, evaluation, alpha, 
             maps = fit_rotations(model_a, load_into(work, state_b_aligned), spec, rotation, calibration, num_samples,
                                  accelerator)
             state_a_aligned = fold_norms(state_a, rotation, spec)
-            state_b_aligned = rotate_state_dict(fold_norms(state_b_aligned, rotation, spec), spec, rotation, maps)
+            folded_b = fold_norms(state_b_aligned, rotation, spec)
+            if rotation_steps:
+                maps, refined = refine_rotations(model_a, model_b, state_a_aligned, folded_b, spec, rotation, maps,
+                                                curve_calibration, rotation_steps, alpha, num_samples, accelerator)
+            state_b_aligned = rotate_state_dict(folded_b, spec, rotation, maps)
             rotated_diff = check_function_preserved(model_b, state_b_aligned, example, workspace=work)
             folded_a = load_into(copy.deepcopy(model_a), state_a_aligned)
         with _timed(seconds, "statistics"):
@@ -421,6 +438,14 @@ def _merge(model_a, model_b, calibration, curve_calibration, evaluation, alpha, 
     if rotation is not None:
         result.rotated = {**rotation.describe(spec), "rotated_max_abs_diff": rotated_diff}
         result.notes.append(rotation.note(spec))
+        if rotation_steps:
+            result.rotated["refined"] = refined
+            loss = refined["distillation_loss"]
+            result.notes.append(
+                f"the maps were then refined by {rotation_steps} steps of Adam, each over the first "
+                f"{refined['examples']:,} calibration examples, so that the network interpolated at alpha={alpha:g} "
+                f"predicts the endpoints' mixed predictions (KL divergence {loss['fitted']:.4f} with the fitted "
+                f"maps, {loss['refined']:.4f} refined)")
     if not spec.groups:
         result.notes.append("the given spec has no permutation groups: B's units were not aligned to A's")
 

@@ -427,6 +427,9 @@ def test_flags_that_do_not_fit_the_models_are_one_line_errors(three_mlp_folders,
             (three_mlp_folders, ["--curve-repair-samples", "300"], "--curve-repair-samples is for two models"),
             (three_mlp_folders, ["--rotate"], "--rotate is for two models"),
             (endpoint_folders, ["--rotate"], "cannot rotate: no norm reads the residual stream of ResNet"),
+            (endpoint_folders, ["--rotation-steps", "5"], "--rotation-steps refines the maps of --rotate"),
+            (endpoint_folders, ["--rotate", "--rotation-steps", "-1"], "--rotation-steps: must be 0 or more"),
+            (three_mlp_folders, ["--rotation-steps", "5"], "--rotation-steps is for two models"),
             (three_mlp_folders, ["--max-rounds", "-1"], "--max-rounds must be 0 or more"),
             (endpoint_folders, ["--max-rounds", "3"], "--max-rounds is for 3 or more models")):
         done = run_cli("merge", *models, "--dataset", mnist_folder, "--output", out, *flags)

@@ -12,7 +12,7 @@ from transformers import ConvNextConfig, ConvNextForImageClassification
 
 from hfrepair.data import image_batches, model_transform
 from hfrepair.io import load_model
-from hfrepair.pipeline import merge
+from hfrepair.pipeline import ROTATION_STEPS, merge
 
 from .conftest import train_hf_pair
 
@@ -64,26 +64,38 @@ def test_vit_pair_aligns_heads_and_stream_and_repair_helps(vit_folders, mnist_fo
 
 def test_vit_stream_and_value_dims_rotated_merge_better(vit_folders, mnist_folder):
     """``rotate=True``: after the permutations the stream and each head's value dims are aligned
-    by orthogonal maps; the saved model keeps A's class and keys, its stream norms folded."""
+    by orthogonal maps, fitted by Procrustes and then refined towards a midpoint that predicts
+    what the endpoints do; the saved model keeps A's class and keys, its stream norms folded."""
     transform = model_transform(vit_folders[0])
     calibration = image_batches(str(mnist_folder), "train", transform, limit=4000, batch_size=500)
     test = image_batches(str(mnist_folder), "test", transform, batch_size=500)
     results = {}
-    for rotate in (False, True):
+    for rotate, steps in ((False, 0), (True, 0), (True, ROTATION_STEPS)):
         model_a, model_b = (load_model(f) for f in vit_folders)
-        merged, results[rotate] = merge(model_a, model_b, calibration, {"test": test}, grid=3, rotate=rotate)
-    rotated = results[True]
+        merged, results[rotate, steps] = merge(model_a, model_b, calibration, {"test": test}, grid=3, rotate=rotate,
+                                               rotation_steps=steps)
+    rotated = results[True, ROTATION_STEPS]
     assert rotated.rotated["stream"]["units"] == 64 and rotated.rotated["stream"]["keeps_ones_direction"]
     assert rotated.rotated["value_dims"] == {"groups": 4, "heads": [4], "dims_per_head": [16]}
     assert rotated.rotated["rotated_max_abs_diff"] <= 1e-4  # B folded and rotated computes what B did
     assert any("orthogonal maps" in note for note in rotated.notes)
+    assert "refined" not in results[True, 0].rotated and not results[False, 0].rotated
+    refined = rotated.rotated["refined"]
+    assert refined["steps"] == ROTATION_STEPS and refined["examples"] == 1000  # the first calibration examples
+    assert refined["distillation_loss"]["refined"] < 0.5 * refined["distillation_loss"]["fitted"]
+    assert any(f"refined by {ROTATION_STEPS} steps" in note for note in rotated.notes)
     assert merged.state_dict().keys() == model_a.state_dict().keys()
     assert set(merged.vit.layers[0].layernorm_before.weight.tolist()) != {1.0}  # REPAIR set the folded norms
-    midpoint = {rotate: (r.curves["aligned"]["test"][1]["accuracy"], r.merged["test"]["accuracy"])
-                for rotate, r in results.items()}
-    # Measured (2-core Intel Xeon, 2026-12-03): aligned / saved 59.4% / 71.8% permuted, 74.6% / 76.5% rotated.
-    assert midpoint[True][0] > midpoint[False][0] and midpoint[True][1] > midpoint[False][1]
-    assert rotated.plan["example_forwards"] == rotated.plan["example_forwards_run"]
+    midpoint = {key: (r.curves["aligned"]["test"][1]["accuracy"], r.merged["test"]["accuracy"])
+                for key, r in results.items()}
+    # Measured (2-core AMD EPYC, 2026-12-03): aligned / saved 59.4% / 71.8% permuted, 74.6% / 76.5% with the
+    # Procrustes maps, 89.2% / 82.9% refined (REPAIR, fitted to the endpoints' statistics, costs the refined
+    # midpoint 6 points; the issue's target for such a pair is 80%).
+    permuted, fitted, best = midpoint[False, 0], midpoint[True, 0], midpoint[True, ROTATION_STEPS]
+    assert fitted[0] > permuted[0] and fitted[1] > permuted[1]
+    assert best[0] > fitted[0] + 0.08 and best[0] > 0.85 and best[1] > max(fitted[1], 0.8)
+    for result in results.values():
+        assert result.plan["example_forwards"] == result.plan["example_forwards_run"]
 
 
 def test_vit_study_script_quick(tmp_path):
