@@ -24,7 +24,7 @@ from .evaluate import Scores, barriers_of, variance_ratios
 from .interpolate import interpolate
 from .matching import match_permutations, matching_sites, mean_matched_correlation
 from .weight_matching import match_weights, weight_distance
-from .repair import METHODS, block_output_sites, correction_sites, repair, repair_block_outputs
+from .repair import METHODS, block_output_sites, correction_sites, exact_correctors, repair, repair_block_outputs
 from .passes import forward_count, run_pass
 from .prepared import DEFAULT_MEMORY, preparer
 from .spec import (PermutationSpec, check_function_preserved, coupled_blocks, identity_permutations, load_into,
@@ -51,8 +51,9 @@ CURVE_REPAIR_EXAMPLES = 1000
 # of a default demo merge's 78,000 example-forwards at 11 alphas; quarter steps keep the midpoint,
 # where the barriers of aligned and REPAIRed pairs peak. 11 (tenths) draws the paper's finer curves.
 DEFAULT_GRID = 5
-# Steps refining the fitted rotations (``rotate``) towards a midpoint that predicts what the
-# endpoints do: the ViT pairs of docs/results.md went from 64-78% to 89-90% before REPAIR.
+# Steps refining the fitted rotations (``rotate``) towards a (REPAIRed) midpoint that predicts
+# what the endpoints do: on the digits ViT pairs of docs/results.md the saved model went from
+# 75-77% (Procrustes maps) to 88% (``hfrepair.rotation.REFINE_LEARNING_RATE``).
 ROTATION_STEPS = 40
 MATCHERS = ("activation", "weight")
 
@@ -190,8 +191,10 @@ def plan_merge(method: str, alpha: float, curves: tuple[str, ...], inner: list[f
     if rotate:
         plan.add("rotations (Procrustes sums)", "calibration", 2)
         if rotation_steps:
-            plan.add("rotations refined (A, B and the midpoint, with its gradient)", "first calibration", 3,
-                     count=rotation_steps + 1)
+            if method == "repair":
+                plan.add("statistics (rotated pair, fitted maps: REPAIR's goals while refining)", "calibration", 2)
+            plan.add(f"rotations refined (A, B and the {'REPAIRed ' if method == 'repair' else ''}midpoint, with its "
+                     "gradient)", "first calibration", 3, count=rotation_steps + 1)
         plan.add("statistics (rotated pair)", "calibration", 2)
     repairs = method in ("repair", "reset")
     if repairs:
@@ -298,8 +301,9 @@ def merge(
     stream and each head's value dims by orthogonal maps (:mod:`~hfrepair.rotation`; the
     stream's norm affines are folded into the layers that read them), then refine the maps for
     ``rotation_steps`` steps of gradient descent so that the network interpolated at ``alpha``
-    predicts what the endpoints' mixed predictions do, on the first ``curve_repair_examples``
-    calibration examples (0: the Procrustes maps as fitted). Returns the merged
+    (REPAIRed by batch, with the exact method) predicts what the endpoints' mixed predictions
+    do, on the first ``curve_repair_examples`` calibration examples (0: the Procrustes maps as
+    fitted). Returns the merged
     model (A's class, fused weights) and a :class:`MergeResult`.
 
     Each example is read (streamed, decoded, preprocessed) once: later passes replay the
@@ -403,12 +407,22 @@ def _merge(model_a, model_b, calibration, curve_calibration, evaluation, alpha, 
                                  accelerator)
             state_a_aligned = fold_norms(state_a, rotation, spec)
             folded_b = fold_norms(state_b_aligned, rotation, spec)
-            if rotation_steps:
+            folded_a = load_into(copy.deepcopy(model_a), state_a_aligned)
+        if rotation_steps:
+            correctors = {}
+            if method == "repair":  # refined for the REPAIRed midpoint, its goals from the fitted maps' pair
+                with _timed(seconds, "statistics"):
+                    fitted_stats = collect_statistics(
+                        folded_a, load_into(work, rotate_state_dict(folded_b, spec, rotation, maps)), sites,
+                        calibration, num_samples, cross_modules, accelerator)
+                correctors = exact_correctors(spec, fitted_stats, identity, alpha)
+            with _timed(seconds, "rotate"):
                 maps, refined = refine_rotations(model_a, model_b, state_a_aligned, folded_b, spec, rotation, maps,
-                                                curve_calibration, rotation_steps, alpha, num_samples, accelerator)
+                                                 curve_calibration, rotation_steps, alpha, num_samples, accelerator,
+                                                 correctors)
+        with _timed(seconds, "rotate"):
             state_b_aligned = rotate_state_dict(folded_b, spec, rotation, maps)
             rotated_diff = check_function_preserved(model_b, state_b_aligned, example, workspace=work)
-            folded_a = load_into(copy.deepcopy(model_a), state_a_aligned)
         with _timed(seconds, "statistics"):
             aligned_stats = collect_statistics(folded_a, load_into(work, state_b_aligned), sites, calibration,
                                                num_samples, cross_modules, accelerator)
@@ -443,8 +457,10 @@ def _merge(model_a, model_b, calibration, curve_calibration, evaluation, alpha, 
             loss = refined["distillation_loss"]
             result.notes.append(
                 f"the maps were then refined by {rotation_steps} steps of Adam, each over the first "
-                f"{refined['examples']:,} calibration examples, so that the network interpolated at alpha={alpha:g} "
-                f"predicts the endpoints' mixed predictions (KL divergence {loss['fitted']:.4f} with the fitted "
+                f"{refined['examples']:,} calibration examples, so that the network interpolated at alpha={alpha:g}"
+                + (f", with REPAIR's corrections at its {refined['repair_correctors']} sites measured by batch,"
+                   if refined["repair_correctors"] else "")
+                + f" predicts the endpoints' mixed predictions (KL divergence {loss['fitted']:.4f} with the fitted "
                 f"maps, {loss['refined']:.4f} refined)")
     if not spec.groups:
         result.notes.append("the given spec has no permutation groups: B's units were not aligned to A's")

@@ -99,10 +99,11 @@ class ChannelBatchNorm(nn.BatchNorm1d):
         return out.to(x.dtype)
 
     def _add(self, count: int, mean: torch.Tensor, var: torch.Tensor) -> None:
-        """Add a batch's ``count`` samples with per-unit ``mean`` and population ``var``."""
-        wide_mean = mean.double()
+        """Add a batch's ``count`` samples with per-unit ``mean`` and population ``var`` (as
+        numbers: a network differentiated through its correctors keeps no graph in the sums)."""
+        wide_mean = mean.detach().double()
         self.sums += torch.stack([torch.full_like(wide_mean, count), count * wide_mean,
-                                  count * (var.double() + wide_mean * wide_mean)])
+                                  count * (var.detach().double() + wide_mean * wide_mean)])
 
     @staticmethod
     def _batch_moments(x: torch.Tensor, axis: int) -> tuple[int, torch.Tensor | None, torch.Tensor | None]:
@@ -321,6 +322,24 @@ class _StandIn:
         setattr(self.parent, self.child, self.original)
 
 
+def goal_corrector(site: ActivationSite, goal: Goal) -> ChannelBatchNorm:
+    """The corrector of ``site``: a :class:`ChannelBatchNorm` whose affine is the goal."""
+    corrector = ChannelBatchNorm(len(goal.mean), site.axis, corrector_eps(goal.std),
+                                 scale_only=correction_mode(site) == "scale").to(goal.mean.device)
+    with torch.no_grad():
+        corrector.weight.copy_(goal.std)
+        corrector.bias.copy_(goal.mean)
+    return corrector
+
+
+def exact_correctors(spec: PermutationSpec, stats: Statistics, perms: dict[str, torch.Tensor],
+                     alpha: float) -> dict[str, ChannelBatchNorm]:
+    """Exact REPAIR's correctors of every site it corrects with a goal (not the BatchNorm
+    re-estimates), in train mode: a network run with them is the one REPAIR measures."""
+    return {site.module: goal_corrector(site, site_goal(stats, site, site.order(perms, len(stats.pairs[
+        site.module].a.total)), alpha)).train() for site in correction_sites(spec) if not site.batchnorm}
+
+
 def _corrected_network(model, state_dict, sites, stats, perms, alpha, method, batches, max_examples, accelerator,
                        workspace=None):
     """The interpolated network with its BatchNorms and added correctors set for ``method``."""
@@ -342,10 +361,7 @@ def _corrected_network(model, state_dict, sites, stats, perms, alpha, method, ba
                 norm.running_mean.copy_(goal.mean)
                 norm.running_var.copy_(goal.predicted_var)
             continue
-        corrector = ChannelBatchNorm(len(goal.mean), site.axis, corrector_eps(goal.std),
-                                     scale_only=correction_mode(site) == "scale").to(goal.mean.device)
-        corrector.weight.copy_(goal.std)
-        corrector.bias.copy_(goal.mean)
+        corrector = goal_corrector(site, goal)
         if method == "closed-form":
             corrector.running_mean.copy_(goal.mean)
             corrector.running_var.copy_(goal.predicted_var)

@@ -122,3 +122,30 @@ def test_grayscale_transformers_resnet_merges_through_the_cli(grayscale_resnet_f
     print(f"ResNet: endpoints {endpoints}, aligned {results['curves']['aligned']['test'][mid]['accuracy']}, "
           f"repaired {results['curves']['repaired']['test'][mid]['accuracy']}, "
           f"merged {results['merged']['test']['accuracy']}")
+
+
+def test_vit_rotated_merge_says_what_was_rotated_and_refined(vit_folders, mnist_folder, tmp_path):
+    """``--rotate --rotation-steps``: the plan printed before the passes, the record, the notes
+    and the card say the maps were fitted, then refined on the first calibration examples;
+    the saved model reloads with the reported accuracy."""
+    from transformers import ViTForImageClassification
+
+    a, b = vit_folders
+    out = tmp_path / "rotated-vit"
+    done, results = merge_folders(a, b, mnist_folder, out, "--rotate", "--rotation-steps", "3",
+                                  "--curve-repair-samples", "300")
+    assert "rotations refined (A, B and the REPAIRed midpoint, with its gradient): 4 passes x 3 models over the " \
+           "first 300 calibration examples" in done.stderr
+    assert "statistics (rotated pair, fitted maps: REPAIR's goals while refining): 1 pass x 2 models" in done.stderr
+    assert results["plan"]["example_forwards"] == results["plan"]["example_forwards_run"]
+    refined = results["rotated"]["refined"]
+    assert refined["steps"] == 3 and refined["examples"] == 300 and refined["alpha"] == 0.5
+    assert refined["repair_correctors"] == sum(len(sites) for kind, sites in results["corrected"].items()
+                                               if kind not in ("batchnorm", "uncorrected")) > 0
+    assert refined["distillation_loss"]["refined"] < refined["distillation_loss"]["fitted"]
+    assert results["rotated"]["rotated_max_abs_diff"] <= 1e-4
+    card = (out / "README.md").read_text()
+    assert "orthogonal maps" in card and "refined by 3 steps of Adam" in card
+    model = ViTForImageClassification.from_pretrained(str(out))
+    assert reloaded_test_metrics(model, out, mnist_folder).accuracy == pytest.approx(
+        results["merged"]["test"]["accuracy"], abs=1e-6)

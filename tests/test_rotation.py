@@ -11,9 +11,11 @@ from hfrepair.batches import model_outputs
 from hfrepair.discovery import discover_spec
 from hfrepair.models import ResNet
 from hfrepair.passes import forward_count
+from hfrepair.repair import correction_sites, exact_correctors
 from hfrepair.rotation import (RotationError, fit_rotations, fold_norms, random_rotation, refine_rotations,
                                rotate_state_dict, rotation_plan)
-from hfrepair.spec import load_into, with_state_dict
+from hfrepair.spec import identity_permutations, load_into, with_state_dict
+from hfrepair.statistics import collect_statistics
 
 
 def trained_looking_norms(model):
@@ -123,6 +125,16 @@ def test_refined_maps_stay_orthogonal_keep_b_s_function_and_lower_the_distillati
         got = model_outputs(with_state_dict(model_b, rotate_state_dict(folded_b, spec, plan, maps)), images[:16])
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
     assert not any(p.requires_grad and p.grad is not None for p in model_a.parameters())
+    # Refined for the REPAIRed midpoint: REPAIR's correctors stay measuring and keep no graph.
+    stats = collect_statistics(with_state_dict(model_a, folded_a),
+                               with_state_dict(model_a, rotate_state_dict(folded_b, spec, plan, fitted)), spec.sites,
+                               batches)
+    correctors = exact_correctors(spec, stats, identity_permutations(spec), 0.5)
+    _, repaired = refine_rotations(model_a, model_b, folded_a, folded_b, spec, plan, fitted, batches, steps=3,
+                                   alpha=0.5, limit=192, correctors=correctors)
+    assert repaired["repair_correctors"] == len(correctors) == len(correction_sites(spec)) > 0
+    assert repaired["distillation_loss"]["refined"] < repaired["distillation_loss"]["fitted"]
+    assert all(c.training and not c.sums.requires_grad for c in correctors.values())
 
 
 @pytest.mark.parametrize("make, example, reason", [

@@ -83,17 +83,17 @@ def test_vit_stream_and_value_dims_rotated_merge_better(vit_folders, mnist_folde
     refined = rotated.rotated["refined"]
     assert refined["steps"] == ROTATION_STEPS and refined["examples"] == 1000  # the first calibration examples
     assert refined["distillation_loss"]["refined"] < 0.5 * refined["distillation_loss"]["fitted"]
+    assert refined["repair_correctors"] == len(rotated.corrected["affine"])  # refined for the REPAIRed midpoint
     assert any(f"refined by {ROTATION_STEPS} steps" in note for note in rotated.notes)
     assert merged.state_dict().keys() == model_a.state_dict().keys()
     assert set(merged.vit.layers[0].layernorm_before.weight.tolist()) != {1.0}  # REPAIR set the folded norms
     midpoint = {key: (r.curves["aligned"]["test"][1]["accuracy"], r.merged["test"]["accuracy"])
                 for key, r in results.items()}
     # Measured (2-core AMD EPYC, 2026-12-03): aligned / saved 59.4% / 71.8% permuted, 74.6% / 76.5% with the
-    # Procrustes maps, 89.2% / 82.9% refined (REPAIR, fitted to the endpoints' statistics, costs the refined
-    # midpoint 6 points; the issue's target for such a pair is 80%).
+    # Procrustes maps, 84.4% / 87.6% refined for the REPAIRed midpoint (the issue's target for such a pair: 80%).
     permuted, fitted, best = midpoint[False, 0], midpoint[True, 0], midpoint[True, ROTATION_STEPS]
     assert fitted[0] > permuted[0] and fitted[1] > permuted[1]
-    assert best[0] > fitted[0] + 0.08 and best[0] > 0.85 and best[1] > max(fitted[1], 0.8)
+    assert best[0] > fitted[0] and best[1] > max(fitted[1] + 0.05, 0.8) and best[1] > best[0]
     for result in results.values():
         assert result.plan["example_forwards"] == result.plan["example_forwards_run"]
 

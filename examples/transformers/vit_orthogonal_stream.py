@@ -12,8 +12,12 @@ in, classifier) take Q^T. Q is fitted by orthogonal Procrustes, on the complemen
 all-ones direction, to the per-token normalised stream at every LayerNorm input of A and B.
 Heads, head dims and MLP units keep hfrepair's permutations; a last variant also rotates
 each head's value dims (v_proj rows by M, o_proj columns by M^T, M by Procrustes on the
-head's values). Each variant is then interpolated at the midpoint and REPAIRed exactly by
-hfrepair (statistics re-collected on the aligned pair). Prints and writes
+head's values). Two more variants refine those maps by 40 full-batch Adam steps on the first
+1,000 calibration digits (each map its fit times the exponential of a skew matrix), so that
+the midpoint predicts the endpoints' mixed predictions: the plain midpoint, and the midpoint
+REPAIRed batch by batch (what ``--rotate`` does). Each variant is then interpolated at the
+midpoint and REPAIRed exactly by hfrepair (statistics re-collected on the aligned pair).
+Prints and writes
 ``orthogonal_stream.json`` (``orthogonal_stream_seeds_S_T.json`` for another pair). The
 steps are :mod:`hfrepair.rotation`'s (what ``--rotate`` runs, the last variant), taken one
 at a time here to measure each.
@@ -32,8 +36,9 @@ import hfrepair
 from hfrepair.data import image_batches, model_transform
 from hfrepair.evaluate import evaluate
 from hfrepair.io import load_model
-from hfrepair.repair import repair
-from hfrepair.rotation import fit_rotations, fold_norms, rotate_state_dict, rotation_plan
+from hfrepair.pipeline import ROTATION_STEPS
+from hfrepair.repair import exact_correctors, repair
+from hfrepair.rotation import fit_rotations, fold_norms, refine_rotations, rotate_state_dict, rotation_plan
 from hfrepair.spec import identity_permutations, permute_state_dict, with_state_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -76,16 +81,30 @@ def main(argv: list[str] | None = None) -> int:
 
     stream_only = rotate_state_dict(folded_b, spec, plan, {plan.stream: maps[plan.stream]})
     both = rotate_state_dict(folded_b, spec, plan, maps)
+
+    def refined(correctors=None) -> dict:
+        """B rotated by the maps refined for the midpoint (REPAIRed by batch with ``correctors``)."""
+        better, _ = refine_rotations(model_a, model_b, folded_a, folded_b, spec, plan, maps, calibration,
+                                     ROTATION_STEPS, 0.5, limit=1000, correctors=correctors)
+        return rotate_state_dict(folded_b, spec, plan, better)
+
+    fitted_stats = hfrepair.collect_statistics(with_state_dict(model_a, folded_a), with_state_dict(model_a, both),
+                                               spec.sites, calibration)
+    refined_plain = refined()
+    refined_repaired = refined(exact_correctors(spec, fitted_stats, identity_permutations(spec), 0.5))
     record = {
         "endpoints": {"A": evaluate(model_a, test).accuracy, "B": evaluate(model_b, test).accuracy},
         "function_preserved_max_abs_diff": {"A folded": max_diff(folded_a, model_a),
                                             "B rotated": max_diff(stream_only, model_b),
-                                            "B rotated, values too": max_diff(both, model_b)},
+                                            "B rotated, values too": max_diff(both, model_b),
+                                            "B rotated, refined maps": max_diff(refined_repaired, model_b)},
         "midpoint": {
             "stream permuted (hfrepair today)": midpoint(model_a.state_dict(), permuted_b),
             "stream permuted, norm affines folded": midpoint(folded_a, folded_b),
             "stream rotated (orthogonal, norm affines folded)": midpoint(folded_a, stream_only),
-            "stream rotated, and each head's value dims": midpoint(folded_a, both)},
+            "stream rotated, and each head's value dims": midpoint(folded_a, both),
+            "both, refined for the plain midpoint": midpoint(folded_a, refined_plain),
+            "both, refined for the REPAIRed midpoint (--rotate)": midpoint(folded_a, refined_repaired)},
     }
     record["seconds"] = time.perf_counter() - start
     record["seeds"] = list(args.seeds)
