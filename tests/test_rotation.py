@@ -159,3 +159,33 @@ def test_the_check_leaves_the_workspace_reusable():
     load_into(workspace, model.state_dict())  # the caller reloads it; the plan left the architecture intact
     with torch.no_grad():
         assert torch.equal(model_outputs(workspace, example), model_outputs(model, example))
+
+
+def test_a_language_model_s_maps_refine_for_its_scale_only_repair():
+    """An untied Llama (RMSNorm, grouped-query attention, no biases): refined with REPAIR's
+    scale-only correctors in the loop, its token predictions move towards the endpoints'
+    mixed predictions and B keeps its function."""
+    model_a, model_b = tiny_llama(tied=False), tiny_llama(tied=False)
+    with torch.no_grad():
+        for p in model_b.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        for model in (model_a, model_b):
+            model.lm_head.weight.mul_(30)
+    tokens = torch.randint(0, 128, (64, 16), generator=torch.Generator().manual_seed(1))
+    batches = [tokens[i:i + 16] for i in range(0, 64, 16)]
+    spec = discover_spec(model_a, tokens[:2])
+    plan = rotation_plan(model_a, spec, tokens[:2])
+    fitted = fit_rotations(model_a, model_b, spec, plan, batches)
+    folded_a, folded_b = (fold_norms(m.state_dict(), plan, spec) for m in (model_a, model_b))
+    stats = collect_statistics(with_state_dict(model_a, folded_a),
+                               with_state_dict(model_a, rotate_state_dict(folded_b, spec, plan, fitted)), spec.sites,
+                               batches)
+    correctors = exact_correctors(spec, stats, identity_permutations(spec), 0.5)
+    assert all(c.scale_only for c in correctors.values())
+    maps, record = refine_rotations(model_a, model_b, folded_a, folded_b, spec, plan, fitted, batches, steps=4,
+                                    alpha=0.5, correctors=correctors)
+    assert record["examples"] == 64 and record["distillation_loss"]["refined"] < record["distillation_loss"]["fitted"]
+    want = model_outputs(model_b, tokens[:4])
+    with torch.no_grad():
+        got = model_outputs(with_state_dict(model_b, rotate_state_dict(folded_b, spec, plan, maps)), tokens[:4])
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
