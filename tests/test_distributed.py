@@ -60,7 +60,7 @@ def run_passes(folders, dataset, accelerator, rotate=False):
     spec = discover_spec(model_a, next(iter(calibration))[0][:4])
     stats = collect_statistics(model_a, model_b, spec.sites, calibration, accelerator=accelerator)
     merged, result = merge(model_a, model_b, calibration, {"test": test}, grid=3, rotate=rotate,
-                           accelerator=accelerator)
+                           rotation_steps=3, accelerator=accelerator)  # refined: full-batch steps, any process count
     sums = {name: [t.tolist() for t in pair.sums()] for name, pair in stats.pairs.items()}
     return {"examples": stats.examples, "sums": sums, "result": result.to_dict(),
             "merged": {k: v.tolist() for k, v in merged.state_dict().items()}}
