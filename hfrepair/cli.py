@@ -161,8 +161,9 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
                         help="after the permutations, align a pre-norm transformer's residual stream and attention "
                              "value dims by orthogonal maps (its stream norms' affines are folded into their readers)")
     parser.add_argument("--rotation-steps", type=_steps, default=None,
-                        help="with --rotate: gradient steps refining the maps so that the merged (REPAIRed) "
-                             "network predicts what the endpoints' mixed predictions do, each over the first "
+                        help="with --rotate: gradient steps refining the maps so that the merged network "
+                             "(REPAIRed by batch under the exact method) predicts what the endpoints' mixed "
+                             "predictions do, each over the first "
                              f"--curve-repair-samples calibration examples (default {ROTATION_STEPS}; 0: the "
                              "Procrustes maps as fitted)")
     parser.add_argument("--unaligned", action="store_true",

@@ -30,7 +30,7 @@ from .prepared import DEFAULT_MEMORY, preparer
 from .spec import (PermutationSpec, check_function_preserved, coupled_blocks, identity_permutations, load_into,
                    permute_state_dict, verify_spec)
 from .report import alignment_summary, corrected_count, fixed_summary, repair_summary, unsupported_ops
-from .rotation import (RotationError, fit_rotations, fold_norms, refine_rotations,
+from .rotation import (RotationError, fit_rotations, fold_norms, refine_rotations, refinement_note,
                        rotate_state_dict, rotation_plan)
 from .statistics import SiteMoments, collect_statistics
 
@@ -454,14 +454,7 @@ def _merge(model_a, model_b, calibration, curve_calibration, evaluation, alpha, 
         result.notes.append(rotation.note(spec))
         if rotation_steps:
             result.rotated["refined"] = refined
-            loss = refined["distillation_loss"]
-            result.notes.append(
-                f"the maps were then refined by {rotation_steps} steps of Adam, each over the first "
-                f"{refined['examples']:,} calibration examples, so that the network interpolated at alpha={alpha:g}"
-                + (f", with REPAIR's corrections at its {refined['repair_correctors']} sites measured by batch,"
-                   if refined["repair_correctors"] else "")
-                + f" predicts the endpoints' mixed predictions (KL divergence {loss['fitted']:.4f} with the fitted "
-                f"maps, {loss['refined']:.4f} refined)")
+            result.notes.append(refinement_note(refined))
     if not spec.groups:
         result.notes.append("the given spec has no permutation groups: B's units were not aligned to A's")
 

@@ -426,3 +426,14 @@ def refine_rotations(model_a: nn.Module, model_b: nn.Module, folded_a: dict, fol
               "distillation_loss": {"fitted": losses[0], "refined": losses[-1]}}
     with torch.no_grad():
         return {name: matrix.detach() for name, matrix in midpoint.maps().items()}, record
+
+
+def refinement_note(record: dict) -> str:
+    """The sentence results and cards carry about a refinement (:func:`refine_rotations`'s record)."""
+    loss = record["distillation_loss"]
+    repaired = (f", with REPAIR's corrections at its {record['repair_correctors']} sites measured by batch,"
+                if record["repair_correctors"] else "")
+    return (f"the maps were then refined by {record['steps']} steps of Adam, each over the first "
+            f"{record['examples']:,} calibration examples, so that the network interpolated at "
+            f"alpha={record['alpha']:g}{repaired} predicts the endpoints' mixed predictions (KL divergence "
+            f"{loss['fitted']:.4f} with the fitted maps, {loss['refined']:.4f} refined)")
