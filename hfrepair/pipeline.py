@@ -31,7 +31,7 @@ from .spec import (PermutationSpec, check_function_preserved, coupled_blocks, id
                    permute_state_dict, verify_spec)
 from .report import alignment_summary, corrected_count, fixed_summary, repair_summary, unsupported_ops
 from .rotation import (RotationError, fit_rotations, fold_norms, refine_rotations, refinement_note,
-                       rotate_state_dict, rotation_plan)
+                       rotate_state_dict, rotation_plan, targets_fit)
 from .statistics import SiteMoments, collect_statistics
 
 # Interpolations the evaluation can trace; "naive-repaired" is REPAIR without alignment.
@@ -177,7 +177,8 @@ def variance_data(datasets, curves: tuple[str, ...], inner: list[float], alpha: 
 
 
 def plan_merge(method: str, alpha: float, curves: tuple[str, ...], inner: list[float], sizes: dict[str, int | None],
-               datasets: tuple[str, ...], rotate: bool = False, rotation_steps: int = 0) -> MergePlan:
+               datasets: tuple[str, ...], rotate: bool = False, rotation_steps: int = 0,
+               keep_targets: bool = False) -> MergePlan:
     """Every pass a merge will run over the data, in order; :func:`merge` follows it.
 
     ``inner``: the curves' alphas strictly between the endpoints; ``sizes``: examples per
@@ -193,8 +194,14 @@ def plan_merge(method: str, alpha: float, curves: tuple[str, ...], inner: list[f
         if rotation_steps:
             if method == "repair":
                 plan.add("statistics (rotated pair, fitted maps: REPAIR's goals while refining)", "calibration", 2)
-            plan.add(f"rotations refined (A, B and the {'REPAIRed ' if method == 'repair' else ''}midpoint, with its "
-                     "gradient)", "first calibration", 3, count=rotation_steps + 1)
+            midpoint = f"{'REPAIRed ' if method == 'repair' else ''}midpoint"
+            if keep_targets:  # the endpoints' predictions kept after the first step
+                plan.add(f"rotations refined (A, B and the {midpoint}, with its gradient)", "first calibration", 3)
+                plan.add(f"rotations refined (the {midpoint}, with its gradient; the endpoints' predictions kept)",
+                         "first calibration", 1, count=rotation_steps)
+            else:
+                plan.add(f"rotations refined (A, B and the {midpoint}, with its gradient)", "first calibration", 3,
+                         count=rotation_steps + 1)
         plan.add("statistics (rotated pair)", "calibration", 2)
     repairs = method in ("repair", "reset")
     if repairs:
@@ -381,7 +388,10 @@ def _merge(model_a, model_b, calibration, curve_calibration, evaluation, alpha, 
     variance_on_train, variance_on_aligned_curve = variance_data(evaluation, curves, inner, alpha)
     sizes = {"calibration": _size(calibration, num_samples), "first calibration": _size(curve_calibration, num_samples),
              **{name: _size(batches, eval_samples) for name, batches in evaluation.items()}}
-    plan = plan_merge(method, alpha, curves, inner, sizes, tuple(evaluation), rotate, rotation_steps)
+    # At most the prefix's cap when the stream's size is not known beforehand.
+    refined_examples = sizes["first calibration"] or getattr(curve_calibration, "limit", None) or num_samples
+    keep_targets = bool(rotation and rotation_steps) and targets_fit(model_a, example, refined_examples)
+    plan = plan_merge(method, alpha, curves, inner, sizes, tuple(evaluation), rotate, rotation_steps, keep_targets)
     if announce is not None and is_main_process(accelerator):
         announce(plan.describe())
 
@@ -419,7 +429,7 @@ def _merge(model_a, model_b, calibration, curve_calibration, evaluation, alpha, 
             with _timed(seconds, "rotate"):
                 maps, refined = refine_rotations(model_a, model_b, state_a_aligned, folded_b, spec, rotation, maps,
                                                  curve_calibration, rotation_steps, alpha, num_samples, accelerator,
-                                                 correctors)
+                                                 correctors, keep_targets)
         with _timed(seconds, "rotate"):
             state_b_aligned = rotate_state_dict(folded_b, spec, rotation, maps)
             rotated_diff = check_function_preserved(model_b, state_b_aligned, example, workspace=work)

@@ -291,6 +291,21 @@ def fit_rotations(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec,
 # steps at 0.01 took the REPAIRed midpoint from 75-77% to 88-89%; 80 steps at 0.005 gained under a
 # point more (on the plain midpoint, 90.6% against 89.8%).
 REFINE_LEARNING_RATE = 0.01
+# The endpoints' mixed predictions on the refinement's examples are kept after its first pass
+# when they fit in this many bytes (a classifier's always; a language model's vocabulary-wide
+# ones rarely): later steps then run the midpoint alone, a third of the forwards.
+TARGET_CACHE_BYTES = 2**30
+
+
+def targets_fit(model: nn.Module, example, examples: int | None) -> bool:
+    """Whether the mixed predictions of ``examples`` examples fit :data:`TARGET_CACHE_BYTES`,
+    from ``model``'s outputs on ``example`` (a few examples); unknown counts do not."""
+    if examples is None:
+        return False
+    with torch.no_grad():
+        logits = model_outputs(model, example)
+    per_example = logits.numel() // len(logits) * 4  # kept in float32
+    return examples * per_example <= TARGET_CACHE_BYTES
 
 
 class _Midpoint(nn.Module):
@@ -301,12 +316,11 @@ class _Midpoint(nn.Module):
     that it is the REPAIRed network. Its forward also keeps the endpoints' mixed predictions
     on the same inputs (:attr:`target`)."""
 
-    forwards_per_example = 3  # the endpoints' and the midpoint's (counted by the pass engine)
-
     def __init__(self, model_a: nn.Module, model_b: nn.Module, folded_a: dict, folded_b: dict,
                  spec: PermutationSpec, plan: RotationPlan, maps: dict[str, torch.Tensor], alpha: float,
-                 correctors: dict[str, nn.Module] | None = None) -> None:
+                 correctors: dict[str, nn.Module] | None = None, keep_targets: bool = False) -> None:
         super().__init__()
+        self.keep_targets, self.kept, self.replaying, self.position = keep_targets, [], False, 0
         self.model_a, self.model_b = model_a, model_b
         # A plain dict, not submodules: the pass puts its models in eval mode, the correctors stay measuring.
         self.correctors = {name: c.requires_grad_(False) for name, c in (correctors or {}).items()}
@@ -336,11 +350,27 @@ class _Midpoint(nn.Module):
             out[name] = self.fitted[name] @ turn
         return out
 
+    @property
+    def forwards_per_example(self) -> int:
+        """What the pass engine counts per example: the endpoints' and the midpoint's forwards,
+        or the midpoint's alone once the targets are kept."""
+        return 1 if self.replaying else 3
+
+    def start_pass(self) -> None:
+        """Before each pass: replay the targets kept by the previous one, if any."""
+        self.replaying, self.position = self.keep_targets and bool(self.kept), 0
+
     def forward(self, *args, **kwargs):
         inputs = kwargs if kwargs else args[0]
-        with torch.no_grad():
-            a, b = (F.softmax(model_outputs(model, inputs).float(), -1) for model in (self.model_a, self.model_b))
-            self.target = torch.lerp(a, b, self.alpha)
+        if self.replaying:  # the same batches, in the same order, every pass
+            self.target = self.kept[self.position]
+            self.position += 1
+        else:
+            with torch.no_grad():
+                a, b = (F.softmax(model_outputs(model, inputs).float(), -1) for model in (self.model_a, self.model_b))
+                self.target = torch.lerp(a, b, self.alpha)
+            if self.keep_targets:
+                self.kept.append(self.target)
         rotated = rotate_state_dict(self.folded_b, self.spec, self.plan, self.maps())
         modules = dict(self.model_a.named_modules())
         handles = [modules[name].register_forward_hook(lambda _m, _i, out, c=corrector: c(out))
@@ -401,7 +431,8 @@ class _Distillation(Tap):
 def refine_rotations(model_a: nn.Module, model_b: nn.Module, folded_a: dict, folded_b: dict, spec: PermutationSpec,
                      plan: RotationPlan, maps: dict[str, torch.Tensor], batches: Iterable, steps: int, alpha: float,
                      limit: int | None = None, accelerator: Accelerator | None = None,
-                     correctors: dict[str, nn.Module] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+                     correctors: dict[str, nn.Module] | None = None, keep_targets: bool = False
+                     ) -> tuple[dict[str, torch.Tensor], dict]:
     """The maps after ``steps`` of Adam on the KL divergence of the network interpolated at
     ``alpha`` from the endpoints' mixed predictions, each step over all of ``batches``
     (a full-batch gradient: any number of processes takes the same steps); B's function is
@@ -410,14 +441,16 @@ def refine_rotations(model_a: nn.Module, model_b: nn.Module, folded_a: dict, fol
     REPAIRed one: refined without them, the maps fit a midpoint that REPAIR then disturbs (on a
     digits ViT pair 89.5% before REPAIR, 84.4% after; with them 82.2% before, 88.2% after:
     ``examples/transformers/vit_orthogonal_stream.py``).
+    ``keep_targets`` (see :func:`targets_fit`): the endpoints run in the first pass only.
     Also returns what a merge record says of it: steps, examples, and the loss with the
     fitted and the refined maps (``steps + 1`` passes, the last without gradient)."""
-    midpoint = _Midpoint(model_a, model_b, folded_a, folded_b, spec, plan, maps, alpha, correctors)
+    midpoint = _Midpoint(model_a, model_b, folded_a, folded_b, spec, plan, maps, alpha, correctors, keep_targets)
     optimizer = torch.optim.Adam(midpoint.skews.parameters(), lr=REFINE_LEARNING_RATE)
     losses = []
     for step in range(steps + 1):
         learning = step < steps
         tap = _Distillation(midpoint, optimizer if learning else None)
+        midpoint.start_pass()
         examples = run_pass([midpoint], [tap], batches, limit=limit, accelerator=accelerator, grad=learning,
                             desc=f"refining rotations, step {step + 1} of {steps}" if learning else "refined rotations")
         losses.append(tap.loss)

@@ -134,8 +134,11 @@ def test_vit_rotated_merge_says_what_was_rotated_and_refined(vit_folders, mnist_
     out = tmp_path / "rotated-vit"
     done, results = merge_folders(a, b, mnist_folder, out, "--rotate", "--rotation-steps", "3",
                                   "--curve-repair-samples", "300")
-    assert "rotations refined (A, B and the REPAIRed midpoint, with its gradient): 4 passes x 3 models over the " \
+    # The endpoints' predictions are computed in the first step and kept for the other three.
+    assert "rotations refined (A, B and the REPAIRed midpoint, with its gradient): 1 pass x 3 models over the " \
            "first 300 calibration examples" in done.stderr
+    assert "rotations refined (the REPAIRed midpoint, with its gradient; the endpoints' predictions kept): 3 passes " \
+           "x 1 model over the first 300 calibration examples" in done.stderr
     assert "statistics (rotated pair, fitted maps: REPAIR's goals while refining): 1 pass x 2 models" in done.stderr
     assert results["plan"]["example_forwards"] == results["plan"]["example_forwards_run"]
     refined = results["rotated"]["refined"]

@@ -97,7 +97,8 @@ def test_refined_maps_stay_orthogonal_keep_b_s_function_and_lower_the_distillati
     """Two different ViTs: the fitted maps refined by a few full-batch steps are still
     orthogonal (the stream's keeping the ones direction), B carried by them computes what it
     did, the midpoint's KL divergence from the endpoints' mixed predictions falls, and the
-    pass engine counts three forwards per example (A, B, the midpoint) per step."""
+    pass engine counts three forwards per example (A, B, the midpoint) per step, or the
+    midpoint's alone once the endpoints' predictions are kept."""
     model_a, model_b = tiny_vit(0), tiny_vit(1)
     with torch.no_grad():  # confident predictions, as a trained pair makes (at random init they are uniform)
         for model in (model_a, model_b):
@@ -112,6 +113,11 @@ def test_refined_maps_stay_orthogonal_keep_b_s_function_and_lower_the_distillati
     maps, record = refine_rotations(model_a, model_b, folded_a, folded_b, spec, plan, fitted, batches, steps=6,
                                     alpha=0.5, limit=192)
     assert forward_count() - before == 7 * 192 * 3
+    before = forward_count()  # the endpoints' predictions kept after the first pass: the same steps, fewer forwards
+    kept, _ = refine_rotations(model_a, model_b, folded_a, folded_b, spec, plan, fitted, batches, steps=6, alpha=0.5,
+                               limit=192, keep_targets=True)
+    assert forward_count() - before == 192 * 3 + 6 * 192
+    assert all(torch.allclose(kept[name], maps[name], atol=1e-12) for name in maps)
     assert record["steps"] == 6 and record["examples"] == 192 and record["alpha"] == 0.5
     loss = record["distillation_loss"]
     assert loss["refined"] < 0.7 * loss["fitted"]
