@@ -195,13 +195,11 @@ def plan_merge(method: str, alpha: float, curves: tuple[str, ...], inner: list[f
             if method == "repair":
                 plan.add("statistics (rotated pair, fitted maps: REPAIR's goals while refining)", "calibration", 2)
             midpoint = f"{'REPAIRed ' if method == 'repair' else ''}midpoint"
+            plan.add(f"rotations refined (A, B and the {midpoint}, with its gradient)", "first calibration", 3,
+                     count=1 if keep_targets else rotation_steps + 1)
             if keep_targets:  # the endpoints' predictions kept after the first step
-                plan.add(f"rotations refined (A, B and the {midpoint}, with its gradient)", "first calibration", 3)
                 plan.add(f"rotations refined (the {midpoint}, with its gradient; the endpoints' predictions kept)",
                          "first calibration", 1, count=rotation_steps)
-            else:
-                plan.add(f"rotations refined (A, B and the {midpoint}, with its gradient)", "first calibration", 3,
-                         count=rotation_steps + 1)
         plan.add("statistics (rotated pair)", "calibration", 2)
     repairs = method in ("repair", "reset")
     if repairs:

@@ -336,8 +336,12 @@ def exact_correctors(spec: PermutationSpec, stats: Statistics, perms: dict[str, 
                      alpha: float) -> dict[str, ChannelBatchNorm]:
     """Exact REPAIR's correctors of every site it corrects with a goal (not the BatchNorm
     re-estimates), in train mode: a network run with them is the one REPAIR measures."""
-    return {site.module: goal_corrector(site, site_goal(stats, site, site.order(perms, len(stats.pairs[
-        site.module].a.total)), alpha)).train() for site in correction_sites(spec) if not site.batchnorm}
+    correctors = {}
+    for site in correction_sites(spec):
+        if not site.batchnorm:
+            order = site.order(perms, len(stats.pairs[site.module].a.total))
+            correctors[site.module] = goal_corrector(site, site_goal(stats, site, order, alpha)).train()
+    return correctors
 
 
 def _corrected_network(model, state_dict, sites, stats, perms, alpha, method, batches, max_examples, accelerator,

@@ -325,29 +325,29 @@ class _Midpoint(nn.Module):
         # A plain dict, not submodules: the pass puts its models in eval mode, the correctors stay measuring.
         self.correctors = {name: c.requires_grad_(False) for name, c in (correctors or {}).items()}
         self.folded_a, self.folded_b, self.spec, self.plan, self.alpha = folded_a, folded_b, spec, plan, alpha
-        self.names = list(maps)
+        self.modules_a = dict(model_a.named_modules())
         self.fitted = dict(maps)
+        # The stream's turn of a centred stream acts on the complement of the ones direction only.
+        self.ones = {name: tuple(t.to(matrix.device) for t in _ones_complement(len(matrix)))
+                     for name, matrix in maps.items() if plan.centred and name == plan.stream}
         self.skews = nn.ParameterList()
         for name, matrix in maps.items():
             blocks = self.spec.groups[name].blocks
-            width = len(matrix) // blocks - (1 if self._keeps_ones(name) else 0)
+            width = len(matrix) // blocks - (1 if name in self.ones else 0)
             self.skews.append(nn.Parameter(torch.zeros(blocks, width, width, dtype=torch.float64,
                                                        device=matrix.device)))
         self.target: torch.Tensor | None = None
 
-    def _keeps_ones(self, name: str) -> bool:
-        return self.plan.centred and name == self.plan.stream
-
     def maps(self) -> dict[str, torch.Tensor]:
         out = {}
-        for name, skew in zip(self.names, self.skews):
+        for (name, fitted), skew in zip(self.fitted.items(), self.skews):
             turn = torch.linalg.matrix_exp(skew - skew.transpose(-1, -2))
-            if self._keeps_ones(name):
-                ones, complement = (t.to(skew.device) for t in _ones_complement(len(self.fitted[name])))
+            if name in self.ones:
+                ones, complement = self.ones[name]
                 turn = complement @ turn[0] @ complement.T + ones @ ones.T
             else:
                 turn = torch.block_diag(*turn)
-            out[name] = self.fitted[name] @ turn
+            out[name] = fitted @ turn
         return out
 
     @property
@@ -372,8 +372,7 @@ class _Midpoint(nn.Module):
             if self.keep_targets:
                 self.kept.append(self.target)
         rotated = rotate_state_dict(self.folded_b, self.spec, self.plan, self.maps())
-        modules = dict(self.model_a.named_modules())
-        handles = [modules[name].register_forward_hook(lambda _m, _i, out, c=corrector: c(out))
+        handles = [self.modules_a[name].register_forward_hook(lambda _m, _i, out, c=corrector: c(out))
                    for name, corrector in self.correctors.items()]
         try:
             return functional_call(self.model_a, interpolate(self.folded_a, rotated, self.alpha), args, kwargs)
