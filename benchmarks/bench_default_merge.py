@@ -143,31 +143,59 @@ def run_before(path: str, output: Path, threads: int) -> dict:
     return {"seconds": float(line.split()[1]), "module": line.split()[2], "record": record}
 
 
+def run_fresh(output: Path, threads: int) -> dict:
+    """:func:`run_after` in a fresh process, as a user's ``hfrepair merge`` runs: nothing imported
+    or warmed by an earlier merge (torch.export's first call imports torch._dynamo, ~2 s)."""
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, __file__, "--threads", str(threads), "--one-merge", str(output)],
+                         capture_output=True, text=True, cwd=root, env={**os.environ, "TQDM_DISABLE": "1"})
+    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if out.returncode or line is None:
+        raise SystemExit(f"the merge failed: {out.stderr[-2000:]}")
+    return json.loads(line[len("RESULT "):])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--before", default=None, help="a folder whose hfrepair package to time as well")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="merges to run, each in a fresh process, alternating with timings of the forward "
+                             "alone; the median ratio is the figure")
+    parser.add_argument("--one-merge", default=None, help=argparse.SUPPRESS)  # a child process's one merge
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TQDM_DISABLE", "1")
-    # The forward alone is timed right before and right after the merge, and the two averaged:
+    if args.one_merge:
+        print("RESULT " + json.dumps(run_after(Path(args.one_merge))))
+        return
+    # The forward alone is timed right before and right after each merge, and the two averaged:
     # this shared machine's speed drifts by tens of percent over minutes.
-    first = per_example_forward()
+    timings, runs = [per_example_forward()], []
     with tempfile.TemporaryDirectory() as folder:
-        after = run_after(Path(folder) / "after")
-        last = per_example_forward()
+        for _ in range(args.repeat):
+            runs.append(run_fresh(Path(folder) / "after", args.threads))
+            timings.append(per_example_forward())
         before = run_before(args.before, Path(folder) / "before", args.threads) if args.before else None
-    per_example = (first + last) / 2
-    record = after["record"]
+    per_run = [(first + last) / 2 for first, last in zip(timings, timings[1:])]
+    ratios = [run["seconds"] / (run["record"]["plan"]["example_forwards_run"] * t) for run, t in zip(runs, per_run)]
+    median = sorted(range(len(runs)), key=ratios.__getitem__)[len(runs) // 2]
+    after, per_example, record = runs[median], per_run[median], runs[median]["record"]
     forwards = record["plan"]["example_forwards_run"]
     print(f"torch {torch.__version__}, {args.threads} threads; default merge of the demo pair "
-          f"({record['calibration_examples']} calibration examples, grid {len(record['alphas'])})")
+          f"({record['calibration_examples']} calibration examples, grid {len(record['alphas'])})"
+          + (f"; the run with the median ratio of {len(runs)}" if len(runs) > 1 else ""))
     print(f"wall time: {after['seconds']:.1f} s; saved model {100 * record['merged']['test']['accuracy']:.2f}% "
           f"test accuracy")
     print(f"stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in record["seconds"].items()))
     print(f"example-forwards: {forwards:,} (plan {record['plan']['example_forwards']:,}); one endpoint's forward "
-          f"alone: {1e3 * per_example:.3f} ms per example (before the merge {1e3 * first:.3f}, after {1e3 * last:.3f})")
-    print(f"wall time / (example-forwards x per-example forward): {after['seconds'] / (forwards * per_example):.2f}x")
+          f"alone: {1e3 * per_example:.3f} ms per example (before the merge {1e3 * timings[median]:.3f}, "
+          f"after {1e3 * timings[median + 1]:.3f})")
+    print(f"wall time / (example-forwards x per-example forward): {ratios[median]:.2f}x")
+    if len(runs) > 1:
+        print("every run: wall " + ", ".join(f"{run['seconds']:.1f}" for run in runs) + " s; forward alone "
+              + ", ".join(f"{1e3 * t:.3f}" for t in per_run) + " ms; ratio "
+              + ", ".join(f"{r:.2f}" for r in ratios) + "x")
     print("peak RSS by pass (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in after["peaks"].items()))
     if before:
         old = before["record"]

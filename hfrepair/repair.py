@@ -68,20 +68,25 @@ class ChannelBatchNorm(nn.BatchNorm1d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         axis = self.axis % x.dim()
         count = x.numel() // x.shape[axis]
-        # Units on axis 1 (conv and (N, C) linear outputs), or last in a contiguous output
-        # (a transformer's (N, T, C), read as (N * T, C)): torch's own BatchNorm kernel
-        # normalises and measures the batch in one pass, over ten times faster than
-        # separate reductions; it returns the mean and 1 / sqrt(var + eps).
-        units_last = axis == x.dim() - 1 and x.is_contiguous()
-        if self.training and (axis == 1 or units_last) and count > 1 and not self.scale_only \
-                and not counting_padding():
-            # A channels-last conv output is made contiguous: the kernel's channels-last
-            # reductions give different bits for different thread counts.
-            flat = x.reshape(-1, x.shape[axis]) if units_last else x.contiguous()
-            out, mean, inverse_std = torch.native_batch_norm(flat.float(), self.weight, self.bias, None, None, True,
-                                                             0.0, self.eps)
-            self._add(count, mean, (inverse_std.double() ** -2 - self.eps).clamp_min(0))
-            return out.view(x.shape).to(x.dtype)
+        units_last = x.movedim(axis, -1)
+        if self.training and count > 1 and not self.scale_only and not counting_padding():
+            if units_last.is_contiguous():
+                # Units innermost in memory (a transformer's (N, T, C), a channels-last conv
+                # output) are read as a (samples, units) view and normalised in that layout:
+                # torch's BatchNorm kernel over it gives different bits for different thread
+                # counts, a units-first copy costs more than the rest, and the output keeps
+                # the layout the next conv is fastest on.
+                rows = units_last.reshape(-1, x.shape[axis]).float()
+                mean, var = self._row_moments(rows)
+                scale = self.weight / torch.sqrt(var + self.eps)
+                out = torch.addcmul(self.bias - mean * scale, rows, scale)
+                return out.view(units_last.shape).movedim(-1, axis).to(x.dtype)
+            if axis == 1:  # a contiguous conv or (N, C) output: torch's own kernel normalises
+                # and measures in one pass; it returns the mean and 1 / sqrt(var + eps).
+                out, mean, inverse_std = torch.native_batch_norm(x.float(), self.weight, self.bias, None, None, True,
+                                                                 0.0, self.eps)
+                self._add(count, mean, (inverse_std.double() ** -2 - self.eps).clamp_min(0))
+                return out.to(x.dtype)
         if self.training:
             count, mean, var = self._batch_moments(x, axis)
             if count:
@@ -104,6 +109,19 @@ class ChannelBatchNorm(nn.BatchNorm1d):
         wide_mean = mean.detach().double()
         self.sums += torch.stack([torch.full_like(wide_mean, count), count * wide_mean,
                                   count * (var.detach().double() + wide_mean * wide_mean)])
+
+    def _row_moments(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-unit mean and population variance of a ``(samples, units)`` batch (float32,
+        differentiable), added to the float64 sums. Centred on the batch mean first, so the
+        variance has no cancellation whatever the units' offsets; these reductions give the
+        same bits for any thread count."""
+        shift = rows.mean(0)
+        centred = rows - shift
+        offset, squares = centred.sum(0) / len(rows), centred.square().sum(0) / len(rows)
+        wide_offset = offset.detach().double()
+        self._add(len(rows), shift.detach().double() + wide_offset,
+                  (squares.detach().double() - wide_offset**2).clamp_min(0))
+        return shift + offset, (squares - offset * offset).clamp_min(0)
 
     @staticmethod
     def _batch_moments(x: torch.Tensor, axis: int) -> tuple[int, torch.Tensor | None, torch.Tensor | None]:

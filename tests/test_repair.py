@@ -236,3 +236,25 @@ def test_exact_repair_weights_every_example_alike_whatever_the_batches(normaliza
         worst = max(((parts[k] - whole[k]).abs().max() / whole[k].abs().max().clamp_min(1e-12)).item()
                     for k in whole if whole[k].is_floating_point())
         assert worst < 0.03, (sizes, worst)
+
+
+def test_corrector_normalises_either_layout_alike_and_keeps_channels_last():
+    """A conv output with its channels innermost in memory is normalised as a (samples,
+    units) view and stays channels-last (the next conv's fast layout); a contiguous one
+    goes through torch's BatchNorm kernel. Both give the same output and the same sums."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 5, 5) * 3 + 7
+    results = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        corrector = ChannelBatchNorm(6, axis=1).train()
+        with torch.no_grad():
+            corrector.weight.uniform_(0.5, 2, generator=torch.Generator().manual_seed(1))
+            corrector.bias.normal_(generator=torch.Generator().manual_seed(2))
+            out = corrector(x.contiguous(memory_format=layout))
+        assert out.is_contiguous(memory_format=layout)
+        results.append((out, corrector.sums.clone()))
+    (plain, plain_sums), (last, last_sums) = results
+    torch.testing.assert_close(last, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(last_sums, plain_sums, rtol=1e-6, atol=1e-6)
+    wide = x.double().permute(0, 2, 3, 1).reshape(-1, 6)
+    torch.testing.assert_close(last_sums[1] / last_sums[0], wide.mean(0), rtol=1e-6, atol=1e-6)

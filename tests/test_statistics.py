@@ -7,7 +7,8 @@ from torch import nn
 from hfrepair.discovery import discover_spec
 from hfrepair.models import VGG
 from hfrepair.spec import ActivationSite
-from hfrepair.statistics import collect_moments, collect_statistics
+from hfrepair.passes import run_pass
+from hfrepair.statistics import SiteMoments, collect_moments, collect_statistics, sample_batch
 
 
 def small_vgg(seed):
@@ -103,3 +104,26 @@ def test_blocks_keep_only_their_cross_products():
         kept[start:stop, start:stop] = True
     torch.testing.assert_close(blocks.correlation()[kept], full.correlation()[kept])
     assert blocks.correlation()[~kept].isnan().all()
+
+
+def test_channels_last_and_contiguous_outputs_give_the_same_moments():
+    """A channels-last conv output is read as a (samples, units) view, a contiguous one
+    through a units-first copy: the moments agree to float32 rounding."""
+    torch.manual_seed(0)
+    output = torch.relu(torch.randn(6, 5, 7, 7) + 3)
+    wide = output.double().permute(0, 2, 3, 1).reshape(-1, 5)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        sample = sample_batch(output.contiguous(memory_format=layout), axis=1)
+        assert sample.count == 6 * 7 * 7
+        torch.testing.assert_close(sample.mean, wide.mean(0), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(sample.var, wide.var(0, unbiased=False), rtol=1e-5, atol=1e-6)
+
+
+def test_a_moments_tap_kept_after_its_pass_holds_no_activation_buffers():
+    a = small_vgg(0)
+    spec = discover_spec(a, torch.randn(2, 1, 8, 8))
+    tap = SiteMoments(spec.sites)
+    run_pass([a], [tap], [torch.randn(5, 1, 8, 8) for _ in range(2)])
+    assert all(m.n > 0 and m.n % 10 == 0 for m in tap.moments.values())  # every position of 10 examples
+    held = [t for t in vars(tap._buffers).values() if t]
+    assert not held, "the pass's scratch buffers outlive it"
