@@ -29,12 +29,10 @@ CURVE_STYLES = {"naive": ":", "naive-repaired": "-.", "aligned": "--", "repaired
 
 def plot_barrier(record: dict, path: Path) -> None:
     """Test accuracy and loss over alpha for every measured interpolation."""
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: a caller's backend and open figures stay as they are
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    figure = Figure(figsize=(10, 3.8))
+    axes = figure.subplots(1, 2)
     for label, curves in record["curves"].items():
         points = curves["test"]
         for axis, metric in zip(axes, ("accuracy", "loss")):
@@ -47,17 +45,14 @@ def plot_barrier(record: dict, path: Path) -> None:
     axes[0].legend()
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    plt.close(figure)
 
 
 def plot_variance(record: dict, path: Path) -> None:
     """Per-layer variance ratio to the endpoints (paper Fig. 2), before and after REPAIR."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(7, 3.8))
+    figure = Figure(figsize=(7, 3.8))
+    axis = figure.subplots()
     for label, ratios in record["variance_ratio"].items():
         axis.plot(range(len(ratios)), list(ratios.values()), marker="o", label=label)
     axis.axhline(1.0, color="gray", linewidth=0.8)
@@ -68,7 +63,6 @@ def plot_variance(record: dict, path: Path) -> None:
     axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    plt.close(figure)
 
 
 def _percent(value: float) -> str:
