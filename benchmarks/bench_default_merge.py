@@ -1,11 +1,13 @@
 """A default ``hfrepair merge`` of the demo pair: wall time, its forward passes, peak memory.
 
-    python benchmarks/bench_default_merge.py [--threads 2] [--before PATH]
+    python benchmarks/bench_default_merge.py [--threads 2] [--repeat N] [--before PATH]
 
 Runs ``hfrepair merge A B --dataset DEMO --output OUT`` with every default (5,000
 calibration examples asked, the 4,000 of the demo's train split used; 5 alphas, the default grid; naive,
 aligned and repaired curves on the 1,000 test digits and the first 1,000 calibration
-digits) on the shipped demo endpoints, in this process, and prints:
+digits) on the shipped demo endpoints, in a fresh process as a user's command runs (N
+times with ``--repeat N``, each between two timings of the forward alone; the run with
+the median ratio is reported in full), and prints:
 
 * the merge's wall time (the command, from reading the endpoints to the written folder);
 * the example-forwards its plan announced and ran, and one endpoint's per-example forward
