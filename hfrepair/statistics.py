@@ -78,8 +78,9 @@ def sample_batch(output: torch.Tensor, axis: int, reuse: torch.Tensor | None = N
     Units innermost in memory (a transformer's (N, T, C); a conv's output in channels-last
     layout, as the passes run convs on a CPU) are read as a ``(samples, units)`` view:
     five times faster than a transposing copy. Other layouts (a contiguous (N, C, H, W))
-    are centred into one units-first copy, so the C x C product is a contiguous GEMM. The moments are those of
-    the centred activations plus the shift: exact whatever the units' offset from zero.
+    are centred into one units-first copy, so the C x C product is a contiguous GEMM. The
+    moments are those of the centred activations plus the shift: exact whatever the
+    units' offset from zero.
     Every reduction here gives the same bits whatever the thread count (torch's BatchNorm
     kernel would be faster but does not), so one process and several agree to float64
     rounding.
