@@ -35,6 +35,7 @@ from .pipeline import CURVE_REPAIR_EXAMPLES, DEFAULT_GRID, MATCHERS, ROTATION_ST
 from .repair import METHODS
 from .report import corrected_count, describe, describe_spec
 from .spec import PermutationSpec, SpecError, verify_spec
+from .spec_cache import default_spec_cache
 from .text import (
     DEFAULT_MAX_LENGTH,
     block_length,
@@ -142,6 +143,9 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-memory", type=_memory_size, default=DEFAULT_CACHE_MEMORY,
                         help="prepared batches held in memory per data set (each example is read and preprocessed "
                              f"once per merge); beyond it they go to a temporary folder (default {DEFAULT_CACHE_MEMORY})")
+    parser.add_argument("--no-spec-cache", action="store_true",
+                        help="discover the permutation spec anew rather than reuse one discovered by an earlier merge "
+                             "of the same architecture (kept in $HFREPAIR_CACHE/specs, default ~/.cache/hfrepair/specs)")
     parser.add_argument("--batch-size", type=_positive, default=None,
                         help=f"examples per batch (default {IMAGE_BATCH} images on an accelerator, {CPU_IMAGE_BATCH} "
                              f"on a CPU, or {TEXT_BATCH} blocks of text)")
@@ -336,6 +340,11 @@ def load_spec(path: str) -> PermutationSpec:
         raise SpecError(f"cannot read the permutation spec {path}: {error}") from error
 
 
+def spec_cache(args: argparse.Namespace) -> Path | None:
+    """Where merges keep the specs they discover (None with ``--no-spec-cache``)."""
+    return None if args.no_spec_cache else default_spec_cache()
+
+
 def run_merge(args: argparse.Namespace, argv: list[str]) -> MergeResult:
     """The merge command on this process; under ``accelerate launch`` / ``torchrun`` every
     process runs it, each pass reads this process's part of the data, and only the main
@@ -366,7 +375,7 @@ def run_merge(args: argparse.Namespace, argv: list[str]) -> MergeResult:
                            curve_repair_examples=args.curve_repair_samples, rotate=args.rotate,
                            rotation_steps=ROTATION_STEPS if args.rotation_steps is None else args.rotation_steps,
                            accelerator=accelerator,
-                           cache_memory=size_in_bytes(args.cache_memory),
+                           cache_memory=size_in_bytes(args.cache_memory), spec_cache=spec_cache(args),
                            announce=lambda plan: print(plan, file=sys.stderr, flush=True))
     record = {
         **base_record(args, argv, inputs, merged, accelerator),
@@ -406,7 +415,8 @@ def run_merge_many(args: argparse.Namespace, argv: list[str]) -> ManyResult:
     rounds = {} if args.max_rounds is None else {"max_rounds": args.max_rounds}
     merged, result = merge_many(inputs.models, calibration, evaluation["test"], weights=args.weights, **rounds,
                                 matcher=args.matcher, method=args.method, match_at=args.match_at,
-                                accelerator=accelerator, cache_memory=size_in_bytes(args.cache_memory))
+                                accelerator=accelerator, cache_memory=size_in_bytes(args.cache_memory),
+                                spec_cache=spec_cache(args))
     record = {
         **base_record(args, argv, inputs, merged, accelerator),
         "sources": {"models": [source.to_dict() for source in sources], "dataset": inputs.data.to_dict()},

@@ -20,13 +20,13 @@ import copy
 from collections.abc import Iterable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from torch import nn
 
 from .batches import first_rows, inputs_of, to_device
-from .discovery import discover_spec
 from .distributed import make_accelerator
 from .evaluate import evaluate
 from .interpolate import average
@@ -35,9 +35,9 @@ from .pipeline import MATCHERS, MergeError, check_endpoints, statistics_plan
 from .prepared import DEFAULT_MEMORY, preparer
 from .repair import METHODS, repair
 from .report import repair_summary
-from .spec import (PermutationSpec, check_function_preserved, identity_permutations, load_into, permute_state_dict,
-                   verify_spec)
+from .spec import PermutationSpec, check_function_preserved, identity_permutations, load_into, permute_state_dict
 from .passes import run_pass
+from .spec_cache import checked_spec
 from .statistics import Moments, PairMoments, SiteStatistics, Statistics
 from .weight_matching import match_weights
 
@@ -61,6 +61,7 @@ class ManyResult:
     merged: dict = field(default_factory=dict)
     gap: dict = field(default_factory=dict)
     pairwise: list[dict] = field(default_factory=list)  # each pair's midpoint, aligned in the common order
+    spec_source: str = "discovered"  # "discovered" now, or "cached" from an earlier discovery
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -174,6 +175,7 @@ def merge_many(
     pairwise: bool = True,
     accelerator: Accelerator | None = None,
     cache_memory: int = DEFAULT_MEMORY,
+    spec_cache: str | Path | None = None,
 ) -> tuple[nn.Module, ManyResult]:
     """Align, average (``weights``, uniform by default) and REPAIR ``models``.
 
@@ -183,6 +185,7 @@ def merge_many(
     measured, and ``gap`` is the endpoints' mean metric minus the merged model's (the
     N-model barrier at the average); with ``pairwise`` (and N > 2) also every pair's
     midpoint in the common unit order, aligned and REPAIRed (one more REPAIR pass a pair).
+    ``spec_cache``: a folder of specs discovered earlier, per architecture (None: discover).
     """
     if len(models) < 2:
         raise MergeError(f"merging needs at least 2 models, got {len(models)}")
@@ -206,8 +209,7 @@ def merge_many(
         if example is None:
             raise MergeError("the calibration data is empty")
         example = to_device(first_rows(inputs_of(example), 8), accelerator.device)
-        spec = discover_spec(models[0], example)
-        verify_spec(models[0], spec, example)
+        spec, spec_source = checked_spec(models[0], example, spec_cache)
         if not spec.groups:
             raise MergeError(f"no permutation groups found in {type(models[0]).__name__}: nothing to align")
 
@@ -245,7 +247,8 @@ def merge_many(
         result = ManyResult(
             models=len(models), weights=weights, matcher=matcher, method=method,
             calibration_examples=examples, groups={name: g.size for name, g in spec.groups.items()},
-            corrected=repair_summary(spec, method, models[0]), rounds=rounds, settled=settled)
+            corrected=repair_summary(spec, method, models[0]), rounds=rounds, settled=settled,
+            spec_source=spec_source)
         if evaluation is not None:
             def score(state):
                 return evaluate(load_into(work, state), evaluation, accelerator=accelerator).to_dict()

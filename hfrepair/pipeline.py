@@ -12,13 +12,13 @@ import time
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from torch import nn
 
 from .batches import first_rows, inputs_of, to_device
-from .discovery import discover_spec
 from .distributed import is_main_process, make_accelerator, progress
 from .evaluate import Scores, barriers_of, variance_ratios
 from .interpolate import interpolate
@@ -29,6 +29,7 @@ from .passes import forward_count, run_pass
 from .prepared import DEFAULT_MEMORY, preparer
 from .spec import (PermutationSpec, check_function_preserved, coupled_blocks, identity_permutations, load_into,
                    permute_state_dict, verify_spec)
+from .spec_cache import checked_spec
 from .report import alignment_summary, corrected_count, fixed_summary, repair_summary, unsupported_ops
 from .rotation import (RotationError, fit_rotations, fold_norms, refine_rotations, refinement_note,
                        rotate_state_dict, rotation_plan, targets_fit)
@@ -89,6 +90,7 @@ class MergeResult:
     plan: dict = field(default_factory=dict)
     rotated: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    spec_source: str = "discovered"  # "discovered" now, "cached" from an earlier discovery, or "given"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -291,6 +293,7 @@ def merge(
     rotation_steps: int = ROTATION_STEPS,
     accelerator: Accelerator | None = None,
     cache_memory: int = DEFAULT_MEMORY,
+    spec_cache: str | Path | None = None,
     announce: Callable[[str], None] | None = None,
 ) -> tuple[nn.Module, MergeResult]:
     """Align ``model_b`` to ``model_a``, interpolate at ``alpha``, REPAIR and fuse.
@@ -313,7 +316,9 @@ def merge(
 
     Each example is read (streamed, decoded, preprocessed) once: later passes replay the
     prepared batches, held in memory up to ``cache_memory`` bytes per data set and in a
-    temporary folder beyond, removed at the end. ``announce`` receives the plan of passes
+    temporary folder beyond, removed at the end. ``spec_cache``: a folder where discovered
+    specs are stored per architecture and reused by later merges (see
+    :mod:`~hfrepair.spec_cache`; None: discover every time). ``announce`` receives the plan of passes
     before they start. Every pass runs on all processes of ``accelerator`` (one is created
     if none is given), each reading its part of the batches; the endpoints are moved to its
     device and the forward passes use its mixed precision, while all sums stay float64.
@@ -350,11 +355,12 @@ def merge(
                                                                            num_samples)
         curve_calibration = calibration.prefix(curve_cap) if curve_cap else calibration
         return _merge(model_a, model_b, calibration, curve_calibration, evaluation, alpha, method, match_at, matcher,
-                      spec, num_samples, grid, eval_samples, curves, rotate, rotation_steps, accelerator, announce)
+                      spec, spec_cache, num_samples, grid, eval_samples, curves, rotate, rotation_steps, accelerator,
+                      announce)
 
 
 def _merge(model_a, model_b, calibration, curve_calibration, evaluation, alpha, method, match_at, matcher, spec,
-           num_samples, grid, eval_samples, curves, rotate, rotation_steps, accelerator, announce):
+           spec_cache, num_samples, grid, eval_samples, curves, rotate, rotation_steps, accelerator, announce):
     """:func:`merge` on prepared data: the plan, then the stages."""
     seconds: dict[str, float] = {}
     example = next(iter(calibration), None)  # this process's first batch: read once, kept for the passes
@@ -364,9 +370,12 @@ def _merge(model_a, model_b, calibration, curve_calibration, evaluation, alpha, 
 
     given_spec = spec is not None
     with _timed(seconds, "discover"):
-        spec = spec or discover_spec(model_a, example)
-        # Every spec, discovered or by hand, must pass the random-permutation check.
-        verify_spec(model_a, spec, example)
+        # Every spec, discovered, cached or by hand, must pass the random-permutation check.
+        if given_spec:
+            verify_spec(model_a, spec, example)
+            spec_source = "given"
+        else:
+            spec, spec_source = checked_spec(model_a, example, spec_cache)
     corrected = repair_summary(spec, method, model_a)
     check_merge_does_something(spec, method, model_a, given_spec, corrected)
     if "repaired+blocks" in curves and not block_output_sites(spec):
@@ -452,7 +461,7 @@ def _merge(model_a, model_b, calibration, curve_calibration, evaluation, alpha, 
         permuted_max_abs_diff=permuted_diff,
         matched_correlation=mean_matched_correlation(spec, stats, perms, match_at),
         unaligned_correlation=mean_matched_correlation(spec, stats, identity, match_at),
-        fixed=fixed_summary(spec), corrected=corrected,
+        fixed=fixed_summary(spec), corrected=corrected, spec_source=spec_source,
         weight_distance={label: weight_distance(spec, dict(model_a.named_parameters()), state_b, order)
                          for label, order in (("unaligned", identity), ("aligned", perms))},
     )

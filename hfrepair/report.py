@@ -77,18 +77,16 @@ def corrected_count(summary: dict[str, list]) -> int:
     return sum(len(summary.get(k, ())) for k in CORRECTION_KINDS)
 
 
+# Where a merge's spec came from (``MergeResult.spec_source``), as the printed report says it.
+SPEC_SOURCES = {"discovered": "discovered from the torch.export graph",
+                "cached": "an earlier discovery of this architecture, reused from the spec cache",
+                "given": "given by hand"}
+
+
 def describe(result) -> list[str]:
     """The report in a few lines, for the printed table."""
-    if result.aligned:
-        kinds = ", ".join(f"{k} {v['groups']} x {'/'.join(map(str, v['sizes']))} units "
-                          f"(corr {v['matched_correlation']:.2f} vs {v['unaligned_correlation']:.2f})"
-                          for k, v in result.aligned.items())
-        lines = [f"aligned: {kinds}"]
-        if result.weight_distance:
-            lines.append(f"weight distance |A - P(B)| / |A|: {result.weight_distance['unaligned']:.3f} unaligned, "
-                         f"{result.weight_distance['aligned']:.3f} after {result.matcher} matching")
-    else:
-        lines = ["aligned: nothing (no permutation group)"]
+    lines = [f"permutation spec: {SPEC_SOURCES[result.spec_source]} (checked: a random permutation per group "
+             "leaves the outputs unchanged)", *_alignment_lines(result)]
     fixed = sum(result.fixed.values())
     if fixed:
         top = "; ".join(f"{reason} ({count})" for reason, count in list(result.fixed.items())[:3])
@@ -101,6 +99,20 @@ def describe(result) -> list[str]:
                         if corrected["uncorrected"] else ""))
     else:
         lines.append(f"REPAIR: nothing corrected (method {result.method})")
+    return lines
+
+
+def _alignment_lines(result) -> list[str]:
+    """What was aligned, by group kind, and how far the weights moved."""
+    if not result.aligned:
+        return ["aligned: nothing (no permutation group)"]
+    kinds = ", ".join(f"{k} {v['groups']} x {'/'.join(map(str, v['sizes']))} units "
+                      f"(corr {v['matched_correlation']:.2f} vs {v['unaligned_correlation']:.2f})"
+                      for k, v in result.aligned.items())
+    lines = [f"aligned: {kinds}"]
+    if result.weight_distance:
+        lines.append(f"weight distance |A - P(B)| / |A|: {result.weight_distance['unaligned']:.3f} unaligned, "
+                     f"{result.weight_distance['aligned']:.3f} after {result.matcher} matching")
     return lines
 
 

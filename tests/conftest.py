@@ -22,6 +22,10 @@ import tempfile
 _HF_HOME = tempfile.mkdtemp(prefix="hfrepair-tests-hf-")
 os.environ["HF_HOME"] = _HF_HOME
 atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)
+# hfrepair's own cache (the specs merges discover) too: per worker, never the user's.
+_HFREPAIR_CACHE = tempfile.mkdtemp(prefix="hfrepair-tests-cache-")
+os.environ["HFREPAIR_CACHE"] = _HFREPAIR_CACHE
+atexit.register(shutil.rmtree, _HFREPAIR_CACHE, ignore_errors=True)
 
 import pytest
 import torch

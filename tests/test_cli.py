@@ -95,6 +95,25 @@ def test_no_curves_measures_the_endpoints_and_the_saved_model_only_as_its_printe
     assert "No interpolation curve was measured" in card and "barrier_curve.png" not in card
 
 
+def test_a_second_merge_of_the_architecture_reuses_its_spec_and_says_so(endpoint_folders, mnist_folder, tmp_path,
+                                                                        monkeypatch):
+    monkeypatch.setenv("HFREPAIR_CACHE", str(tmp_path / "cache"))
+    a, b = endpoint_folders
+    quick = ["--dataset", mnist_folder, "--no-curves", "--num-samples", "250", "--eval-samples", "100",
+             "--overwrite"]
+    sources, merged = [], []
+    for flags in ([], [], ["--no-spec-cache"]):
+        done = run_cli("merge", a, b, "--output", tmp_path / "merged", *quick, *flags)
+        assert done.returncode == 0, done.stderr
+        results = json.loads((tmp_path / "merged" / "merge_results.json").read_text())
+        sources.append((results["spec_source"], next(l for l in done.stdout.splitlines() if "permutation spec" in l)))
+        merged.append(load_file(tmp_path / "merged" / "model.safetensors"))
+    assert [source for source, _ in sources] == ["discovered", "cached", "discovered"]
+    assert "discovered from the torch.export graph" in sources[0][1] and "spec cache" in sources[1][1]
+    assert len(list((tmp_path / "cache" / "specs").iterdir())) == 1
+    assert all(torch.equal(merged[0][key], other[key]) for other in merged[1:] for key in merged[0])
+
+
 def test_curve_points_are_repaired_on_the_first_calibration_examples_as_plan_and_card_say(
         endpoint_folders, mnist_folder, tmp_path):
     a, b = endpoint_folders

@@ -74,7 +74,7 @@ def test_a_merge_decodes_each_example_once_and_runs_the_forwards_it_announced(mn
 
     # Forwards of the model class on real data, outside the spec checks (which run on 8 examples).
     forwards, checking = [], [False]
-    for name in ("verify_spec", "check_function_preserved", "discover_spec"):
+    for name in ("verify_spec", "check_function_preserved", "checked_spec"):
         original = getattr(pipeline, name)
 
         def flagged(*args, _original=original, **kwargs):

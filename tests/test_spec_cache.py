@@ -1,0 +1,76 @@
+"""Specs kept per architecture: another pair of the same architecture reuses the stored
+spec without exporting, anything that changes the graph misses, and a stored spec that no
+longer fits is discovered anew."""
+
+import json
+
+import pytest
+import torch
+from transformers import ResNetConfig, ResNetForImageClassification
+
+from hfrepair import spec_cache
+from hfrepair.discovery import discover_spec
+from hfrepair.models import MLP
+from hfrepair.spec_cache import architecture_key, checked_spec
+
+IMAGES = torch.randn(8, 1, 6, 6)
+
+
+def mlp(seed: int, width: int = 16) -> MLP:
+    torch.manual_seed(seed)
+    return MLP(depth=2, width=width, image_size=6, in_channels=1).eval()
+
+
+def hf_resnet(seed: int, name: str) -> ResNetForImageClassification:
+    torch.manual_seed(seed)
+    config = ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)
+    model = ResNetForImageClassification(config).eval()
+    model.config._name_or_path = name
+    return model
+
+
+def as_json(spec) -> dict:
+    return json.loads(json.dumps(spec.to_dict()))
+
+
+def test_the_key_is_the_architecture_not_the_weights_or_the_checkpoint_name():
+    assert architecture_key(mlp(0), IMAGES) == architecture_key(mlp(1), IMAGES)
+    assert architecture_key(mlp(0), IMAGES) != architecture_key(mlp(0, width=24), IMAGES)
+    assert architecture_key(mlp(0), IMAGES) != architecture_key(mlp(0), IMAGES.double())
+    a, b = hf_resnet(0, "someone/resnet-a"), hf_resnet(1, "someone-else/resnet-b")
+    images = torch.randn(2, 1, 16, 16)
+    assert architecture_key(a, images) == architecture_key(b, images)
+    assert architecture_key(a, images) != architecture_key(a, torch.randn(2, 1, 24, 24))
+    b.config.hidden_act = "gelu"  # a setting that changes no weight's name or shape
+    assert architecture_key(a, images) != architecture_key(b, images)
+
+
+def test_a_second_pair_of_the_same_architecture_reuses_the_spec_without_exporting(tmp_path, monkeypatch):
+    spec, source = checked_spec(mlp(0), IMAGES, tmp_path)
+    assert source == "discovered" and len(list(tmp_path.iterdir())) == 1
+
+    def no_export(*_args):
+        raise AssertionError("discovery ran although the spec was stored")
+    monkeypatch.setattr(spec_cache, "discover_spec", no_export)
+    reused, source = checked_spec(mlp(1), IMAGES, tmp_path)
+    assert source == "cached" and as_json(reused) == as_json(spec) == as_json(discover_spec(mlp(1), IMAGES))
+
+
+def test_without_a_folder_nothing_is_stored(tmp_path):
+    _spec, source = checked_spec(mlp(0), IMAGES, None)
+    assert source == "discovered" and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("stored", ["not json", "wrong spec"])
+def test_an_unreadable_or_wrong_stored_spec_is_discovered_anew_and_replaced(stored, tmp_path):
+    model = mlp(0)
+    path = tmp_path / f"{architecture_key(model, IMAGES)}.json"
+    if stored == "not json":
+        path.write_text("{")
+    else:  # a spec that fails the random-permutation check: a layer's rows permuted, its reader's columns not
+        wrong = discover_spec(model, IMAGES).to_dict()
+        wrong["groups"][0]["members"] = wrong["groups"][0]["members"][:1]
+        path.write_text(json.dumps(wrong))
+    spec, source = checked_spec(model, IMAGES, tmp_path)
+    assert source == "discovered"
+    assert json.loads(path.read_text()) == as_json(spec) == as_json(discover_spec(model, IMAGES))
