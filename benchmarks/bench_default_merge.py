@@ -6,13 +6,16 @@ Runs ``hfrepair merge A B --dataset DEMO --output OUT`` with every default (5,00
 calibration examples asked, the 4,000 of the demo's train split used; 5 alphas, the default grid; naive,
 aligned and repaired curves on the 1,000 test digits and the first 1,000 calibration
 digits) on the shipped demo endpoints, in a fresh process as a user's command runs (N
-times with ``--repeat N``, each between two timings of the forward alone; the run with
-the median ratio is reported in full), and prints:
+times with ``--repeat N``, the first on an empty spec cache, the others reusing the spec
+it stored; the run with the median ratio is reported in full), and prints:
 
 * the merge's wall time (the command, from reading the endpoints to the written folder);
 * the example-forwards its plan announced and ran, and one endpoint's per-example forward
-  time measured alone over the same prepared digits: the ratio of the wall time to
-  (example-forwards x that time) is what decoding, copying and bookkeeping add;
+  time measured alone over the same prepared digits, in the merge's own process right
+  after it (same allocator settings, threads and warmed caches; this shared machine's
+  speed drifts by tens of percent over minutes, so a timing in another process or minute
+  says little about the merge's): the ratio of the wall time to (example-forwards x that
+  time) is what decoding, copying and bookkeeping add;
 * the peak resident memory during each kind of pass (statistics, REPAIR, evaluation),
   sampled every 10 ms;
 * the saved model's test accuracy.
@@ -89,7 +92,7 @@ def per_example_forward(examples: int = 2000) -> float:
     the merge's own batches (its CPU default) and, like its passes, with channels-last kernels."""
     from hfrepair.cli import CPU_IMAGE_BATCH
     from hfrepair.demo import demo_pair
-    from hfrepair.passes import _channels_last_convolutions
+    from hfrepair.passes import channels_last_convolutions
 
     model, _, calibration, _ = demo_pair(batch_size=CPU_IMAGE_BATCH)
     batches = []
@@ -99,12 +102,12 @@ def per_example_forward(examples: int = 2000) -> float:
             break
     model.eval()
     best = float("inf")
-    with _channels_last_convolutions([model]):
-        model(batches[0])  # warm-up
+    with channels_last_convolutions([model]) as in_layout:
+        model(in_layout(batches[0]))  # warm-up
         for _ in range(3):  # the best of three: single runs here varied by over 20%
             start = time.perf_counter()
             for images in batches:
-                model(images)
+                model(in_layout(images))
             best = min(best, time.perf_counter() - start)
     return best / sum(len(b) for b in batches)
 
@@ -126,7 +129,7 @@ def run_after(output: Path) -> dict:
     if code:
         raise SystemExit(f"the merge failed with status {code}")
     record = json.loads((output / "merge_results.json").read_text())
-    return {"seconds": seconds, "peaks": stage_peaks, "record": record}
+    return {"seconds": seconds, "peaks": stage_peaks, "record": record, "forward": per_example_forward()}
 
 
 def run_before(path: str, output: Path, threads: int) -> dict:
@@ -145,12 +148,15 @@ def run_before(path: str, output: Path, threads: int) -> dict:
     return {"seconds": float(line.split()[1]), "module": line.split()[2], "record": record}
 
 
-def run_fresh(output: Path, threads: int) -> dict:
+def run_fresh(output: Path, threads: int, cache: Path) -> dict:
     """:func:`run_after` in a fresh process, as a user's ``hfrepair merge`` runs: nothing imported
-    or warmed by an earlier merge (torch.export's first call imports torch._dynamo, ~2 s)."""
+    or warmed by an earlier merge (torch.export's first call imports torch._dynamo, ~2 s). The
+    runs share the spec cache ``cache``, empty before the first: the first merge discovers
+    the spec, the later ones reuse it, as a user's later merges of the architecture do."""
     root = Path(__file__).resolve().parent.parent
     out = subprocess.run([sys.executable, __file__, "--threads", str(threads), "--one-merge", str(output)],
-                         capture_output=True, text=True, cwd=root, env={**os.environ, "TQDM_DISABLE": "1"})
+                         capture_output=True, text=True, cwd=root,
+                         env={**os.environ, "TQDM_DISABLE": "1", "HFREPAIR_CACHE": str(cache)})
     line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
     if out.returncode or line is None:
         raise SystemExit(f"the merge failed: {out.stderr[-2000:]}")
@@ -162,7 +168,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--before", default=None, help="a folder whose hfrepair package to time as well")
     parser.add_argument("--repeat", type=int, default=1,
-                        help="merges to run, each in a fresh process, alternating with timings of the forward "
+                        help="merges to run, each in a fresh process followed there by a timing of the forward "
                              "alone; the median ratio is the figure")
     parser.add_argument("--one-merge", default=None, help=argparse.SUPPRESS)  # a child process's one merge
     args = parser.parse_args()
@@ -171,15 +177,10 @@ def main() -> None:
     if args.one_merge:
         print("RESULT " + json.dumps(run_after(Path(args.one_merge))))
         return
-    # The forward alone is timed right before and right after each merge, and the two averaged:
-    # this shared machine's speed drifts by tens of percent over minutes.
-    timings, runs = [per_example_forward()], []
     with tempfile.TemporaryDirectory() as folder:
-        for _ in range(args.repeat):
-            runs.append(run_fresh(Path(folder) / "after", args.threads))
-            timings.append(per_example_forward())
+        runs = [run_fresh(Path(folder) / "after", args.threads, Path(folder) / "cache") for _ in range(args.repeat)]
         before = run_before(args.before, Path(folder) / "before", args.threads) if args.before else None
-    per_run = [(first + last) / 2 for first, last in zip(timings, timings[1:])]
+    per_run = [run["forward"] for run in runs]
     ratios = [run["seconds"] / (run["record"]["plan"]["example_forwards_run"] * t) for run, t in zip(runs, per_run)]
     median = sorted(range(len(runs)), key=ratios.__getitem__)[len(runs) // 2]
     after, per_example, record = runs[median], per_run[median], runs[median]["record"]
@@ -189,15 +190,16 @@ def main() -> None:
           + (f"; the run with the median ratio of {len(runs)}" if len(runs) > 1 else ""))
     print(f"wall time: {after['seconds']:.1f} s; saved model {100 * record['merged']['test']['accuracy']:.2f}% "
           f"test accuracy")
-    print(f"stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in record["seconds"].items()))
+    print(f"stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in record["seconds"].items())
+          + f" (spec {record['spec_source']})")
     print(f"example-forwards: {forwards:,} (plan {record['plan']['example_forwards']:,}); one endpoint's forward "
-          f"alone: {1e3 * per_example:.3f} ms per example (before the merge {1e3 * timings[median]:.3f}, "
-          f"after {1e3 * timings[median + 1]:.3f})")
+          f"alone, right after the merge in its process: {1e3 * per_example:.3f} ms per example")
     print(f"wall time / (example-forwards x per-example forward): {ratios[median]:.2f}x")
     if len(runs) > 1:
         print("every run: wall " + ", ".join(f"{run['seconds']:.1f}" for run in runs) + " s; forward alone "
               + ", ".join(f"{1e3 * t:.3f}" for t in per_run) + " ms; ratio "
-              + ", ".join(f"{r:.2f}" for r in ratios) + "x")
+              + ", ".join(f"{r:.2f}" for r in ratios) + "x; spec "
+              + ", ".join(run["record"]["spec_source"] for run in runs))
     print("peak RSS by pass (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in after["peaks"].items()))
     if before:
         old = before["record"]

@@ -21,6 +21,7 @@ import torch
 import yaml
 from PIL import Image
 
+from .allocator import keep_freed_memory
 from .batches import floating_dtype
 from .card import calibration_unit, many_model_card, write_card
 from .data import SHUFFLE_BUFFER, DataError, image_batches, image_mode, model_transform
@@ -696,6 +697,7 @@ def example_images(folder: Path, count: int = 2) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    keep_freed_memory()
     parser = build_parser()
     try:
         args = parse(parser, argv)
