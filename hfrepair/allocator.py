@@ -10,9 +10,9 @@ lazily each fault also exits to the host. Keeping freed blocks made a default de
 CPU tuning guide recommends swapping in jemalloc or tcmalloc for the same reason; a
 library cannot preload an allocator, but it can set glibc's two thresholds.
 
-Only ``hfrepair``'s own command calls this: a process that imports hfrepair keeps its
-allocator as its owner configured it. The resident set no longer shrinks after a peak,
-which matters little to a process that ends when its merge does.
+Only ``hfrepair``'s own command sets them: a process that imports hfrepair keeps its
+allocator as its owner configured it. Every pass ends by handing what it freed back to
+the system, so the resident set still shrinks between passes.
 """
 
 from __future__ import annotations
@@ -27,11 +27,29 @@ MMAP_THRESHOLD = 32 * 1024 * 1024
 TRIM_THRESHOLD = 1024 * 1024 * 1024
 
 
+def _glibc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_GLIBC = _glibc()
+
+
 def keep_freed_memory() -> bool:
     """Ask glibc to reuse freed blocks rather than return them; False where the C library
     is not glibc (macOS, musl, Windows), which is left as it is."""
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
+    if _GLIBC is None:
         return False
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return bool(_GLIBC.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(_GLIBC.mallopt(M_TRIM_THRESHOLD,
+                                                                                          TRIM_THRESHOLD))
+
+
+def release_freed_memory() -> None:
+    """Return what a finished pass freed to the system (glibc's ``malloc_trim``): kept
+    within a pass for the next batch, released between passes, so that the resident set
+    follows what a merge holds, and each pass's peak is its own, not an earlier pass's."""
+    if _GLIBC is not None:
+        _GLIBC.malloc_trim(0)

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 
 from huggingface_hub import save_torch_state_dict
+from huggingface_hub.serialization._base import parse_size_to_int  # the savers' own parser
+from safetensors.torch import save_file
 from torch import nn
 
 from .models import BUILTIN_MODELS
@@ -116,13 +118,26 @@ def save_merged(model: nn.Module, folder: str | Path, source: str | Path,
     if pretrained:
         model.save_pretrained(folder, max_shard_size=max_shard_size, safe_serialization=True)
     else:
-        save_torch_state_dict({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, folder,
-                              max_shard_size=max_shard_size)
+        _save_state_dict({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, folder,
+                         max_shard_size)
     for name in SIDECAR_FILES:  # after saving, so that A's own files win over generated ones
         if (Path(source) / name).is_file() and not (pretrained and name == "config.json"):
             shutil.copy2(Path(source) / name, folder / name)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
+
+
+def _save_state_dict(state: dict, folder: Path, max_shard_size: int | str) -> None:
+    """``model.safetensors`` as huggingface_hub's ``save_torch_state_dict`` writes it; when the
+    weights fit one shard and share no storage, through safetensors' own ``save_file``: the
+    sharding helper imports torch.distributed.tensor on its first call (0.6 s, a noticeable
+    part of a small merge) only to ask whether a tensor is distributed."""
+    limit = int(max_shard_size) if str(max_shard_size).isdigit() else parse_size_to_int(max_shard_size)
+    storages = {t.untyped_storage().data_ptr() for t in state.values()}
+    if sum(t.numel() * t.element_size() for t in state.values()) <= limit and len(storages) == len(state):
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        save_torch_state_dict(state, folder, max_shard_size=max_shard_size)
 
 
 def _is_transformers_model(model: nn.Module) -> bool:

@@ -20,6 +20,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from .allocator import release_freed_memory
 from .batches import counting_real_tokens, inputs_of, model_outputs, rows, run_model, to_device
 from .distributed import autocast, local_batches, part_of, progress, require_data_everywhere, sum_across
 
@@ -224,4 +225,5 @@ def _run_pass(models, taps, batches, limit, accelerator, desc) -> int:
     _reduce(taps, accelerator)
     for tap in taps:
         tap.finish()
+    release_freed_memory()
     return total

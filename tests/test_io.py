@@ -10,11 +10,12 @@ import json
 
 import pytest
 import torch
+from huggingface_hub import save_torch_state_dict
 from safetensors import safe_open
 from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
                           LlamaForCausalLM, ViTConfig, ViTForImageClassification)
 
-from hfrepair.io import config_differences, load_model, read_config, save_merged
+from hfrepair.io import _save_state_dict, config_differences, load_model, read_config, save_merged
 from hfrepair.models import MLP
 
 LABELS = {"id2label": {0: "zero", 1: "one", 2: "two"}, "label2id": {"zero": 0, "one": 1, "two": 2}}
@@ -118,3 +119,16 @@ def test_builtin_merge_saves_with_endpoint_config_and_loads(max_shard_size, tmp_
     assert type(reloaded) is MLP
     for name, tensor in reloaded.state_dict().items():
         assert torch.equal(tensor, merged.state_dict()[name]), name
+
+
+def test_one_shard_is_written_byte_for_byte_as_huggingface_hub_writes_it(tmp_path):
+    """Weights that fit one shard skip the Hub saver (its first call imports torch.distributed.tensor)."""
+    torch.manual_seed(0)
+    state = {k: v.detach().contiguous() for k, v in MLP(depth=3, width=64, image_size=14).state_dict().items()}
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    ours.mkdir()
+    theirs.mkdir()
+    _save_state_dict(state, ours, "5GB")
+    save_torch_state_dict(state, theirs, max_shard_size="5GB")
+    assert [p.name for p in ours.iterdir()] == [p.name for p in theirs.iterdir()] == ["model.safetensors"]
+    assert (ours / "model.safetensors").read_bytes() == (theirs / "model.safetensors").read_bytes()
