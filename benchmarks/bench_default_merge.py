@@ -21,7 +21,8 @@ it stored; the run with the median ratio is reported in full), and prints:
 * the saved model's test accuracy.
 
 ``--before PATH`` also times the same command with the hfrepair found in PATH (e.g. a
-checkout of an earlier commit) in a fresh process, for a before/after comparison.
+checkout of an earlier commit) in a fresh process after each merge, so that the two
+alternate and share the machine's drift, for a before/after comparison.
 """
 
 from __future__ import annotations
@@ -177,9 +178,12 @@ def main() -> None:
     if args.one_merge:
         print("RESULT " + json.dumps(run_after(Path(args.one_merge))))
         return
+    runs, befores = [], []
     with tempfile.TemporaryDirectory() as folder:
-        runs = [run_fresh(Path(folder) / "after", args.threads, Path(folder) / "cache") for _ in range(args.repeat)]
-        before = run_before(args.before, Path(folder) / "before", args.threads) if args.before else None
+        for _ in range(args.repeat):
+            runs.append(run_fresh(Path(folder) / "after", args.threads, Path(folder) / "cache"))
+            if args.before:
+                befores.append(run_before(args.before, Path(folder) / "before", args.threads))
     per_run = [run["forward"] for run in runs]
     ratios = [run["seconds"] / (run["record"]["plan"]["example_forwards_run"] * t) for run, t in zip(runs, per_run)]
     median = sorted(range(len(runs)), key=ratios.__getitem__)[len(runs) // 2]
@@ -201,11 +205,13 @@ def main() -> None:
               + ", ".join(f"{r:.2f}" for r in ratios) + "x; spec "
               + ", ".join(run["record"]["spec_source"] for run in runs))
     print("peak RSS by pass (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in after["peaks"].items()))
-    if before:
-        old = before["record"]
-        print(f"before ({before['module']}): {before['seconds']:.1f} s, saved model "
-              f"{100 * old['merged']['test']['accuracy']:.2f}%; after / before: "
-              f"{after['seconds'] / before['seconds']:.2f}")
+    if befores:
+        walls = sorted(before["seconds"] for before in befores)
+        mine = sorted(run["seconds"] for run in runs)
+        print(f"before ({befores[0]['module']}): wall " + ", ".join(f"{b['seconds']:.1f}" for b in befores)
+              + " s, saved model " + ", ".join(f"{100 * b['record']['merged']['test']['accuracy']:.2f}%" for b in befores)
+              + f"; median after / median before: {mine[len(mine) // 2]:.1f} / {walls[len(walls) // 2]:.1f} s = "
+              f"{mine[len(mine) // 2] / walls[len(walls) // 2]:.2f}")
 
 
 if __name__ == "__main__":
