@@ -12,8 +12,8 @@ it stored; the run with the median ratio is reported in full), and prints:
 * the merge's wall time (the command, from reading the endpoints to the written folder);
 * the example-forwards its plan announced and ran, and one endpoint's per-example forward
   time measured alone over the same prepared digits, in the merge's own process right
-  after it (same allocator settings, threads and warmed caches; this shared machine's
-  speed drifts by tens of percent over minutes, so a timing in another process or minute
+  before and right after it, averaged (same allocator settings and threads; this shared
+  machine's speed drifts by tens of percent over minutes, so a timing in another process
   says little about the merge's): the ratio of the wall time to (example-forwards x that
   time) is what decoding, copying and bookkeeping add;
 * the peak resident memory during each kind of pass (statistics, REPAIR, evaluation),
@@ -114,7 +114,12 @@ def per_example_forward(examples: int = 2000) -> float:
 
 
 def run_after(output: Path) -> dict:
+    from hfrepair.allocator import keep_freed_memory, release_freed_memory
     from hfrepair.cli import main as cli_main
+
+    keep_freed_memory()  # what the command sets first, so that the forward before it runs as in it
+    forward_before = per_example_forward()
+    release_freed_memory()
 
     # The modules themselves (hfrepair's namespace has functions named like some of them).
     statistics, repair, pipeline = (importlib.import_module(f"hfrepair.{name}")
@@ -130,7 +135,9 @@ def run_after(output: Path) -> dict:
     if code:
         raise SystemExit(f"the merge failed with status {code}")
     record = json.loads((output / "merge_results.json").read_text())
-    return {"seconds": seconds, "peaks": stage_peaks, "record": record, "forward": per_example_forward()}
+    forward_after = per_example_forward()
+    return {"seconds": seconds, "peaks": stage_peaks, "record": record, "forward": (forward_before + forward_after) / 2,
+            "forwards": [forward_before, forward_after]}
 
 
 def run_before(path: str, output: Path, threads: int) -> dict:
@@ -169,7 +176,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--before", default=None, help="a folder whose hfrepair package to time as well")
     parser.add_argument("--repeat", type=int, default=1,
-                        help="merges to run, each in a fresh process followed there by a timing of the forward "
+                        help="merges to run, each in a fresh process between two timings there of the forward "
                              "alone; the median ratio is the figure")
     parser.add_argument("--one-merge", default=None, help=argparse.SUPPRESS)  # a child process's one merge
     args = parser.parse_args()
@@ -197,7 +204,8 @@ def main() -> None:
     print(f"stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in record["seconds"].items())
           + f" (spec {record['spec_source']})")
     print(f"example-forwards: {forwards:,} (plan {record['plan']['example_forwards']:,}); one endpoint's forward "
-          f"alone, right after the merge in its process: {1e3 * per_example:.3f} ms per example")
+          f"alone in the merge's process: {1e3 * per_example:.3f} ms per example (right before it "
+          f"{1e3 * after['forwards'][0]:.3f}, right after {1e3 * after['forwards'][1]:.3f})")
     print(f"wall time / (example-forwards x per-example forward): {ratios[median]:.2f}x")
     if len(runs) > 1:
         print("every run: wall " + ", ".join(f"{run['seconds']:.1f}" for run in runs) + " s; forward alone "
