@@ -16,14 +16,13 @@ import inspect
 import json
 import os
 import sys
-from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .discovery import discover_spec
+from .discovery import _aliases, discover_spec
 from .spec import PermutationSpec, SpecError, verify_spec
 
 # Bumped whenever what a stored spec means changes in a way its key cannot see.
@@ -72,15 +71,13 @@ def architecture_key(model: nn.Module, example_inputs) -> str | None:
     except (TypeError, OSError):
         return None
     state = model.state_dict(keep_vars=True)
-    tied = defaultdict(list)
-    for key, value in state.items():
-        tied[(value.data_ptr(), tuple(value.shape), value.dtype)].append(key)
+    tied = {tuple(keys) for keys in _aliases(model).values() if len(keys) > 1}
     described = {
         "format": FORMAT, "hfrepair": ours, "torch": torch.__version__,
         "transformers": getattr(sys.modules.get("transformers"), "__version__", None),
         "code": dict(sorted(code.items())), "modules": repr(model), "config": _config(model),
         "state": [[key, list(value.shape), str(value.dtype)] for key, value in state.items()],
-        "tied": sorted(keys for keys in tied.values() if len(keys) > 1),
+        "tied": sorted(tied),
         "inputs": _input_shapes(example_inputs),
     }
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
