@@ -10,12 +10,14 @@ times with ``--repeat N``, the first on an empty spec cache, the others reusing 
 it stored; the run with the median ratio is reported in full), and prints:
 
 * the merge's wall time (the command, from reading the endpoints to the written folder);
-* the example-forwards its plan announced and ran, and one endpoint's per-example forward
-  time measured alone over the same prepared digits, in the merge's own process right
-  before and right after it, averaged (same allocator settings and threads; this shared
-  machine's speed drifts by tens of percent over minutes, so a timing in another process
-  says little about the merge's): the ratio of the wall time to (example-forwards x that
-  time) is what decoding, copying and bookkeeping add;
+* the example-forwards its plan announced and ran, and what they take alone: each pass's
+  example-forwards times one endpoint's per-example forward timed alone over 512 prepared
+  digits right before and right after that pass, in the merge's process (same allocator
+  settings and threads; the timings are left out of the wall time). This shared machine's
+  speed drifts by tens of percent within a minute, so a yardstick taken apart from the
+  merge says little about it. The ratio of the wall time to that sum is what decoding,
+  copying and bookkeeping add; it is also given per kind of pass, with the time spent
+  outside passes;
 * the peak resident memory during each kind of pass (statistics, REPAIR, evaluation),
   sampled every 10 ms;
 * the saved model's test accuracy.
@@ -87,39 +89,63 @@ def demo_command(output: Path) -> list[str]:
             str(dataset), "--output", str(output), "--overwrite"]
 
 
-@torch.no_grad()
-def per_example_forward(examples: int = 2000) -> float:
-    """Seconds per example of one endpoint's forward pass over prepared digits, alone, in
-    the merge's own batches (its CPU default) and, like its passes, with channels-last kernels."""
-    from hfrepair.cli import CPU_IMAGE_BATCH
-    from hfrepair.demo import demo_pair
-    from hfrepair.passes import channels_last_convolutions
+class Yardstick:
+    """One endpoint's forward alone over prepared digits in the merge's batches (its CPU
+    default), with channels-last kernels as the passes run it, timed right before every pass
+    of the merge and once after it. This shared machine's speed drifts by tens of percent
+    within a minute, so a yardstick taken apart from the merge says little about it; taken
+    between its passes, each pass is compared with the machine's speed at that moment."""
 
-    model, _, calibration, _ = demo_pair(batch_size=CPU_IMAGE_BATCH)
-    batches = []
-    for images, _labels in calibration:
-        batches.append(images)
-        if sum(len(b) for b in batches) >= examples:
-            break
-    model.eval()
-    best = float("inf")
-    with channels_last_convolutions([model]) as in_layout:
-        model(in_layout(batches[0]))  # warm-up
-        for _ in range(3):  # the best of three: single runs here varied by over 20%
-            start = time.perf_counter()
-            for images in batches:
-                model(in_layout(images))
-            best = min(best, time.perf_counter() - start)
-    return best / sum(len(b) for b in batches)
+    def __init__(self, examples: int = 512) -> None:
+        from hfrepair.cli import CPU_IMAGE_BATCH
+        from hfrepair.demo import demo_pair
+
+        self.model, _, calibration, _ = demo_pair(batch_size=CPU_IMAGE_BATCH)
+        self.model.eval()
+        self.batches = []
+        for images, _labels in calibration:
+            self.batches.append(images)
+            if sum(len(b) for b in self.batches) >= examples:
+                break
+        self.examples = sum(len(b) for b in self.batches)
+        self.samples: list[float] = []  # seconds per example, one per timing
+        self.seconds = 0.0  # spent timing, left out of the merge's wall time
+        self.time()  # warm-up, not kept
+        self.samples.clear()
+
+    @torch.no_grad()
+    def time(self) -> None:
+        from hfrepair.allocator import release_freed_memory
+        from hfrepair.passes import channels_last_convolutions
+
+        start = time.perf_counter()
+        with channels_last_convolutions([self.model]) as in_layout:
+            begin = time.perf_counter()
+            for images in self.batches:
+                self.model(in_layout(images))
+            self.samples.append((time.perf_counter() - begin) / self.examples)
+        release_freed_memory()  # the next pass starts as it would without the yardstick
+        self.seconds += time.perf_counter() - start
 
 
 def run_after(output: Path) -> dict:
-    from hfrepair.allocator import keep_freed_memory, release_freed_memory
+    from hfrepair.allocator import keep_freed_memory
     from hfrepair.cli import main as cli_main
 
-    keep_freed_memory()  # what the command sets first, so that the forward before it runs as in it
-    forward_before = per_example_forward()
-    release_freed_memory()
+    keep_freed_memory()  # what the command sets first, so that the yardstick runs as the merge does
+    yardstick = Yardstick()
+    passes_module = importlib.import_module("hfrepair.passes")
+    passes, bare_pass = [], passes_module._run_pass
+
+    def timed_pass(models, taps, batches, limit, accelerator, desc):
+        yardstick.time()
+        forwards, start = passes_module.forward_count(), time.perf_counter()
+        try:
+            return bare_pass(models, taps, batches, limit, accelerator, desc)
+        finally:
+            passes.append({"desc": desc, "seconds": time.perf_counter() - start,
+                           "forwards": passes_module.forward_count() - forwards})
+    passes_module._run_pass = timed_pass
 
     # The modules themselves (hfrepair's namespace has functions named like some of them).
     statistics, repair, pipeline = (importlib.import_module(f"hfrepair.{name}")
@@ -130,14 +156,17 @@ def run_after(output: Path) -> dict:
     peaks.tag(pipeline, lambda desc: "evaluation" if desc.startswith("evaluating") else "variance")
     start = time.perf_counter()
     code = cli_main(demo_command(output))
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start - yardstick.seconds
     stage_peaks = peaks.stop()
     if code:
         raise SystemExit(f"the merge failed with status {code}")
+    yardstick.time()
+    # Each pass against the forward alone timed right before and right after it.
+    for index, one in enumerate(passes):
+        one["forward"] = (yardstick.samples[index] + yardstick.samples[index + 1]) / 2
     record = json.loads((output / "merge_results.json").read_text())
-    forward_after = per_example_forward()
-    return {"seconds": seconds, "peaks": stage_peaks, "record": record, "forward": (forward_before + forward_after) / 2,
-            "forwards": [forward_before, forward_after]}
+    return {"seconds": seconds, "peaks": stage_peaks, "record": record, "passes": passes,
+            "forwards_alone": sum(one["forwards"] * one["forward"] for one in passes)}
 
 
 def run_before(path: str, output: Path, threads: int) -> dict:
@@ -171,13 +200,28 @@ def run_fresh(output: Path, threads: int, cache: Path) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
+def print_passes(run: dict) -> None:
+    """Each kind of pass: its time against its forwards alone; and the time outside passes."""
+    kinds: dict[str, list[float]] = {}
+    for one in run["passes"]:
+        kind = kinds.setdefault(one["desc"], [0, 0, 0.0, 0.0])
+        kind[0] += 1
+        kind[1] += one["forwards"]
+        kind[2] += one["seconds"]
+        kind[3] += one["forwards"] * one["forward"]
+    print("passes: kind, count, example-forwards, seconds, forwards alone (s), ratio")
+    for desc, (count, forwards, seconds, alone) in kinds.items():
+        print(f"  {desc}: {count}, {forwards:,}, {seconds:.2f}, {alone:.2f}, {seconds / alone:.2f}x")
+    inside = sum(one["seconds"] for one in run["passes"])
+    print(f"  outside passes (loading, discovery, matching, interpolation, card, saving): {run['seconds'] - inside:.2f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--before", default=None, help="a folder whose hfrepair package to time as well")
     parser.add_argument("--repeat", type=int, default=1,
-                        help="merges to run, each in a fresh process between two timings there of the forward "
-                             "alone; the median ratio is the figure")
+                        help="merges to run, each in a fresh process; the median ratio is the figure")
     parser.add_argument("--one-merge", default=None, help=argparse.SUPPRESS)  # a child process's one merge
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -191,25 +235,25 @@ def main() -> None:
             runs.append(run_fresh(Path(folder) / "after", args.threads, Path(folder) / "cache"))
             if args.before:
                 befores.append(run_before(args.before, Path(folder) / "before", args.threads))
-    per_run = [run["forward"] for run in runs]
-    ratios = [run["seconds"] / (run["record"]["plan"]["example_forwards_run"] * t) for run, t in zip(runs, per_run)]
+    ratios = [run["seconds"] / run["forwards_alone"] for run in runs]
     median = sorted(range(len(runs)), key=ratios.__getitem__)[len(runs) // 2]
-    after, per_example, record = runs[median], per_run[median], runs[median]["record"]
+    after, record = runs[median], runs[median]["record"]
     forwards = record["plan"]["example_forwards_run"]
     print(f"torch {torch.__version__}, {args.threads} threads; default merge of the demo pair "
           f"({record['calibration_examples']} calibration examples, grid {len(record['alphas'])})"
           + (f"; the run with the median ratio of {len(runs)}" if len(runs) > 1 else ""))
     print(f"wall time: {after['seconds']:.1f} s; saved model {100 * record['merged']['test']['accuracy']:.2f}% "
           f"test accuracy")
-    print(f"stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in record["seconds"].items())
-          + f" (spec {record['spec_source']})")
-    print(f"example-forwards: {forwards:,} (plan {record['plan']['example_forwards']:,}); one endpoint's forward "
-          f"alone in the merge's process: {1e3 * per_example:.3f} ms per example (right before it "
-          f"{1e3 * after['forwards'][0]:.3f}, right after {1e3 * after['forwards'][1]:.3f})")
+    print(f"stages as the merge timed them, the yardstick's timings between passes included (s): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in record["seconds"].items()) + f" (spec {record['spec_source']})")
+    print(f"example-forwards: {forwards:,} (plan {record['plan']['example_forwards']:,}); each pass's times one "
+          f"endpoint's forward alone timed right before and after it: {after['forwards_alone']:.1f} s "
+          f"({1e3 * after['forwards_alone'] / forwards:.3f} ms per example-forward)")
     print(f"wall time / (example-forwards x per-example forward): {ratios[median]:.2f}x")
+    print_passes(after)
     if len(runs) > 1:
-        print("every run: wall " + ", ".join(f"{run['seconds']:.1f}" for run in runs) + " s; forward alone "
-              + ", ".join(f"{1e3 * t:.3f}" for t in per_run) + " ms; ratio "
+        print("every run: wall " + ", ".join(f"{run['seconds']:.1f}" for run in runs) + " s; forwards alone "
+              + ", ".join(f"{run['forwards_alone']:.1f}" for run in runs) + " s; ratio "
               + ", ".join(f"{r:.2f}" for r in ratios) + "x; spec "
               + ", ".join(run["record"]["spec_source"] for run in runs))
     print("peak RSS by pass (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in after["peaks"].items()))
