@@ -1,13 +1,13 @@
 """A default ``hfrepair merge`` of the demo pair: wall time, its forward passes, peak memory.
 
-    python benchmarks/bench_default_merge.py [--threads 2] [--repeat N] [--before PATH]
+    python benchmarks/bench_default_merge.py [--threads 2] [--repeat N] [--cold] [--before PATH]
 
 Runs ``hfrepair merge A B --dataset DEMO --output OUT`` with every default (5,000
 calibration examples asked, the 4,000 of the demo's train split used; 5 alphas, the default grid; naive,
 aligned and repaired curves on the 1,000 test digits and the first 1,000 calibration
 digits) on the shipped demo endpoints, in a fresh process as a user's command runs (N
 times with ``--repeat N``, the first on an empty spec cache, the others reusing the spec
-it stored; the run with the median ratio is reported in full), and prints:
+it stored, or each on an empty one with ``--cold``, as a first merge of an architecture; the run with the median ratio is reported in full), and prints:
 
 * the merge's wall time (the command, from reading the endpoints to the written folder);
 * the example-forwards its plan announced and ran, and what they take alone: each pass's
@@ -33,6 +33,7 @@ import argparse
 import importlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -193,7 +194,8 @@ def run_fresh(output: Path, threads: int, cache: Path) -> dict:
     root = Path(__file__).resolve().parent.parent
     out = subprocess.run([sys.executable, __file__, "--threads", str(threads), "--one-merge", str(output)],
                          capture_output=True, text=True, cwd=root,
-                         env={**os.environ, "TQDM_DISABLE": "1", "HFREPAIR_CACHE": str(cache)})
+                         env={**os.environ, "TQDM_DISABLE": "1", "HFREPAIR_CACHE": str(cache),
+                              "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])})
     line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
     if out.returncode or line is None:
         raise SystemExit(f"the merge failed: {out.stderr[-2000:]}")
@@ -222,6 +224,8 @@ def main() -> None:
     parser.add_argument("--before", default=None, help="a folder whose hfrepair package to time as well")
     parser.add_argument("--repeat", type=int, default=1,
                         help="merges to run, each in a fresh process; the median ratio is the figure")
+    parser.add_argument("--cold", action="store_true",
+                        help="every merge on an empty spec cache (each discovers its spec, as a first merge does)")
     parser.add_argument("--one-merge", default=None, help=argparse.SUPPRESS)  # a child process's one merge
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -232,6 +236,8 @@ def main() -> None:
     runs, befores = [], []
     with tempfile.TemporaryDirectory() as folder:
         for _ in range(args.repeat):
+            if args.cold:
+                shutil.rmtree(Path(folder) / "cache" / "specs", ignore_errors=True)
             runs.append(run_fresh(Path(folder) / "after", args.threads, Path(folder) / "cache"))
             if args.before:
                 befores.append(run_before(args.before, Path(folder) / "before", args.threads))
