@@ -18,8 +18,8 @@ it stored, or each on an empty one with ``--cold``, as a first merge of an archi
   merge says little about it. The ratio of the wall time to that sum is what decoding,
   copying and bookkeeping add; it is also given per kind of pass, with the time spent
   outside passes;
-* the peak resident memory during each kind of pass (statistics, REPAIR, evaluation),
-  sampled every 10 ms;
+* the peak resident memory during each kind of pass (statistics, REPAIR, evaluation), the
+  kernel's high-water mark read and reset whenever a pass starts or ends (Linux);
 * the saved model's test accuracy.
 
 ``--before PATH`` also times the same command with the hfrepair found in PATH (e.g. a
@@ -37,48 +37,54 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import torch
 
 
-def rss_mb() -> float:
+def peak_rss_mb() -> float:
+    """The resident set's high-water mark since it was last reset (``VmHWM``)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
-    return 0.0
+    raise SystemExit("this benchmark reads /proc/self/status (Linux)")
+
+
+def reset_peak_rss() -> None:
+    """Start a new high-water mark at the current resident set (Linux >= 4.0)."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 class StagePeaks:
-    """Peak RSS per kind of pass: a sampling thread, and the pass engine's callers tagged."""
+    """Peak RSS per kind of pass, exact: the kernel's high-water mark, read and reset at every
+    change of stage (a sampling thread can miss a pass's peak, which lasts a batch)."""
 
     def __init__(self) -> None:
-        self.stage, self.peaks, self._running = "other", {}, True
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
+        self.stage, self.peaks = "other", {}
+        reset_peak_rss()
 
-    def _sample(self) -> None:
-        while self._running:
-            self.peaks[self.stage] = max(self.peaks.get(self.stage, 0.0), rss_mb())
-            time.sleep(0.01)
+    def settle(self) -> None:
+        """Count the peak since the last reset under the current stage, and reset it."""
+        self.peaks[self.stage] = max(self.peaks.get(self.stage, 0.0), peak_rss_mb())
+        reset_peak_rss()
 
     def tag(self, module, stage_of) -> None:
         """Wrap ``module.run_pass`` so that its passes are counted under ``stage_of(desc)``."""
         original = module.run_pass
 
         def tagged(*args, desc="pass", **kwargs):
+            self.settle()
             previous, self.stage = self.stage, stage_of(desc)
             try:
                 return original(*args, desc=desc, **kwargs)
             finally:
+                self.settle()
                 self.stage = previous
         module.run_pass = tagged
 
     def stop(self) -> dict:
-        self._running = False
-        self._thread.join()
+        self.settle()
         return self.peaks
 
 
@@ -138,11 +144,14 @@ def run_after(output: Path) -> dict:
 
     keep_freed_memory()  # what the command sets first, so that the yardstick runs as the merge does
     yardstick = Yardstick()
+    peaks = StagePeaks()
     passes_module = importlib.import_module("hfrepair.passes")
     passes, bare_pass = [], passes_module._run_pass
 
     def timed_pass(models, taps, batches, limit, accelerator, desc):
+        peaks.settle()
         yardstick.time()
+        reset_peak_rss()  # the yardstick's own peak counts nowhere
         forwards, start = passes_module.forward_count(), time.perf_counter()
         try:
             return bare_pass(models, taps, batches, limit, accelerator, desc)
@@ -154,7 +163,6 @@ def run_after(output: Path) -> dict:
     # The modules themselves (hfrepair's namespace has functions named like some of them).
     statistics, repair, pipeline = (importlib.import_module(f"hfrepair.{name}")
                                     for name in ("statistics", "repair", "pipeline"))
-    peaks = StagePeaks()
     peaks.tag(statistics, lambda desc: "statistics")
     peaks.tag(repair, lambda desc: "REPAIR")
     peaks.tag(pipeline, lambda desc: "evaluation" if desc.startswith("evaluating") else "variance")
