@@ -7,7 +7,8 @@ calibration examples asked, the 4,000 of the demo's train split used; 5 alphas, 
 aligned and repaired curves on the 1,000 test digits and the first 1,000 calibration
 digits) on the shipped demo endpoints, in a fresh process as a user's command runs (N
 times with ``--repeat N``, the first on an empty spec cache, the others reusing the spec
-it stored, or each on an empty one with ``--cold``, as a first merge of an architecture; the run with the median ratio is reported in full), and prints:
+it stored, or each on an empty one with ``--cold``, as a first merge of an architecture;
+the run with the median ratio is reported in full), and prints:
 
 * the merge's wall time (the command, from reading the endpoints to the written folder);
 * the example-forwards its plan announced and ran, and what they take alone: each pass's
@@ -206,7 +207,7 @@ def run_fresh(output: Path, threads: int, cache: Path) -> dict:
     out = subprocess.run([sys.executable, __file__, "--threads", str(threads), "--one-merge", str(output)],
                          capture_output=True, text=True, cwd=root,
                          env={**os.environ, "TQDM_DISABLE": "1", "HFREPAIR_CACHE": str(cache),
-                              "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])})
+                              "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))})
     line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
     if out.returncode or line is None:
         raise SystemExit(f"the merge failed: {out.stderr[-2000:]}")
