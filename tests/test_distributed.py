@@ -70,9 +70,10 @@ def two_process_worker(folders, dataset, out, rotate=False):
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=True)
-    # A forked worker runs on every core's threads whatever the test process set: two of
-    # them on a 2-core machine (with another pytest worker beside) took 31 s for the ViT's
-    # passes, against 5.6 s on one thread each. Bits do not depend on the thread count.
+    # debug_launcher's workers each see LOCAL_WORLD_SIZE=1, so accelerate gives each all the
+    # physical cores' threads: two of them on a 2-core machine (another pytest worker beside)
+    # took 31 s for the ViT's passes, against 5.6 s on one thread each. Bits do not depend
+    # on the thread count.
     torch.set_num_threads(1)
     assert accelerator.num_processes == 2
     measured = run_passes(folders, dataset, accelerator, rotate)
