@@ -66,27 +66,20 @@ class StagePeaks:
         reset_peak_rss()
 
     def settle(self) -> None:
-        """Count the peak since the last reset under the current stage, and reset it."""
+        """Count the peak since the last reset under the current stage, reset it, and go
+        back to counting under "other"."""
         self.peaks[self.stage] = max(self.peaks.get(self.stage, 0.0), peak_rss_mb())
         reset_peak_rss()
+        self.stage = "other"
 
-    def tag(self, module, stage_of) -> None:
-        """Wrap ``module.run_pass`` so that its passes are counted under ``stage_of(desc)``."""
-        original = module.run_pass
 
-        def tagged(*args, desc="pass", **kwargs):
-            self.settle()
-            previous, self.stage = self.stage, stage_of(desc)
-            try:
-                return original(*args, desc=desc, **kwargs)
-            finally:
-                self.settle()
-                self.stage = previous
-        module.run_pass = tagged
-
-    def stop(self) -> dict:
-        self.settle()
-        return self.peaks
+def stage_of(desc: str) -> str:
+    """The kind of a pass, from the description it shows."""
+    for prefix, stage in (("statistics", "statistics"), ("REPAIR", "REPAIR"), ("evaluating", "evaluation"),
+                          ("variance", "variance")):
+        if desc.startswith(prefix):
+            return stage
+    return desc
 
 
 def demo_command(output: Path) -> list[str]:
@@ -118,8 +111,6 @@ class Yardstick:
         self.examples = sum(len(b) for b in self.batches)
         self.samples: list[float] = []  # seconds per example, one per timing
         self.seconds = 0.0  # spent timing, left out of the merge's wall time
-        self.time()  # warm-up, not kept
-        self.samples.clear()
 
     @torch.no_grad()
     def time(self) -> None:
@@ -153,24 +144,20 @@ def run_after(output: Path) -> dict:
         peaks.settle()
         yardstick.time()
         reset_peak_rss()  # the yardstick's own peak counts nowhere
+        peaks.stage = stage_of(desc)
         forwards, start = passes_module.forward_count(), time.perf_counter()
         try:
             return bare_pass(models, taps, batches, limit, accelerator, desc)
         finally:
             passes.append({"desc": desc, "seconds": time.perf_counter() - start,
                            "forwards": passes_module.forward_count() - forwards})
+            peaks.settle()
     passes_module._run_pass = timed_pass
 
-    # The modules themselves (hfrepair's namespace has functions named like some of them).
-    statistics, repair, pipeline = (importlib.import_module(f"hfrepair.{name}")
-                                    for name in ("statistics", "repair", "pipeline"))
-    peaks.tag(statistics, lambda desc: "statistics")
-    peaks.tag(repair, lambda desc: "REPAIR")
-    peaks.tag(pipeline, lambda desc: "evaluation" if desc.startswith("evaluating") else "variance")
     start = time.perf_counter()
     code = cli_main(demo_command(output))
     seconds = time.perf_counter() - start - yardstick.seconds
-    stage_peaks = peaks.stop()
+    peaks.settle()
     if code:
         raise SystemExit(f"the merge failed with status {code}")
     yardstick.time()
@@ -178,7 +165,7 @@ def run_after(output: Path) -> dict:
     for index, one in enumerate(passes):
         one["forward"] = (yardstick.samples[index] + yardstick.samples[index + 1]) / 2
     record = json.loads((output / "merge_results.json").read_text())
-    return {"seconds": seconds, "peaks": stage_peaks, "record": record, "passes": passes,
+    return {"seconds": seconds, "peaks": peaks.peaks, "record": record, "passes": passes,
             "forwards_alone": sum(one["forwards"] * one["forward"] for one in passes)}
 
 

@@ -785,13 +785,13 @@ def discover_spec(model: nn.Module, example_inputs) -> PermutationSpec:
                 g.fix_all(out, f"unsupported graph node {node.op}")
 
     g.sets.propagate_fixes()
-    groups, fixed, group_of_class = _collect_groups(g, graph, placeholder_keys, _aliases(model))
+    groups, fixed, group_of_class = _collect_groups(g, graph, placeholder_keys, tied_state_keys(model))
     sites, site_at = _find_sites(model, graph, g, group_of_class, groups)
     streams = _stream_folds(graph, g, group_of_class, placeholder_keys, sites, site_at)
     return PermutationSpec(_name_kinds(g, groups, group_of_class, sites), fixed, sites, streams)
 
 
-def _aliases(model: nn.Module) -> dict[str, list[str]]:
+def tied_state_keys(model: nn.Module) -> dict[str, list[str]]:
     """state_dict key -> every key holding the same tensor (tied weights: GPT-2's ``wte`` and
     ``lm_head``). The graph has one input for them; each key must move with it."""
     by_storage = defaultdict(list)

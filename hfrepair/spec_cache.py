@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .discovery import _aliases, discover_spec
+from .discovery import tied_state_keys, discover_spec
 from .spec import PermutationSpec, SpecError, verify_spec
 
 # Bumped whenever what a stored spec means changes in a way its key cannot see.
@@ -71,7 +71,7 @@ def architecture_key(model: nn.Module, example_inputs) -> str | None:
     except (TypeError, OSError):
         return None
     state = model.state_dict(keep_vars=True)
-    tied = {tuple(keys) for keys in _aliases(model).values() if len(keys) > 1}
+    tied = {tuple(keys) for keys in tied_state_keys(model).values() if len(keys) > 1}
     described = {
         "format": FORMAT, "hfrepair": ours, "torch": torch.__version__,
         "transformers": getattr(sys.modules.get("transformers"), "__version__", None),
