@@ -113,20 +113,24 @@ class Yardstick:
         self.seconds = 0.0  # spent timing, left out of the merge's wall time
 
     @torch.no_grad()
-    def time(self) -> None:
+    def time(self, release: bool = True) -> None:
+        """``release``: whether the pass before handed its freed memory back; the yardstick
+        then hands back what it used too, so that the next pass starts as it would without it
+        (else the next pass reuses what the one before kept, and so does the yardstick)."""
         from hfrepair.allocator import release_freed_memory
         from hfrepair.passes import channels_last_convolutions
 
         start = time.perf_counter()
         with channels_last_convolutions([self.model]) as in_layout:
-            # One batch untimed first: the pass before handed its memory back, and the
+            # One batch untimed first: when the pass before handed its memory back, the
             # faults that costs would weigh more in 8 batches than in a pass.
             self.model(in_layout(self.batches[0]))
             begin = time.perf_counter()
             for images in self.batches:
                 self.model(in_layout(images))
             self.samples.append((time.perf_counter() - begin) / self.examples)
-        release_freed_memory()  # the next pass starts as it would without the yardstick
+        if release:
+            release_freed_memory()
         self.seconds += time.perf_counter() - start
 
 
@@ -139,16 +143,18 @@ def run_after(output: Path) -> dict:
     peaks = StagePeaks()
     passes_module = importlib.import_module("hfrepair.passes")
     passes, bare_pass = [], passes_module._run_pass
+    released = [True]  # whether the last pass handed its freed memory back
 
-    def timed_pass(models, taps, batches, limit, accelerator, desc):
+    def timed_pass(models, taps, batches, limit, accelerator, desc, release=True):
         peaks.settle()
-        yardstick.time()
+        yardstick.time(released[0])
         reset_peak_rss()  # the yardstick's own peak counts nowhere
         peaks.stage = stage_of(desc)
         forwards, start = passes_module.forward_count(), time.perf_counter()
         try:
-            return bare_pass(models, taps, batches, limit, accelerator, desc)
+            return bare_pass(models, taps, batches, limit, accelerator, desc, release)
         finally:
+            released[0] = release
             passes.append({"desc": desc, "seconds": time.perf_counter() - start,
                            "forwards": passes_module.forward_count() - forwards})
             peaks.settle()

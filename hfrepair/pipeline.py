@@ -25,6 +25,7 @@ from .interpolate import interpolate
 from .matching import match_permutations, matching_sites, mean_matched_correlation
 from .weight_matching import match_weights, weight_distance
 from .repair import METHODS, block_output_sites, correction_sites, exact_correctors, repair, repair_block_outputs
+from .allocator import release_freed_memory
 from .passes import forward_count, run_pass
 from .prepared import DEFAULT_MEMORY, preparer
 from .spec import (PermutationSpec, check_function_preserved, coupled_blocks, identity_permutations, load_into,
@@ -498,7 +499,7 @@ def _merge(model_a, model_b, calibration, curve_calibration, evaluation, alpha, 
         for name, batches in evaluation.items():
             taps = [*(Scores(i) for i in range(len(models))), *in_memory, *(on_train if name == "train" else ())]
             run_pass(models, taps, batches, limit=eval_samples, accelerator=accelerator,
-                     desc=f"evaluating on {name}")
+                     desc=f"evaluating on {name}", release=False)
             for i in range(len(models)):
                 out[i][name] = taps[i].metrics.to_dict()
         return out
@@ -545,6 +546,7 @@ def _merge(model_a, model_b, calibration, curve_calibration, evaluation, alpha, 
                 result.barriers[label] = {
                     name: barriers_of(alphas, values) for name, values in result.curves[label].items()
                 }
+            release_freed_memory()  # the evaluation passes kept theirs for one another
     endpoints = {site.module: aligned_stats.pairs[site.module] for site in variance_sites}
     result.variance_ratio = {
         label: variance_ratios(tap.moments, {k: p.a for k, p in endpoints.items()},

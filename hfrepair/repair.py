@@ -80,10 +80,10 @@ class ChannelBatchNorm(nn.BatchNorm1d):
                 centred, offset, var = self._row_moments(rows)
                 scale = self.weight / torch.sqrt(var + self.eps)
                 shift = self.bias - offset * scale
-                # Unless differentiated, the centred copy becomes the output: no second
-                # activation-sized block (each new one costs page faults on a CPU).
+                # Unless differentiated, the centred copy becomes the output, in one sweep: no
+                # second activation-sized block (each new one costs page faults on a CPU).
                 differentiated = centred.requires_grad or scale.requires_grad
-                out = torch.addcmul(shift, centred, scale) if differentiated else centred.mul_(scale).add_(shift)
+                out = torch.addcmul(shift, centred, scale, out=None if differentiated else centred)
                 return out.view(units_last.shape).movedim(-1, axis).to(x.dtype)
             if axis == 1:  # a contiguous conv or (N, C) output: torch's own kernel normalises
                 # and measures in one pass; it returns the mean and 1 / sqrt(var + eps).
