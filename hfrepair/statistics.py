@@ -35,7 +35,6 @@ EPS = 1e-12
 # mean (within a fraction of their spread) for the centred moments to carry no
 # cancellation, and a full mean would be one more read of every activation.
 SHIFT_SAMPLES = 4096
-WIDE_ROW = 1024  # values per row when a narrow matrix's columns are summed (:func:`column_sums`)
 
 
 @dataclass
@@ -71,19 +70,6 @@ class BatchSample:
         total.addr_(shift_x, shift_y, alpha=-self.count)
 
 
-def column_sums(rows: torch.Tensor) -> torch.Tensor:
-    """Per-unit sums of a ``(samples, units)`` matrix. A narrow one (a CNN's 32 or 64
-    channels) is summed as rows of about :data:`WIDE_ROW` values, then folded to its units:
-    torch's reduction down a few long columns is the slower one (50,176 x 32: 225 against
-    115 us). Each column is still a cascade sum, so the result is as exact, with the same
-    bits whatever the thread count."""
-    samples, units = rows.shape
-    fold = WIDE_ROW // units
-    if fold < 16 or samples % fold or not rows.is_contiguous():
-        return rows.sum(0)
-    return rows.view(samples // fold, fold * units).sum(0).view(fold, units).sum(0)
-
-
 def centre_rows(rows: torch.Tensor, out: torch.Tensor | None = None, keep: bool = True) -> tuple[torch.Tensor, ...]:
     """A ``(samples, units)`` batch minus a per-unit shift near its mean (the mean of its
     first :data:`SHIFT_SAMPLES` samples), written to ``out`` if given: the shift, the centred
@@ -92,9 +78,9 @@ def centre_rows(rows: torch.Tensor, out: torch.Tensor | None = None, keep: bool 
     squared in place (no second activation-sized block) and None is returned for them."""
     shift = rows[:SHIFT_SAMPLES].mean(0)
     centred = torch.sub(rows, shift, out=out)
-    total = column_sums(centred)
+    total = centred.sum(0)
     # A squared copy and a column sum: measured in a pass, twice as fast as vecdot over dim 0.
-    squares = column_sums(centred.square() if keep else centred.square_())
+    squares = (centred.square() if keep else centred.square_()).sum(0)
     return shift, centred if keep else None, total, squares
 
 

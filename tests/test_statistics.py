@@ -1,7 +1,6 @@
 """One streamed pass gives float64 moments and cross-products at every site, exact to the
 float32 rounding of each batch's centred moments."""
 
-import pytest
 import torch
 from torch import nn
 
@@ -9,7 +8,7 @@ from hfrepair.discovery import discover_spec
 from hfrepair.models import VGG
 from hfrepair.spec import ActivationSite
 from hfrepair.passes import run_pass
-from hfrepair.statistics import SiteMoments, collect_moments, collect_statistics, column_sums, sample_batch
+from hfrepair.statistics import SiteMoments, collect_moments, collect_statistics, sample_batch
 
 
 def small_vgg(seed):
@@ -128,21 +127,6 @@ def test_a_moments_tap_kept_after_its_pass_holds_no_activation_buffers():
     assert all(m.n > 0 and m.n % 10 == 0 for m in tap.moments.values())  # every position of 10 examples
     held = [t for t in vars(tap._buffers).values() if t]
     assert not held, "the pass's scratch buffers outlive it"
-
-
-@pytest.mark.parametrize("samples, units", [(64 * 49, 32), (3 * 49, 32), (64 * 49, 128)])  # folded; remainder; wide
-def test_column_sums_equal_torch_sum_to_float32_rounding(samples, units):
-    torch.manual_seed(0)
-    rows = torch.randn(samples, units) + 5
-    exact = rows.double().sum(0)
-    torch.testing.assert_close(column_sums(rows).double(), exact, rtol=1e-6, atol=1e-4)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        alone = column_sums(rows)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(alone, column_sums(rows))  # the same bits whatever the thread count
 
 
 def test_a_sample_for_moments_alone_squares_in_place_and_gives_the_same_moments():
