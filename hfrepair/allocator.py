@@ -12,7 +12,8 @@ library cannot preload an allocator, but it can set glibc's two thresholds.
 
 Only ``hfrepair``'s own command sets them: a process that imports hfrepair keeps its
 allocator as its owner configured it. Every pass ends by handing what it freed back to
-the system, so the resident set still shrinks between passes.
+the system (a merge's evaluation passes, after the last of them), so the resident set
+still shrinks between passes.
 """
 
 from __future__ import annotations

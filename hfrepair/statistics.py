@@ -99,9 +99,10 @@ def sample_batch(output: torch.Tensor, axis: int, reuse: torch.Tensor | None = N
     are centred into one units-first copy, so the C x C product is a contiguous GEMM. The
     moments are those of the centred activations plus the shift: exact whatever the
     units' offset from zero.
-    Every reduction here gives the same bits whatever the thread count (torch's BatchNorm
-    kernel would be faster but does not), so one process and several agree to float64
-    rounding.
+    The moments give the same bits whatever the thread count (torch's BatchNorm kernel
+    would be faster but does not, and is less exact), so one process and several agree in
+    them to float64 rounding; the cross-products' GEMM (:meth:`BatchSample.add_product_sums`)
+    may split its sum between threads, so they agree to float32 rounding of each batch.
     """
     axis %= output.dim()
     units_last = output.movedim(axis, -1)
