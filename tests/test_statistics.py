@@ -136,3 +136,19 @@ def test_a_sample_for_moments_alone_squares_in_place_and_gives_the_same_moments(
     assert kept.centred is not None and squared.centred is None
     assert torch.equal(kept.mean, squared.mean) and torch.equal(kept.var, squared.var)
     assert squared.buffer.data_ptr() != output.data_ptr()  # the output itself is never written
+
+
+def test_a_samples_moments_have_the_same_bits_whatever_the_thread_count():
+    """What lets several processes agree with one to 1e-9 (README): at a demo-sized
+    channels-last output, one and two threads give the same per-batch moments."""
+    torch.manual_seed(0)
+    output = torch.relu(torch.randn(64, 32, 28, 28)).contiguous(memory_format=torch.channels_last)
+    threads = torch.get_num_threads()
+    try:
+        samples = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            samples.append(sample_batch(output, axis=1))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(samples[0].mean, samples[1].mean) and torch.equal(samples[0].var, samples[1].var)
