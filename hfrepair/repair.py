@@ -22,6 +22,7 @@ Methods:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -328,6 +329,10 @@ class Corrections(Tap):
     def finish(self):
         for module in self._measuring():
             module.finish()
+
+    def replica(self):
+        fresh = lambda modules: {name: copy.deepcopy(module) for name, module in modules.items()}
+        return Corrections(fresh(self.correctors), fresh(self.trackers), self.model_index)
 
 
 class _StandIn:

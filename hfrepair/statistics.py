@@ -269,6 +269,7 @@ class SiteStatistics(Tap):
         self._pending: dict[str, BatchSample | None] = {}
         self._buffers = SampleBuffers()
         self.pair = pair
+        self._cross_sites = cross_sites
 
     def attach(self, models):
         model_a, model_b = (models[index] for index in self.pair)
@@ -306,6 +307,9 @@ class SiteStatistics(Tap):
     def finish(self):
         self._pending.clear()
         self._buffers.clear()
+
+    def replica(self):
+        return SiteStatistics(list(self.sites.values()), self._cross_sites, self.pair)
 
 
 class SampleBuffers:
@@ -361,6 +365,9 @@ class SiteMoments(Tap):
 
     def finish(self):
         self._buffers.clear()
+
+    def replica(self):
+        return SiteMoments(list(self.sites.values()), self.model_index)
 
 
 def collect_statistics(

@@ -1,12 +1,17 @@
-"""The pass engine stops a forward once its taps have seen all they need."""
+"""The pass engine stops a forward once its taps have seen all they need, and splits a CPU
+pass over two threads where that is faster, summing what one thread would."""
 
+import threading
+
+import pytest
 import torch
 from torch import nn
 
-from hfrepair.evaluate import evaluate
+from hfrepair import passes
+from hfrepair.evaluate import Scores, evaluate
 from hfrepair.passes import Tap, run_pass
 from hfrepair.spec import ActivationSite
-from hfrepair.statistics import SiteStatistics
+from hfrepair.statistics import SiteMoments, SiteStatistics
 
 
 class Undeclared(Tap):
@@ -35,3 +40,80 @@ def test_a_measuring_pass_skips_the_layers_after_its_last_site_and_measures_the_
     head_calls.clear()
     evaluate(a, [(x, torch.zeros(len(x), dtype=torch.long)) for x in batches])  # logits needed: never stopped
     assert head_calls == [5, 7, 3]
+
+
+class threads:
+    """Torch's intra-op threads set for a block (the split needs at least two)."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def __enter__(self):
+        self.before = torch.get_num_threads()
+        torch.set_num_threads(self.count)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.before)
+
+
+def statistics_with_parts(parts: int, a, b, sites, batches) -> list[torch.Tensor]:
+    passes.SPLIT_PARTS = parts
+    try:
+        tap = SiteStatistics(sites)
+        examples = run_pass([a, b], [tap], batches)
+    finally:
+        passes.SPLIT_PARTS = 2
+    assert examples == sum(len(x) for x in batches)
+    return tap.sums()
+
+
+def test_a_pass_split_over_two_threads_sums_what_one_thread_does_and_the_same_on_every_run():
+    torch.manual_seed(0)
+    a, b = (nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 4)) for _ in range(2))
+    sites = [ActivationSite(module="1", axis=-1, group="hidden", kind="activation")]
+    batches = [torch.randn(n, 6) + 3 for n in (64, 64, 64, 64, 64, 17)]  # 3 batches each, the last short
+    with threads(2), torch.no_grad():  # as within a pass
+        assert passes._split_parts([a, b], [SiteStatistics(sites)], torch.device("cpu"), len(batches)) == 2
+    with threads(2):
+        whole = statistics_with_parts(1, a, b, sites, batches)
+        split, again = (statistics_with_parts(2, a, b, sites, batches) for _ in range(2))
+    assert all(torch.equal(x, y) for x, y in zip(split, again))  # each thread's share is fixed
+    for x, y in zip(split, whole):  # counts, sums, squares and cross-products: float rounding
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+    assert split[0].item() == whole[0].item() == 64 * 5 + 17
+
+
+def test_a_split_pass_that_fails_in_one_thread_raises_its_error_once_and_ends():
+    torch.manual_seed(0)
+    a, b = (nn.Sequential(nn.Linear(6, 8), nn.ReLU()) for _ in range(2))
+    sites = [ActivationSite(module="1", axis=-1, group="hidden", kind="activation")]
+
+    class Unreadable:
+        """Six batches promised, the fourth unreadable."""
+
+        def __len__(self):
+            return 6
+
+        def __iter__(self):
+            for number in range(6):
+                if number == 3:
+                    raise ValueError("batch 3 is unreadable")
+                yield torch.randn(8, 6)
+
+    with threads(2), pytest.raises(ValueError, match="batch 3 is unreadable"):
+        run_pass([a, b], [SiteStatistics(sites)], Unreadable())
+    assert not [t for t in threading.enumerate() if t.name.startswith("hfrepair-pass")]  # none left waiting
+
+
+def test_passes_are_not_split_when_they_record_gradients_have_few_batches_or_taps_without_copies():
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU())
+    sites = [ActivationSite(module="1", axis=-1, group="hidden", kind="activation")]
+    cpu = torch.device("cpu")
+    with threads(2), torch.no_grad():  # as within a pass
+        assert passes._split_parts([model], [SiteMoments(sites)], cpu, 4) == 2
+        assert passes._split_parts([model], [SiteMoments(sites)], cpu, 3) == 1  # fewer than two a thread
+        assert passes._split_parts([model], [Scores(0)], cpu, 10) == 1  # evaluation: nothing to gain
+        with torch.enable_grad():
+            assert passes._split_parts([model], [SiteMoments(sites)], cpu, 10) == 1
+    with threads(1), torch.no_grad():
+        assert passes._split_parts([model], [SiteMoments(sites)], cpu, 10) == 1
