@@ -313,6 +313,8 @@ def _run_split(models, taps, batches: Iterable, device, accelerator, parts: int)
     if errors:
         raise errors[0]
     measured = [crew_taps for (_, crew_taps), seen in zip(crews, examples) if seen]
+    if not measured:  # no batch at all: the caller says so
+        return 0
     for index, tap in enumerate(taps):
         give_sums([tap], [sum(parts_sums) for parts_sums in zip(*(crew[index].sums() for crew in measured))])
     return sum(examples)

@@ -117,3 +117,20 @@ def test_passes_are_not_split_when_they_record_gradients_have_few_batches_or_tap
             assert passes._split_parts([model], [SiteMoments(sites)], cpu, 10) == 1
     with threads(1), torch.no_grad():
         assert passes._split_parts([model], [SiteMoments(sites)], cpu, 10) == 1
+
+
+def test_a_split_pass_over_a_source_that_yields_nothing_says_so():
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU())
+    sites = [ActivationSite(module="1", axis=-1, group="hidden", kind="activation")]
+
+    class Empty:
+        """Says it has four batches, yields none."""
+
+        def __len__(self):
+            return 4
+
+        def __iter__(self):
+            return iter(())
+
+    with threads(2), pytest.raises(ValueError, match="no data|empty|no batch"):
+        run_pass([model], [SiteMoments(sites)], Empty(), desc="moments")
