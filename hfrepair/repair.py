@@ -331,8 +331,7 @@ class Corrections(Tap):
             module.finish()
 
     def replica(self):
-        fresh = lambda modules: {name: copy.deepcopy(module) for name, module in modules.items()}
-        return Corrections(fresh(self.correctors), fresh(self.trackers), self.model_index)
+        return Corrections(copy.deepcopy(self.correctors), copy.deepcopy(self.trackers), self.model_index)
 
 
 class _StandIn:
