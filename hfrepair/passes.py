@@ -13,7 +13,7 @@ REPAIR's trackers, moments) is split over two threads, each on half the intra-op
 with its own copy of the (small) models and every other batch, and the copies' sums are
 added to the taps' as processes' are: the statistics' and trackers' memory-bound ops scale
 better over whole batches than within each op (``benchmarks/thread_split_study.py``, 2
-cores: the demo's statistics pass 0.89x, its REPAIR pass 0.92x; an evaluation pass gains
+cores: the demo's statistics pass 0.92x, its REPAIR pass 0.94x; an evaluation pass gains
 nothing and is not split). Such a pass holds two batches' activations at once.
 
 Statistics, REPAIR, the variance ratios and evaluation are thin users of :func:`run_pass`.
@@ -292,7 +292,7 @@ def _run_split(models, taps, batches: Iterable, device, accelerator, parts: int)
 
     def work(part: int) -> None:
         try:
-            with torch.no_grad():
+            with torch.no_grad():  # grad mode is per thread: a new one starts with it on
                 examples[part] = _run_batches(*crews[part], dealer.deal(part), device, accelerator)
         except BaseException as error:  # re-raised below, in the caller's thread
             errors.append(error)

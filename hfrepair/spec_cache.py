@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .discovery import tied_state_keys, discover_spec
+from .discovery import discover_spec, tied_state_keys
 from .spec import PermutationSpec, SpecError, verify_spec
 
 # Bumped whenever what a stored spec means changes in a way its key cannot see.

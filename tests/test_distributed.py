@@ -72,8 +72,8 @@ def two_process_worker(folders, dataset, out, rotate=False):
     accelerator = Accelerator(cpu=True)
     # debug_launcher's workers each see LOCAL_WORLD_SIZE=1, so accelerate gives each all the
     # physical cores' threads: two of them on a 2-core machine (another pytest worker beside)
-    # took 31 s for the ViT's passes, against 5.6 s on one thread each. Bits do not depend
-    # on the thread count.
+    # took 31 s for the ViT's passes, against 5.6 s on one thread each. The moments' bits do
+    # not depend on the thread count; at these sizes neither do the cross-products'.
     torch.set_num_threads(1)
     assert accelerator.num_processes == 2
     measured = run_passes(folders, dataset, accelerator, rotate)
