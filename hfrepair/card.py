@@ -88,13 +88,20 @@ def calibration_unit(record: dict) -> str:
     return "blocks of text" if is_language_model(record) and record.get("text_batches") != "padded" else "examples"
 
 
+def saved_point(alphas: list[float], alpha: float) -> tuple[int, str]:
+    """The curves' point at the saved model's ``alpha`` (always on the grid,
+    :func:`~hfrepair.pipeline.curve_alphas`), and its name in a table header."""
+    index = min(range(len(alphas)), key=lambda i: abs(alphas[i] - alpha))
+    return index, "midpoint" if abs(alpha - 0.5) < 1e-9 else f"alpha={alpha:g}"
+
+
 def barrier_table(record: dict) -> str:
     if not record["curves"]:
         return ("No interpolation curve was measured (`--no-curves`): the endpoints and the saved model only, "
                 "so there is no barrier to report.")
-    mid = min(range(len(record["alphas"])), key=lambda i: abs(record["alphas"][i] - 0.5))
+    mid, at = saved_point(record["alphas"], record["alpha"])
     language_model = is_language_model(record)
-    first = "midpoint loss | midpoint perplexity" if language_model else "midpoint accuracy"
+    first = f"{at} loss | {at} perplexity" if language_model else f"{at} accuracy"
     accuracy = "next-token accuracy barrier" if language_model else "accuracy barrier"
     rows = [f"| interpolation | {first} | {accuracy} | test-loss barrier | train-loss barrier |",
             "|---|---|---|---|---|" + ("---|" if language_model else "")]
@@ -114,8 +121,9 @@ def curve_repair_text(record: dict) -> str:
     REPAIRed on (the saved model's REPAIR reads them all)."""
     inner = record["alphas"][1:-1]
     others = [a for a in inner if abs(a - record["alpha"]) > 1e-9]  # the saved model's point aside
+    saved = "repaired" if record["groups"] else "naive-repaired"  # the saved model's curve (saved_curve)
     repaired = [label for label in record["curves"] if label in REPAIRED_CURVES
-                and (others if label == "repaired" else inner)]
+                and (others if label == saved else inner)]
     first = record.get("plan", {}).get("sizes", {}).get("first calibration")
     if not repaired or record["method"] not in ("repair", "reset") or first is None:
         return ""
@@ -215,7 +223,9 @@ def repair_text(record: dict) -> tuple[str, str]:
                 "REPAIR corrected nothing.")
     parts = [f"{n} {label}" for n, label in ((counts["affine"], "with scale and shift"),
                                              (counts["scale"], "scale-only (no bias to take a shift)"),
-                                             (counts["batchnorm"], "by re-estimating their BatchNorm"),
+                                             (counts["batchnorm"], "by setting their BatchNorm's statistics in "
+                                              "closed form" if record["method"] == "closed-form"
+                                              else "by re-estimating their BatchNorm"),
                                              (counts["stream"], "residual-stream sums, folded back through "
                                                                 "their stage")) if n]
     details = f"REPAIR corrected {total} sites: {', '.join(parts)}; the corrections are folded into the weights."
@@ -282,6 +292,7 @@ def model_card(record: dict, configs: tuple[dict, dict], licenses: tuple[str | N
         calibration_examples=record["calibration_examples"], dataset=_name(dataset),
         split=record["split"], eval_split=split, num_groups=len(record["groups"]), grid=len(record["alphas"]),
         curves=bool(record["curves"]), curve_repair=curve_repair_text(record),
+        variance=any(record["variance_ratio"].values()),
         table=barrier_table(record), merged_summary=merged_summary(record), tokenizer=tokenizer_text(record),
         unit=calibration_unit(record),
         notes=record.get("notes", []), command=record["command"], versions=_versions(),
@@ -295,7 +306,8 @@ def write_card(folder: Path, record: dict, configs: tuple[dict, dict], licenses:
     """README.md and the two plots into ``folder``."""
     if record["curves"]:
         plot_barrier(record, folder / "barrier_curve.png")
-    plot_variance(record, folder / "variance_ratio.png")
+    if any(record["variance_ratio"].values()):  # none without matched sites (no permutation group)
+        plot_variance(record, folder / "variance_ratio.png")
     model_card(record, configs, licenses).save(folder / "README.md")
 
 

@@ -23,7 +23,7 @@ from PIL import Image
 
 from .allocator import keep_freed_memory
 from .batches import floating_dtype
-from .card import calibration_unit, many_model_card, write_card
+from .card import calibration_unit, many_model_card, saved_point, write_card
 from .data import SHUFFLE_BUFFER, DataError, image_batches, image_mode, model_transform
 from .discovery import ExportError, discover_spec
 from .distributed import ProcessDataError, is_main_process, make_accelerator
@@ -129,15 +129,18 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-samples", type=_positive, default=None,
                         help=f"calibration examples (default: up to {DEFAULT_NUM_SAMPLES}; an explicit value "
                              "larger than the split is an error)")
-    parser.add_argument("--eval-samples", type=_positive, default=None, help="cap on evaluation examples")
+    parser.add_argument("--eval-samples", type=_positive, default=None,
+                        help="cap on the examples of each evaluation set: the test split, and the train-loss "
+                             "examples of --train-eval-samples")
     parser.add_argument("--train-eval-samples", type=_positive, default=TRAIN_EVAL_SAMPLES,
                         help="calibration examples the train-loss curve is measured on (the first of the "
-                             f"calibration set; default {TRAIN_EVAL_SAMPLES})")
+                             f"calibration set, at most --eval-samples; default {TRAIN_EVAL_SAMPLES})")
     parser.add_argument("--curve-repair-samples", type=_positive, default=CURVE_REPAIR_EXAMPLES,
                         help="calibration examples each REPAIRed point of a curve is REPAIRed on (the first of the "
                              f"calibration set; the saved model uses all of them; default {CURVE_REPAIR_EXAMPLES})")
     parser.add_argument("--grid", type=_positive, default=DEFAULT_GRID,
-                        help=f"alphas evaluated for the barrier curves (default {DEFAULT_GRID}; 11 for tenths)")
+                        help=f"alphas evaluated for the barrier curves, evenly spaced from 0 to 1, plus --alpha where they "
+                             f"miss it (default {DEFAULT_GRID}; 11 for tenths)")
     parser.add_argument("--no-curves", action="store_true",
                         help="measure the endpoints and the saved model only: no interpolation curves or barriers "
                              "(the fastest merge)")
@@ -624,24 +627,27 @@ def format_table(result: MergeResult, task: str = "image-classification", unit: 
     language_model = task == "text-generation"
     if not result.curves:
         if not result.merged:
-            return "(no evaluation data: barriers not measured)"
+            return "\n".join(["(no evaluation data: barriers not measured)", *describe(result),
+                              *(f"note: {note}" for note in result.notes)])
         return "\n".join([*endpoint_lines(result, language_model),
                           "no interpolation curves (--no-curves): barriers not measured", *describe(result),
                           *(f"note: {note}" for note in result.notes)])
-    first = f"{'mid loss':>10}{'mid ppl':>10}" if language_model else f"{'mid acc':>9}"
+    mid, at = saved_point(result.alphas, result.alpha)
+    at = "mid" if at == "midpoint" else at
+    width = max(10, len(at) + 6)  # the column of the curves' point at the saved model's alpha
+    first = f"{at + ' loss':>{width}}{at + ' ppl':>{width}}" if language_model else f"{at + ' acc':>{width - 1}}"
     header = (f"{'interpolation':<16}{first}{'acc barrier':>13}{'test loss barrier':>19}"
               f"{'train loss barrier':>20}")
     rows = [f"alpha={result.alpha}, method={result.method}, matcher={result.matcher}, "
             f"{result.calibration_examples} calibration "
             f"{unit}, {len(result.groups)} permutation groups",
             header, "-" * len(header)]
-    mid = min(range(len(result.alphas)), key=lambda i: abs(result.alphas[i] - 0.5))
     for label, curves in result.curves.items():
         barriers = result.barriers[label]
         point = curves["test"][mid]
         train = f"{barriers['train']['loss']['max']:>20.3f}" if "train" in barriers else f"{'-':>20}"
-        first = (f"{point['loss']:>10.3f}{math.exp(point['loss']):>10.1f}" if language_model
-                 else f"{100 * point['accuracy']:>8.1f}%")
+        first = (f"{point['loss']:>{width}.3f}{math.exp(point['loss']):>{width}.1f}" if language_model
+                 else f"{100 * point['accuracy']:>{width - 2}.1f}%")
         rows.append(f"{label:<16}{first}{100 * barriers['test']['accuracy']['max']:>9.1f} pts"
                     f"{barriers['test']['loss']['max']:>19.3f}{train}")
     rows += endpoint_lines(result, language_model)

@@ -156,6 +156,31 @@ def check_merge_does_something(spec: PermutationSpec, method: str, model: nn.Mod
                          "interpolation")
 
 
+def measurable_curves(curves: tuple[str, ...], method: str, spec: PermutationSpec) -> tuple[tuple[str, ...], list[str]]:
+    """The curves that measure what their names say, and a note for each one left out or
+    renamed: without a permutation group the aligned curve is the naive one and the REPAIRed
+    curve is REPAIR without alignment (``naive-repaired``); ``method='none'`` REPAIRs nothing,
+    so its REPAIRed curves would repeat the uncorrected ones."""
+    kept, notes = list(curves), []
+    if method == "none" and set(kept) & set(REPAIRED_CURVES):
+        kept = [label for label in kept if label not in REPAIRED_CURVES]
+        notes.append("method none corrects nothing: no REPAIRed curve was measured")
+    if not spec.groups:
+        if "aligned" in kept:
+            notes.append("no permutation group: the aligned curve would be the naive one and was not measured")
+        if "repaired" in kept:
+            notes.append("no permutation group: the REPAIRed curve is REPAIR without alignment (naive-repaired)")
+        renamed = ["naive-repaired" if label == "repaired" else label for label in kept if label != "aligned"]
+        kept = list(dict.fromkeys(renamed))
+    return tuple(kept), notes
+
+
+def saved_curve(spec: PermutationSpec) -> str:
+    """The curve the saved model is a point of: REPAIR after alignment, or without it when
+    the spec has no permutation group."""
+    return "repaired" if spec.groups else "naive-repaired"
+
+
 @contextmanager
 def _timed(seconds: dict, stage: str):
     start = time.perf_counter()
@@ -166,6 +191,14 @@ def _timed(seconds: dict, stage: str):
 def _same(a: float, b: float) -> bool:
     """Alphas that are one point of the grid (``i / (grid - 1)`` is not always exact)."""
     return abs(a - b) < 1e-9
+
+
+def curve_alphas(grid: int, alpha: float) -> list[float]:
+    """The curves' alphas: ``grid`` evenly spaced from 0 to 1, and the saved model's ``alpha``
+    where it falls between them, so that the REPAIRed curve, whose barrier the results give
+    as the saved model's, always passes through the saved model."""
+    alphas = [i / (grid - 1) for i in range(grid)]
+    return alphas if any(_same(point, alpha) for point in alphas) else sorted([*alphas, alpha])
 
 
 REPAIRED_CURVES = ("naive-repaired", "repaired", "repaired+blocks")  # a REPAIR pass per point
@@ -181,14 +214,15 @@ def variance_data(datasets, curves: tuple[str, ...], inner: list[float], alpha: 
 
 def plan_merge(method: str, alpha: float, curves: tuple[str, ...], inner: list[float], sizes: dict[str, int | None],
                datasets: tuple[str, ...], rotate: bool = False, rotation_steps: int = 0,
-               keep_targets: bool = False) -> MergePlan:
+               keep_targets: bool = False, saved: str = "repaired", variance: bool = True) -> MergePlan:
     """Every pass a merge will run over the data, in order; :func:`merge` follows it.
 
     ``inner``: the curves' alphas strictly between the endpoints; ``sizes``: examples per
     data set (``calibration``, ``first calibration`` (the curves' REPAIR passes) and each
     evaluation set; None when unknown before reading).
-    The saved model's point is reused in the ``repaired`` curve; the variance ratios are
-    taps on passes that run anyway where there are such passes (:func:`variance_data`).
+    The saved model's point is reused in its curve (``saved``, :func:`saved_curve`); the
+    variance ratios are taps on passes that run anyway where there are such passes
+    (:func:`variance_data`); ``variance``: whether there are sites to take them at.
     """
     plan = MergePlan(sizes=dict(sizes))
     plan.add("statistics", "calibration", 2)
@@ -208,16 +242,19 @@ def plan_merge(method: str, alpha: float, curves: tuple[str, ...], inner: list[f
     if repairs:
         plan.add("REPAIR (saved model)", "calibration", 1)
     on_train, on_aligned_curve = variance_data(datasets, curves, inner, alpha)
-    if not on_train:
-        plan.add("variance ratios (aligned, saved)", "calibration", 1, count=2)
-    elif not on_aligned_curve:
+    if variance and not on_train:
+        if method == "none":  # the saved model is the aligned interpolation
+            plan.add("variance ratios (aligned)", "calibration", 1)
+        else:
+            plan.add("variance ratios (aligned, saved)", "calibration", 1, count=2)
+    elif variance and not on_aligned_curve:
         plan.add("variance ratios (aligned)", "train", 1)
     for name in datasets:
         plan.add("evaluation: endpoints A and B", name, 2)
         plan.add("evaluation: saved model", name, 1)
     for label in curves:
         for point in inner:
-            if label == "repaired" and _same(point, alpha):
+            if label == saved and _same(point, alpha):
                 continue  # the saved model
             if label in REPAIRED_CURVES and repairs:
                 plan.add(f"REPAIR ({label} curve)", "first calibration", 1)
@@ -302,9 +339,10 @@ def merge(
     ``calibration`` yields input tensors or ``(inputs, labels)`` batches; ``num_samples``
     caps the examples used. ``evaluation`` maps names (e.g. ``"test"``) to labelled
     batches; ``train_examples`` adds ``"train"``: the first calibration examples. When
-    there is evaluation data, the naive / aligned / repaired curves over ``grid`` alphas and
-    their barriers are measured (``curves`` picks them from :data:`CURVES`; ``()`` for
-    none: the endpoints and the saved model only); each REPAIRed point of a curve other
+    there is evaluation data, the naive / aligned / repaired curves over ``grid`` alphas (and
+    ``alpha`` where the grid misses it, :func:`curve_alphas`) and their barriers are measured
+    (``curves`` picks them from :data:`CURVES`; ``()`` for none: the endpoints and the saved
+    model only); each REPAIRed point of a curve other
     than the saved model is REPAIRed on the first ``curve_repair_examples`` calibration
     examples (None: all of them). ``rotate``: after the permutations, align the residual
     stream and each head's value dims by orthogonal maps (:mod:`~hfrepair.rotation`; the
@@ -379,6 +417,7 @@ def _merge(model_a, model_b, calibration, curve_calibration, evaluation, alpha, 
             spec, spec_source = checked_spec(model_a, example, spec_cache)
     corrected = repair_summary(spec, method, model_a)
     check_merge_does_something(spec, method, model_a, given_spec, corrected)
+    curves, curve_notes = measurable_curves(curves, method, spec)
     if "repaired+blocks" in curves and not block_output_sites(spec):
         raise MergeError(f"{type(model_a).__name__} has no residual-block outputs (activations on a residual "
                          "stream) to correct: drop --block-outputs")
@@ -390,7 +429,7 @@ def _merge(model_a, model_b, calibration, curve_calibration, evaluation, alpha, 
         except RotationError as error:
             raise MergeError(f"cannot rotate: {error}") from None
 
-    alphas = [i / (grid - 1) for i in range(grid)]
+    alphas = curve_alphas(grid, alpha)
     inner = alphas[1:-1] if evaluation else []
     curves = curves if evaluation else ()
     variance_on_train, variance_on_aligned_curve = variance_data(evaluation, curves, inner, alpha)
@@ -399,7 +438,11 @@ def _merge(model_a, model_b, calibration, curve_calibration, evaluation, alpha, 
     # At most the prefix's cap when the stream's size is not known beforehand.
     refined_examples = sizes["first calibration"] or getattr(curve_calibration, "limit", None) or num_samples
     keep_targets = bool(rotation and rotation_steps) and targets_fit(model_a, example, refined_examples)
-    plan = plan_merge(method, alpha, curves, inner, sizes, tuple(evaluation), rotate, rotation_steps, keep_targets)
+    # Figure 2's ratio, at the sites where units were matched (post-activation by default).
+    matched = {m for g in spec.groups for m in matching_sites(spec, g, match_at)}
+    variance_sites = [s for s in spec.sites if s.module in matched]
+    plan = plan_merge(method, alpha, curves, inner, sizes, tuple(evaluation), rotate, rotation_steps, keep_targets,
+                      saved_curve(spec), bool(variance_sites))
     if announce is not None and is_main_process(accelerator):
         announce(plan.describe())
 
@@ -462,9 +505,9 @@ def _merge(model_a, model_b, calibration, curve_calibration, evaluation, alpha, 
         permuted_max_abs_diff=permuted_diff,
         matched_correlation=mean_matched_correlation(spec, stats, perms, match_at),
         unaligned_correlation=mean_matched_correlation(spec, stats, identity, match_at),
-        fixed=fixed_summary(spec), corrected=corrected, spec_source=spec_source,
+        fixed=fixed_summary(spec, state_a if given_spec else None), corrected=corrected, spec_source=spec_source,
         weight_distance={label: weight_distance(spec, dict(model_a.named_parameters()), state_b, order)
-                         for label, order in (("unaligned", identity), ("aligned", perms))},
+                         for label, order in (("unaligned", identity), ("aligned", perms))} if spec.groups else {},
     )
     result.aligned = alignment_summary(spec, result.matched_correlation, result.unaligned_correlation)
     if rotation is not None:
@@ -475,18 +518,17 @@ def _merge(model_a, model_b, calibration, curve_calibration, evaluation, alpha, 
             result.notes.append(refinement_note(refined))
     if not spec.groups:
         result.notes.append("the given spec has no permutation groups: B's units were not aligned to A's")
+    result.notes += curve_notes
 
-    # Figure 2's ratio, at the sites where units were matched (post-activation by default).
-    matched = {m for g in spec.groups for m in matching_sites(spec, g, match_at)}
-    variance_sites = [s for s in spec.sites if s.module in matched]
-    variance_taps = {"aligned": SiteMoments(variance_sites), "repaired": SiteMoments(variance_sites)}
-    if not variance_on_aligned_curve:
+    # Plain interpolation saves the aligned network itself: one series, not two of the same.
+    variance_taps = {label: SiteMoments(variance_sites) for label in ("aligned", "repaired")[:1 if method == "none" else 2]}
+    if variance_sites and not variance_on_aligned_curve:
         with _timed(seconds, "variance"):
             load_into(work, interpolate(state_a_aligned, state_b_aligned, alpha))
             data, limit = (evaluation["train"], eval_samples) if variance_on_train else (calibration, num_samples)
             run_pass([work], [variance_taps["aligned"]], data, limit=limit, accelerator=accelerator,
                      desc="variance (aligned)")
-            if not variance_on_train:
+            if not variance_on_train and "repaired" in variance_taps:
                 load_into(work, merged_state)
                 run_pass([work], [variance_taps["repaired"]], calibration, limit=num_samples,
                          accelerator=accelerator, desc="variance (saved)")
@@ -526,13 +568,13 @@ def _merge(model_a, model_b, calibration, curve_calibration, evaluation, alpha, 
         with _timed(seconds, "evaluate"):
             result.endpoints = dict(zip("AB", scores_of([model_a, model_b])))
             load_into(work, merged_state)
-            saved_taps = [variance_taps["repaired"]] if variance_on_train else []
+            saved_taps = [variance_taps["repaired"]] if variance_on_train and "repaired" in variance_taps else []
             result.merged = scores_of([work], on_train=saved_taps)[0]
             result.alphas = alphas
             for label in curves:
                 points = []
                 for point in progress(inner, accelerator, desc=f"curve {label}", unit="alpha"):
-                    if label == "repaired" and _same(point, alpha):
+                    if label == saved_curve(spec) and _same(point, alpha):
                         points.append(result.merged)
                         continue
                     in_memory = load_point(label, point)
@@ -552,7 +594,7 @@ def _merge(model_a, model_b, calibration, curve_calibration, evaluation, alpha, 
         label: variance_ratios(tap.moments, {k: p.a for k, p in endpoints.items()},
                                {k: p.b for k, p in endpoints.items()})
         for label, tap in variance_taps.items()
-    }
+    } if variance_sites else {}
     if "repaired+blocks" in curves:
         result.notes.append(BLOCK_OUTPUT_NOTE)
     plan.sizes["calibration"] = stats.examples  # measured: the plan's figures now hold whatever was known

@@ -40,9 +40,19 @@ def alignment_summary(spec: PermutationSpec, matched: dict[str, float], unaligne
     }
 
 
-def fixed_summary(spec: PermutationSpec) -> dict[str, int]:
-    """Why weight axes stayed fixed: reason -> number of axes, most frequent first."""
-    return dict(Counter(spec.fixed.values()).most_common())
+LEFT_OUT = "in no group of the given spec"
+
+
+def fixed_summary(spec: PermutationSpec, state: dict | None = None) -> dict[str, int]:
+    """Why weight axes stayed fixed: reason -> number of axes, most frequent first. With the
+    ``state`` dict of a spec written by hand, the axes it neither groups nor lists as fixed
+    count too (a discovered spec lists every axis in one or the other)."""
+    reasons = list(spec.fixed.values())
+    if state is not None:
+        grouped = {(member[0], member[1]) for group in spec.groups.values() for member in group.members}
+        reasons += [LEFT_OUT for key, value in state.items() for axis in range(value.dim())
+                    if (key, axis) not in grouped and (key, axis) not in spec.fixed]
+    return dict(Counter(reasons).most_common())
 
 
 def unsupported_ops(spec: PermutationSpec) -> list[str]:
@@ -54,20 +64,31 @@ def unsupported_ops(spec: PermutationSpec) -> list[str]:
 # How a site can be corrected (:func:`~hfrepair.repair.correction_mode`), as the table says it.
 CORRECTION_KINDS = {"affine": "scale+shift", "scale": "scale-only", "batchnorm": "BatchNorm re-estimated",
                     "stream": "residual sums folded through their stage"}
+# The closed form sets a BatchNorm's statistics from the endpoints' (paper Eq. 5), with no pass.
+CLOSED_FORM_BATCHNORM = "BatchNorm set in closed form"
+
+
+def correction_label(kind: str, method: str) -> str:
+    return CLOSED_FORM_BATCHNORM if kind == "batchnorm" and method == "closed-form" else CORRECTION_KINDS[kind]
 
 
 def repair_summary(spec: PermutationSpec, method: str, model: nn.Module) -> dict[str, list]:
     """Sites REPAIR corrected, by how (``affine``, ``scale``, ``batchnorm``), and the layer
-    outputs it could not correct; ``none`` corrects nothing and ``reset`` only BatchNorms."""
+    outputs it could not correct; ``none`` corrects nothing and ``reset`` only BatchNorms.
+    The exact pass (``repair``, ``reset``) re-measures every BatchNorm of the network, the
+    spec's sites or not."""
     report: dict[str, list] = {**{kind: [] for kind in CORRECTION_KINDS}, "uncorrected": []}
     if method == "none":
         return report
+    measured = [n for n, m in model.named_modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     if method == "reset":
-        report["batchnorm"] = [n for n, m in model.named_modules() if isinstance(m, _BatchNorm)]
+        report["batchnorm"] = measured
         return report
     corrected = correction_sites(spec)
     for site in corrected:
         report[correction_mode(site)].append(site.batchnorm or site.module)
+    if method == "repair":
+        report["batchnorm"] += [n for n in measured if n not in report["batchnorm"]]
     done = {s.module for s in corrected}
     report["uncorrected"] = [s.module for s in spec.sites if s.kind == "linear" and s.module not in done]
     return report
@@ -85,15 +106,16 @@ SPEC_SOURCES = {"discovered": "discovered from the torch.export graph",
 
 def describe(result) -> list[str]:
     """The report in a few lines, for the printed table."""
-    lines = [f"permutation spec: {SPEC_SOURCES[result.spec_source]} (checked: a random permutation per group "
-             "leaves the outputs unchanged)", *_alignment_lines(result)]
+    check = ("checked: a random permutation per group leaves the outputs unchanged" if result.groups
+             else "no permutation group to check")
+    lines = [f"permutation spec: {SPEC_SOURCES[result.spec_source]} ({check})", *_alignment_lines(result)]
     fixed = sum(result.fixed.values())
     if fixed:
         top = "; ".join(f"{reason} ({count})" for reason, count in list(result.fixed.items())[:3])
         lines.append(f"fixed: {fixed} weight axes, e.g. {top}")
     corrected = result.corrected
     if corrected_count(corrected):
-        parts = [f"{len(corrected[k])} {label}" for k, label in CORRECTION_KINDS.items() if corrected.get(k)]
+        parts = [f"{len(corrected[k])} {correction_label(k, result.method)}" for k in CORRECTION_KINDS if corrected.get(k)]
         lines.append(f"REPAIR corrected {corrected_count(corrected)} sites: {', '.join(parts)}"
                      + (f"; {len(corrected['uncorrected'])} layer outputs could not be corrected ({UNCORRECTABLE})"
                         if corrected["uncorrected"] else ""))

@@ -125,12 +125,14 @@ class ActivationSite:
         return [self.group] if self.group is not None else list(dict.fromkeys(b[0] for b in self.layout or ()))
 
     def order(self, perms: dict[str, torch.Tensor], length: int) -> torch.Tensor:
-        """The permutation of this site's whole unit axis under ``perms``."""
+        """The permutation of this site's whole unit axis under ``perms``; a group with no
+        permutation there (one a hand-written spec leaves out) keeps its units in order."""
         if self.group is not None:
-            return perms[self.group].cpu()
+            return perms[self.group].cpu() if self.group in perms else torch.arange(length)
         order = torch.arange(length)
         for group, *block in self.layout:  # discovery lists per-head groups after the heads
-            order = order[block_order(length, len(perms[group]), perms[group], *block)]
+            if group in perms:
+                order = order[block_order(length, len(perms[group]), perms[group], *block)]
         return order
 
 

@@ -5,11 +5,13 @@ import pytest
 import torch
 from torch import nn
 
-from hfrepair.card import alignment_text, repair_text
+from hfrepair.card import alignment_text, repair_text, saved_point
+from hfrepair.cli import format_table
 from hfrepair.discovery import discover_spec
 from hfrepair.models import MLP
 from hfrepair.pipeline import MergeError, merge
-from hfrepair.report import describe
+from hfrepair.report import LEFT_OUT, describe, fixed_summary, repair_summary
+from hfrepair.spec import PermutationSpec
 
 
 class Sorted(nn.Module):
@@ -48,9 +50,77 @@ def test_a_hand_written_spec_without_groups_is_an_explicit_unaligned_merge():
     assert not spec.groups
     merged, result = merge(a, b, batches, method="none", spec=spec)
     assert result.aligned == {} and "not aligned" in result.notes[0]
-    assert describe(result)[:2] == ["permutation spec: given by hand (checked: a random permutation per group leaves "
-                                    "the outputs unchanged)", "aligned: nothing (no permutation group)"]
+    assert describe(result)[:2] == ["permutation spec: given by hand (no permutation group to check)",
+                                    "aligned: nothing (no permutation group)"]
     assert "**not** aligned" in alignment_text(result.to_dict())[0]
+    assert result.weight_distance == {}  # nothing was permuted: no distance "after matching"
+
+
+def mlp_pair():
+    return pair(lambda: MLP(depth=2, width=16, image_size=4, in_channels=1))
+
+
+def test_without_groups_the_curves_are_naive_and_repair_without_alignment():
+    """The aligned curve would repeat the naive one; the REPAIRed one is REPAIR unaligned."""
+    a, b = mlp_pair()
+    batches = data((1, 4, 4), 10)
+    empty = PermutationSpec({}, sites=discover_spec(a, batches[0][0][:2]).sites)
+    _, result = merge(a, b, batches, {"test": batches}, grid=3, spec=empty)
+    assert list(result.curves) == ["naive", "naive-repaired"]
+    assert result.curves["naive-repaired"]["test"][1] == result.merged["test"]  # the saved model's own point
+    assert result.variance_ratio == {} and not any("aligned curve" in step for step in result.plan["steps"])
+    assert result.plan["example_forwards"] == result.plan["example_forwards_run"]
+    assert any("naive-repaired" in note for note in result.notes)
+
+
+def test_plain_interpolation_has_no_repaired_curve():
+    a, b = mlp_pair()
+    batches = data((1, 4, 4), 10)
+    _, result = merge(a, b, batches, {"test": batches}, grid=3, method="none",
+                      curves=("naive", "naive-repaired", "aligned", "repaired"))
+    assert list(result.curves) == ["naive", "aligned"] and list(result.variance_ratio) == ["aligned"]
+    assert result.curves["aligned"]["test"][1] == result.merged["test"]
+    assert result.plan["example_forwards"] == result.plan["example_forwards_run"]
+    assert "method none corrects nothing: no REPAIRed curve was measured" in result.notes
+
+
+@pytest.mark.parametrize("grid, alpha, alphas", [(4, 0.5, [0, 1 / 3, 0.5, 2 / 3, 1]), (3, 0.3, [0, 0.3, 0.5, 1])])
+def test_the_saved_model_is_a_point_of_its_curve_whatever_the_grid(grid, alpha, alphas):
+    a, b = mlp_pair()
+    batches = data((1, 4, 4), 10)
+    _, result = merge(a, b, batches, {"test": batches}, grid=grid, alpha=alpha)
+    assert result.alphas == pytest.approx(alphas)
+    saved = result.alphas.index(alpha)
+    assert result.curves["repaired"]["test"][saved] == result.merged["test"]
+    assert result.plan["example_forwards"] == result.plan["example_forwards_run"]
+    accuracy = f"{100 * result.merged['test']['accuracy']:.1f}%"
+    header, repaired = [line for line in format_table(result).splitlines() if line.startswith(("interp", "repaired"))]
+    assert ("mid acc" if alpha == 0.5 else f"alpha={alpha:g} acc") in header and accuracy in repaired.split()[1]
+    assert saved_point(result.alphas, alpha)[0] == saved
+
+
+def test_a_spec_that_leaves_groups_out_reports_their_axes_fixed():
+    a, b = mlp_pair()
+    batches = data((1, 4, 4), 10)
+    full = discover_spec(a, batches[0][0][:2])
+    first = next(iter(full.groups))
+    partial = PermutationSpec({n: g for n, g in full.groups.items() if n != first}, full.fixed, full.sites, full.streams)
+    _, result = merge(a, b, batches, spec=partial)
+    left_out = sum(1 for m in full.groups[first].members)
+    assert result.fixed[LEFT_OUT] == left_out
+    assert sum(result.fixed.values()) == sum(fixed_summary(full).values()) + left_out
+
+
+def test_exact_repair_reports_every_batchnorm_it_re_measures():
+    """The exact pass re-measures every BatchNorm, whatever sites a hand-written spec lists."""
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4),
+                      nn.ReLU(), nn.Flatten(), nn.Linear(4, 3)).eval()
+    example = torch.randn(2, 1, 5, 5)
+    spec = discover_spec(a, example)
+    few = PermutationSpec(spec.groups, spec.fixed, [s for s in spec.sites if s.batchnorm != "4"], spec.streams)
+    assert repair_summary(few, "repair", a)["batchnorm"] == ["1", "4"]
+    assert repair_summary(few, "closed-form", a)["batchnorm"] == ["1"]
 
 
 def test_reset_without_batchnorm_has_nothing_to_correct():
