@@ -28,14 +28,14 @@ from .data import SHUFFLE_BUFFER, DataError, image_batches, image_mode, model_tr
 from .discovery import ExportError, discover_spec
 from .distributed import ProcessDataError, is_main_process, make_accelerator
 from .evaluate import EvaluationError
-from .hub import HubAccessError, push_folder, read_license, resolve_dataset, resolve_model
+from .hub import HubAccessError, check_push_target, push_folder, read_license, resolve_dataset, resolve_model
 from .io import TEXT_TASKS, ModelLoadError, config_differences, load_model, read_config, save_merged, task_of
 from .matching import MATCH_LOCATIONS, MatchingError
 from .many import ManyResult, merge_many
 from .pipeline import CURVE_REPAIR_EXAMPLES, DEFAULT_GRID, MATCHERS, ROTATION_STEPS, MergeError, MergeResult, merge
 from .repair import METHODS
 from .report import corrected_count, describe, describe_spec
-from .spec import PermutationSpec, SpecError, verify_spec
+from .spec import PermutationSpec, SpecError, check_spec_fits, verify_spec
 from .spec_cache import default_spec_cache
 from .text import (
     DEFAULT_MAX_LENGTH,
@@ -73,7 +73,7 @@ def _positive(text: str) -> int:
     return value
 
 
-def _steps(text: str) -> int:
+def _non_negative(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
@@ -82,9 +82,12 @@ def _steps(text: str) -> int:
 
 def _weights(text: str) -> list[float]:
     try:
-        return [float(part) for part in text.split(",")]
+        weights = [float(part) for part in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not all(math.isfinite(weight) for weight in weights):
+        raise argparse.ArgumentTypeError(f"weights must be finite numbers, got {text!r}")
+    return weights
 
 
 def size_in_bytes(text: str) -> int:
@@ -153,7 +156,7 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=_positive, default=None,
                         help=f"examples per batch (default {IMAGE_BATCH} images on an accelerator, {CPU_IMAGE_BATCH} "
                              f"on a CPU, or {TEXT_BATCH} blocks of text)")
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--seed", type=_non_negative, default=0,
                         help="seed of the shuffle that picks capped calibration/evaluation examples")
     parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default=None,
                         help="autocast the forward passes (sums stay float64); default: accelerate's "
@@ -168,7 +171,7 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rotate", action="store_true",
                         help="after the permutations, align a pre-norm transformer's residual stream and attention "
                              "value dims by orthogonal maps (its stream norms' affines are folded into their readers)")
-    parser.add_argument("--rotation-steps", type=_steps, default=None,
+    parser.add_argument("--rotation-steps", type=_non_negative, default=None,
                         help="with --rotate: gradient steps refining the maps so that the merged network "
                              "(REPAIRed by batch under the exact method) predicts what the endpoints' mixed "
                              "predictions do, each over the first "
@@ -297,6 +300,12 @@ def read_merge_config(path: str, merge_parser: argparse.ArgumentParser) -> dict:
         action = actions.get(dest)
         if action is None:
             raise MergeError(f"merge config {path}: unknown option {key!r}")
+        if value is None:  # what a saved config holds for an option left unset
+            if action.default is not None:
+                raise MergeError(f"merge config {path}: {key} cannot be null (leave it out for its default, "
+                                 f"{action.default})")
+            values[dest] = None
+            continue
         if isinstance(value, bool) and action.choices and "no" in action.choices:
             value = "no" if not value else value  # YAML reads an unquoted `no` as false
         if action.nargs == "*":
@@ -304,11 +313,14 @@ def read_merge_config(path: str, merge_parser: argparse.ArgumentParser) -> dict:
                 raise MergeError(f"merge config {path}: {key} must be a list")
             value = [str(item) for item in value]
         elif isinstance(value, list) and action.type is _weights:
-            value = [float(item) for item in value]
+            try:
+                value = _weights(",".join(map(str, value)))
+            except argparse.ArgumentTypeError as error:
+                raise MergeError(f"merge config {path}: {key}: {error}") from error
         elif isinstance(action, argparse._StoreTrueAction):
             if not isinstance(value, bool):
                 raise MergeError(f"merge config {path}: {key} must be true or false, not {value!r}")
-        elif value is not None:
+        else:
             try:
                 value = action.type(str(value)) if action.type else str(value)
             except (ValueError, argparse.ArgumentTypeError) as error:
@@ -324,23 +336,36 @@ def effective_config(args: argparse.Namespace, merge_parser: argparse.ArgumentPa
     return {a.dest: getattr(args, a.dest) for a in merge_parser._actions if a.dest not in ("help", "config")}
 
 
-def check_output(output: Path, inputs: list[str], overwrite: bool) -> None:
-    """Refuse, before any work, an OUTPUT that would clobber an input or cannot be a folder."""
+def check_output(output: Path, inputs: list[str], overwrite: bool, push_to: str | None = None) -> None:
+    """Refuse, before any work, an OUTPUT that would clobber an input or the working folder,
+    or that cannot be written: its nearest existing folder must take a new folder (tried
+    and removed at once, so that nothing is left behind); and a ``push_to`` repo id the Hub
+    would refuse."""
+    if push_to:
+        check_push_target(push_to)
     resolved = output.resolve()
     for source in inputs:
         path = Path(source).resolve()
         if resolved == path or path in resolved.parents or resolved in path.parents:
             raise MergeError(f"output {output} overlaps the input {source}")
+    if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
+        raise MergeError(f"output {output} holds the current folder; name a folder of its own")
     if output.exists() and not output.is_dir():
         raise MergeError(f"output {output} exists and is not a folder")
     if output.exists() and not overwrite:
         raise MergeError(f"output {output} already exists (pass --overwrite to replace it)")
+    parent = next(p for p in resolved.parents if p.exists())
+    try:
+        Path(tempfile.mkdtemp(prefix=f".{output.name}.check.", dir=parent)).rmdir()
+    except OSError as error:
+        raise MergeError(f"cannot write the output {output}: {parent} does not take new folders "
+                         f"({error.strerror or error})") from None
 
 
 def load_spec(path: str) -> PermutationSpec:
     try:
         return PermutationSpec.load(path)
-    except (OSError, ValueError, KeyError, TypeError) as error:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise SpecError(f"cannot read the permutation spec {path}: {error}") from error
 
 
@@ -362,13 +387,15 @@ def run_merge(args: argparse.Namespace, argv: list[str]) -> MergeResult:
     if args.rotation_steps is not None and not args.rotate:
         raise MergeError("--rotation-steps refines the maps of --rotate: pass --rotate too")
     output = Path(args.output)
-    check_output(output, [args.model_a, args.model_b, args.dataset], args.overwrite)
+    check_output(output, [args.model_a, args.model_b, args.dataset], args.overwrite, args.push_to_hub)
     accelerator = make_accelerator(args.mixed_precision)
     inputs = load_inputs(args, [args.model_a, args.model_b], accelerator)
     task, tokenizer = inputs.task, inputs.tokenizer
+    spec = load_spec(args.spec) if args.spec else None
+    if spec is not None:  # before any data is read
+        check_spec_fits(inputs.models[0], spec)
     calibration, evaluation = data_streams(args, task, inputs.folders[0], inputs.configs[0], tokenizer, inputs.data,
                                            accelerator.device)
-    spec = load_spec(args.spec) if args.spec else None
     curves = () if args.no_curves else (
         "naive", *(("naive-repaired",) if args.unaligned else ()), "aligned", "repaired",
         *(("repaired+blocks",) if args.block_outputs else ()))
@@ -410,7 +437,7 @@ def run_merge_many(args: argparse.Namespace, argv: list[str]) -> ManyResult:
     if args.max_rounds is not None and args.max_rounds < 0:
         raise MergeError(f"--max-rounds must be 0 or more, got {args.max_rounds}")
     output = Path(args.output)
-    check_output(output, [*names, args.dataset], args.overwrite)
+    check_output(output, [*names, args.dataset], args.overwrite, args.push_to_hub)
     accelerator = make_accelerator(args.mixed_precision)
     inputs = load_inputs(args, names, accelerator)
     sources, folders, configs, tokenizer = inputs.sources, inputs.folders, inputs.configs, inputs.tokenizer

@@ -210,15 +210,29 @@ class ImageStream(SplitBatches):
         for number, batch in enumerate(rows.iter(batch_size=self.batch_size)):
             labels = batch[self.label_column]
             if self.is_mine(number):
-                yield seen, (self.transform(decode(batch[self.image_column])), torch.as_tensor(labels))
+                yield seen, self._tensors(batch[self.image_column], labels, decode, seen)
             seen += len(labels)
         if self.strict_limit and self.limit is not None and seen < self.limit:
             raise DataError(f"--num-samples {self.limit} asks for more examples than {self.name} has ({seen})")
 
+    def _tensors(self, cells: list, labels: list, decode, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch's pixels and labels; cells that are not images or labels that are not class
+        indices (a null, a corrupt file) are the dataset's fault: a one-line error naming them."""
+        try:
+            return self.transform(decode(cells)), torch.as_tensor(labels)
+        except (OSError, ValueError, TypeError, IndexError, RuntimeError, AttributeError) as error:  # PIL: OSError
+            raise DataError(f"{self.name}: rows {first}-{first + len(labels) - 1} are not images with class labels "
+                            f"(columns {self.image_column!r}, {self.label_column!r}): {type(error).__name__}: "
+                            f"{(str(error).splitlines() or [''])[0]}") from error
+
 
 def split_features(stream: datasets.IterableDataset, name: str):
     """The stream's features; an empty split is an error (checked by reading one row)."""
-    first = next(iter(stream.take(1)), None)
+    try:
+        first = next(iter(stream.take(1)), None)
+    except (OSError, ValueError, TypeError) as error:  # a first image that does not decode (PIL: OSError)
+        raise DataError(f"{name}: its first row cannot be read: {type(error).__name__}: "
+                        f"{(str(error).splitlines() or [''])[0]}") from error
     if first is None:
         raise DataError(f"{name} is empty")
     return stream.features or {key: None for key in first}
@@ -235,6 +249,10 @@ def image_batches(dataset: str, split: str, transform, *, limit: int | None = No
     name = f"split {split!r} of dataset {dataset!r}"
     features = split_features(stream, name)
     image, label = detect_columns(features, image_column, label_column)
+    pixels = features[image]
+    if image == label or isinstance(pixels, datasets.ClassLabel) or (
+            isinstance(pixels, datasets.Value) and pixels.dtype not in ("binary", "large_binary", "string")):
+        raise DataError(f"image column {image!r} holds {getattr(pixels, 'dtype', 'class labels')}, not images")
     feature = features[label]
     if feature is not None and not isinstance(feature, datasets.ClassLabel) and not str(
             getattr(feature, "dtype", "")).startswith(("int", "uint")):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .data import builtin_transform
+from .data import DataError, builtin_transform
 from .models import ResNet
 from .training import train_classifier
 
@@ -106,7 +106,10 @@ def demo_endpoints(cache: str | Path | None = None, retrain: bool = False) -> tu
     """The demo's dataset folder (written into the cache on first use) and its two endpoint
     folders: the shipped pair, or with ``retrain`` a pair trained now into the cache."""
     cache = Path(cache) if cache else default_cache()
-    dataset = write_mnist_dataset(cache / "mnist")
+    try:
+        dataset = write_mnist_dataset(cache / "mnist")
+    except OSError as error:  # the cache is a file, or cannot be written
+        raise DataError(f"cannot write the demo's data into {cache}: {error.strerror or error}") from error
     if retrain:
         print(f"endpoints: training resnet-a and resnet-b (seeds 1 and 2) into {cache}", flush=True)
         return dataset, train_demo_endpoints(dataset, cache)

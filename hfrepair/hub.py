@@ -108,8 +108,11 @@ def resolve_dataset(reference: str, token: str | None = None) -> Source:
 
     Reading both splits at that commit keeps a merge reproducible while the repo changes.
     """
-    if Path(reference).exists():
+    if Path(reference).is_dir():
         return Source(reference, Path(reference))
+    if Path(reference).exists():
+        raise HubAccessError(f"{reference} is a file; --dataset takes a dataset folder (its splits as files, "
+                             "e.g. train.parquet and test.parquet) or a Hub repo id")
     repo_id, revision = parse_reference(reference, "dataset")
     what = f"dataset repo {repo_id!r}" + (f" at {revision!r}" if revision else "")
     try:
@@ -132,9 +135,19 @@ def read_license(folder: Path) -> str | None:
         return None
 
 
+def check_push_target(repo_id: str) -> None:
+    """Refuse a repo id the Hub would refuse, before any work that ends in a push."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise HubAccessError(f"cannot push to {repo_id!r}: not a valid Hub repo id ({str(error).splitlines()[0]})") \
+            from error
+
+
 def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
                 token: str | None = None, message: str = "Upload merged model (hfrepair)") -> str:
     """Create ``repo_id`` if needed and upload ``folder`` in one commit (all files or none)."""
+    check_push_target(repo_id)
     api = HfApi(token=token)
     what = f"push to {repo_id!r}"
     try:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from huggingface_hub import save_torch_state_dict
 from huggingface_hub.serialization._base import parse_size_to_int  # the savers' own parser
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
@@ -41,15 +42,21 @@ def read_config(folder: str | Path) -> dict:
     if not path.is_file():
         raise ModelLoadError(f"{folder}: no config.json (expected a model folder as saved on the Hub)")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ModelLoadError(f"{path}: not valid JSON ({error})") from error
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{path}: a model config must be a JSON object, not a {type(config).__name__}")
+    return config
 
 
 def task_of(config: dict) -> str:
     """What the model does, as the Hub names it: from the class its config says it was saved
     as (``architectures``); built-in models and unnamed classes are image classifiers."""
-    for architecture in config.get("architectures") or ():
+    architectures = config.get("architectures") or []
+    if not isinstance(architectures, list) or not all(isinstance(name, str) for name in architectures):
+        raise ModelLoadError(f"the config's architectures must be a list of class names, not {architectures!r}")
+    for architecture in architectures:
         for ending, task in TASKS.items():
             if architecture.endswith(ending):
                 return task
@@ -77,15 +84,18 @@ def load_model(folder: str | Path, trust_remote_code: bool = False) -> nn.Module
     if model_type in BUILTIN_MODELS:
         try:
             return BUILTIN_MODELS[model_type].from_folder(str(folder)).eval()
-        except (TypeError, RuntimeError, FileNotFoundError) as error:
-            raise ModelLoadError(f"{folder}: cannot load {model_type}: {str(error).splitlines()[0]}") from error
+        # A config whose values the model refuses, or weights files that are not safetensors
+        # (cut short, or something else under the name): whatever the folder holds.
+        except (TypeError, ValueError, RuntimeError, OSError, SafetensorError) as error:
+            raise ModelLoadError(f"{folder}: cannot load {model_type}: "
+                                 f"{(str(error).splitlines() or [type(error).__name__])[0]}") from error
     import transformers
 
     auto_class = getattr(transformers, AUTO_CLASSES[task_of(config)])
     try:
         model = auto_class.from_pretrained(
             str(folder), use_safetensors=True, trust_remote_code=trust_remote_code)
-    except (ValueError, KeyError, OSError, RuntimeError, ImportError) as error:
+    except (ValueError, KeyError, OSError, RuntimeError, ImportError, SafetensorError) as error:
         if "auto_map" in config and not trust_remote_code:
             raise ModelLoadError(f"{folder}: model_type {model_type!r} needs the modelling code shipped with "
                                  "the model; pass --trust-remote-code if you trust it") from error

@@ -285,6 +285,37 @@ class SpecError(RuntimeError):
     """A permutation spec that does not preserve the model's function."""
 
 
+def check_spec_fits(model: nn.Module, spec: PermutationSpec) -> None:
+    """Refuse, with the first mismatch named, a spec whose groups or sites do not fit
+    ``model``'s tensors and modules (a hand-written or edited spec, or one for another model):
+    every group a positive size in equal blocks, each member an axis of a state_dict tensor
+    with room for the group's units, each site a module of the model."""
+    state = model.state_dict()
+    for group in spec.groups.values():
+        size, blocks = group.size, group.blocks
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise SpecError(f"group {group.name!r}: size must be a positive integer, not {size!r}")
+        if not isinstance(blocks, int) or blocks < 1 or size % blocks:
+            raise SpecError(f"group {group.name!r}: blocks must be a positive integer dividing its size {size}, "
+                            f"not {blocks!r}")
+        if not group.members:
+            raise SpecError(f"group {group.name!r} has no members")
+        for member in group.members:
+            key, axis = member[0], member[1]
+            if key not in state:
+                raise SpecError(f"group {group.name!r}: the model has no tensor {key!r}")
+            shape = state[key].shape
+            if not isinstance(axis, int) or not 0 <= axis < len(shape):
+                raise SpecError(f"group {group.name!r}: {key} has no axis {axis!r} (shape {tuple(shape)})")
+            if shape[axis] < size or (len(member) == 2 and shape[axis] != size):
+                raise SpecError(f"group {group.name!r}: {size} units do not fit axis {axis} of {key} "
+                                f"(length {shape[axis]})")
+    modules = dict(model.named_modules())
+    for site in spec.sites:
+        if site.module not in modules:
+            raise SpecError(f"activation site {site.module!r}: the model has no such module")
+
+
 def function_tolerance(model: nn.Module) -> float:
     """How far a correctly permuted ``model``'s outputs may move, relative to their scale:
     1e-5 in float32 and float64, 16 rounding steps of a half-precision dtype (float16:
@@ -328,11 +359,13 @@ def verify_spec(
 ) -> dict[str, float]:
     """Check that ``spec`` is right for ``model``.
 
-    A random permutation per group must leave outputs unchanged (``max_abs_diff``), and
-    permuting only part of one group must change them (``inconsistent_diff``: a control
-    that the check can fail). Raises :class:`SpecError` otherwise. ``atol`` defaults to
+    It must fit the model's tensors and modules (:func:`check_spec_fits`); a random
+    permutation per group must leave outputs unchanged (``max_abs_diff``), and permuting only
+    part of one group must change them (``inconsistent_diff``: a control that the check can
+    fail). Raises :class:`SpecError` otherwise. ``atol`` defaults to
     :func:`function_tolerance`.
     """
+    check_spec_fits(model, spec)
     atol = function_tolerance(model) if atol is None else atol
     generator = torch.Generator().manual_seed(seed)
     state = model.state_dict()

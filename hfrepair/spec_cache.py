@@ -11,6 +11,7 @@ merge; one that fails it (code changed under an unchanged key) is discovered ane
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -92,7 +93,8 @@ def _store(spec: PermutationSpec, path: Path) -> None:
         spec.save(temporary)
         os.replace(temporary, path)
     except OSError:
-        temporary.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # no folder to hold it (the cache path is a file)
+            temporary.unlink(missing_ok=True)
 
 
 def checked_spec(model: nn.Module, example_inputs, cache: str | Path | None = None) -> tuple[PermutationSpec, str]:

@@ -211,6 +211,96 @@ def test_bad_input_gives_one_line_errors_and_no_output(endpoint_folders, mnist_f
     expect_error(capsys, ["merge", a, b, *base], "already exists")
 
 
+def copy_folder(source: Path, target: Path, **config) -> Path:
+    """A copy of a model folder, its config changed by ``config``."""
+    target.mkdir()
+    for path in source.iterdir():
+        (target / path.name).write_bytes(path.read_bytes())
+    (target / "config.json").write_text(json.dumps({**json.loads((source / "config.json").read_text()), **config}))
+    return target
+
+
+def write_split_files(folder: Path, columns: dict, features: datasets.Features) -> Path:
+    folder.mkdir()
+    for split in ("train", "test"):
+        datasets.Dataset.from_dict(columns, features=features).to_parquet(str(folder / f"{split}.parquet"))
+    return folder
+
+
+def test_broken_inputs_are_one_line_errors_before_any_output(endpoint_folders, mnist_folder, tmp_path, capsys,
+                                                            monkeypatch):
+    """Folders, files and option values a user can get wrong: one line, status 2, nothing written."""
+    a, b = endpoint_folders
+    out = tmp_path / "out"
+    base = ["--dataset", mnist_folder, "--output", out, *FAST]
+
+    listed = copy_folder(b, tmp_path / "listed")
+    (listed / "config.json").write_text("[1, 2]")
+    expect_error(capsys, ["merge", a, listed, *base], "a model config must be a JSON object, not a list")
+    cut = copy_folder(b, tmp_path / "cut")
+    (cut / "model.safetensors").write_bytes((b / "model.safetensors").read_bytes()[:1000])
+    expect_error(capsys, ["merge", a, cut, *base], "cut: cannot load hfrepair-resnet")
+    unknown = copy_folder(b, tmp_path / "unknown", normalization="foo")
+    expect_error(capsys, ["merge", unknown, unknown, *base], "normalization must be one of")
+    named = copy_folder(b, tmp_path / "named", architectures=[5])
+    expect_error(capsys, ["merge", named, named, *base], "architectures must be a list of class names")
+
+    spec = PermutationSpec.from_dict(json.loads(run_spec_json(a, tmp_path)))
+    group = next(iter(spec.groups.values()))
+    for change, message in ((lambda g: g.members.__setitem__(0, ("nope.weight", 0)), "the model has no tensor"),
+                            (lambda g: setattr(g, "size", g.size * 2), "do not fit axis"),
+                            (lambda g: g.members.__setitem__(0, (g.members[0][0], 7)), "has no axis 7"),
+                            (lambda g: setattr(g, "blocks", 0), "blocks must be a positive integer"),
+                            (lambda g: setattr(g, "size", "abc"), "size must be a positive integer")):
+        broken = PermutationSpec.from_dict(spec.to_dict())
+        change(broken.groups[group.name])
+        broken.save(tmp_path / "broken.json")
+        expect_error(capsys, ["merge", a, b, *base, "--spec", tmp_path / "broken.json"], message)
+    no_module = spec.to_dict()
+    no_module["sites"][0]["module"] = "nowhere"
+    (tmp_path / "site.json").write_text(json.dumps(no_module))
+    expect_error(capsys, ["merge", a, b, *base, "--spec", tmp_path / "site.json"], "'nowhere': the model has no such")
+
+    parquet = Path(mnist_folder) / "train.parquet"
+    expect_error(capsys, ["merge", a, b, "--dataset", parquet, "--output", out, *FAST], "takes a dataset folder")
+    expect_error(capsys, ["merge", a, b, *base, "--image-column", "label"], "image column 'label' holds")
+    labels = datasets.ClassLabel(names=[str(d) for d in range(10)])
+    garbage = write_split_files(tmp_path / "garbage", {"image": [{"bytes": b"not a png", "path": None}] * 8,
+                                                       "label": [1] * 8},
+                                datasets.Features({"image": datasets.Image(), "label": labels}))
+    expect_error(capsys, ["merge", a, b, "--dataset", garbage, "--output", out, *FAST], "first row cannot be read")
+    first = datasets.load_dataset(str(mnist_folder), split="test[:8]")
+    nulls = write_split_files(tmp_path / "nulls", {"image": first["image"], "label": [1] * 7 + [None]},
+                              datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}))
+    expect_error(capsys, ["merge", a, b, "--dataset", nulls, "--output", out, "--num-samples", "8", "--grid", "3"],
+                 "are not images with class labels")
+
+    (tmp_path / "file").write_text("")
+    expect_error(capsys, ["merge", a, b, "--dataset", mnist_folder, "--output", tmp_path / "file" / "sub", *FAST],
+                 "does not take new folders")
+    monkeypatch.chdir(tmp_path)
+    expect_error(capsys, ["merge", a, b, "--dataset", mnist_folder, "--output", ".", "--overwrite", *FAST],
+                 "holds the current folder")
+    expect_error(capsys, ["merge", a, b, *base, "--push-to-hub", "bad id!!"], "not a valid Hub repo id")
+    config = tmp_path / "merge.yaml"
+    config.write_text("alpha: null\n")
+    expect_error(capsys, ["merge", a, b, *base, "--config", config], "alpha cannot be null")
+    config.write_text("weights: [nan, 0.5, 0.5]\n")
+    expect_error(capsys, ["merge", a, b, *base, "--config", config], "weights must be finite numbers")
+    for flags, message in ((["--seed", "-1"], "must be 0 or more"),
+                           (["--weights", "nan,0.5,0.5"], "weights must be finite numbers")):
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(arg) for arg in ["merge", a, b, *base, *flags]])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith((".out", ".file", ".sub"))]
+
+
+def run_spec_json(model: Path, tmp_path: Path) -> str:
+    """The spec ``hfrepair spec`` discovers for ``model``, as the JSON it writes."""
+    assert main(["spec", str(model), "--output", str(tmp_path / "spec.json")]) == 0
+    return (tmp_path / "spec.json").read_text()
+
+
 def test_builtin_transform_matches_training_preprocessing(mnist_folder, mnist):
     data = datasets.load_dataset(str(mnist_folder), split="test")
     config = {"image_size": 14, "in_channels": 1, "mean": [0.1307], "std": [0.3081]}
