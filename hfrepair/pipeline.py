@@ -342,9 +342,8 @@ def merge(
     there is evaluation data, the naive / aligned / repaired curves over ``grid`` alphas (and
     ``alpha`` where the grid misses it, :func:`curve_alphas`) and their barriers are measured
     (``curves`` picks them from :data:`CURVES`; ``()`` for none: the endpoints and the saved
-    model only); each REPAIRed point of a curve other
-    than the saved model is REPAIRed on the first ``curve_repair_examples`` calibration
-    examples (None: all of them). ``rotate``: after the permutations, align the residual
+    model only); each REPAIRed point of a curve other than the saved model is REPAIRed on
+    the first ``curve_repair_examples`` calibration examples (None: all of them). ``rotate``: after the permutations, align the residual
     stream and each head's value dims by orthogonal maps (:mod:`~hfrepair.rotation`; the
     stream's norm affines are folded into the layers that read them), then refine the maps for
     ``rotation_steps`` steps of gradient descent so that the network interpolated at ``alpha``
