@@ -255,6 +255,13 @@ def _versions() -> str:
     return f"hfrepair {__version__}, {installed}, Python {platform.python_version()}"
 
 
+def dtype_text(record: dict) -> str:
+    """The saved weights' dtype, and the mixed precision every measured pass ran under, if any."""
+    precision = record.get("mixed_precision")
+    return f"{record['dtype']}, the endpoints' dtype" + (f"; every pass (statistics, REPAIR, evaluation) ran under {precision} mixed precision"
+                              if precision not in (None, "no") else "")
+
+
 def model_card(record: dict, configs: tuple[dict, dict], licenses: tuple[str | None, str | None]) -> ModelCard:
     """The card of a merge; ``configs`` are the endpoints' config.json, ``licenses`` theirs."""
     a, b = record["sources"]["model_a"], record["sources"]["model_b"]
@@ -288,7 +295,7 @@ def model_card(record: dict, configs: tuple[dict, dict], licenses: tuple[str | N
         model_a_url=f"https://huggingface.co/{name_a}" if a["repo_id"] else name_a,
         model_b_url=f"https://huggingface.co/{name_b}" if b["repo_id"] else name_b,
         revision_a=a["revision"] or "local", revision_b=b["revision"] or "local",
-        alpha=record["alpha"], method=record["method"], matching=matching_text(record), dtype=record["dtype"],
+        alpha=record["alpha"], method=record["method"], matching=matching_text(record), dtype=dtype_text(record),
         calibration_examples=record["calibration_examples"], dataset=_name(dataset),
         split=record["split"], eval_split=split, num_groups=len(record["groups"]), grid=len(record["alphas"]),
         curves=bool(record["curves"]), curve_repair=curve_repair_text(record),
@@ -352,7 +359,9 @@ def many_model_card(record: dict, config: dict, licenses: list[str | None]) -> M
                 else f"{-gap['loss']:.3f} of loss" if "loss" in gap else "not measured")
     pairs = "\n".join(
         f"| midpoint of {names[i]} and {names[j]}: aligned / REPAIRed | {_metric_text(p['aligned'], language_model)} / "
-        f"{_metric_text(p['repaired'], language_model)} |" for p in record.get("pairwise", []) for i, j in [p["models"]])
+        f"{_metric_text(p['repaired'], language_model)} |" if "repaired" in p else
+        f"| midpoint of {names[i]} and {names[j]}, aligned | {_metric_text(p['aligned'], language_model)} |"
+        for p in record.get("pairwise", []) for i, j in [p["models"]])
     body = f"""
 # Merge of {len(names)} models
 
@@ -366,12 +375,12 @@ permutation groups), the aligned models averaged with the weights below, and {re
 | merge | split `{split}` |
 |---|---|
 | plain average of the unaligned models | {_metric_text(record['naive'], language_model)} |
-| aligned average, before REPAIR | {_metric_text(record['aligned'], language_model)} |
+| aligned average{', before REPAIR' if repaired else ''} | {_metric_text(record['aligned'], language_model)} |
 | **this model** | **{_metric_text(record['merged'], language_model)}** |
 {pairs}
 
 Gap between the endpoints' weighted mean and this model: {gap_text}. Every number was
-measured on the weights it describes; calibration: {record['calibration_examples']} examples of split
+measured on the weights it describes; calibration: {record['calibration_examples']} {calibration_unit(record)} of split
 `{record['split']}`. {corrected_details}
 
 Command: `{record['command']}`

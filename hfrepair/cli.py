@@ -26,7 +26,7 @@ from .batches import floating_dtype
 from .card import calibration_unit, many_model_card, saved_point, write_card
 from .data import SHUFFLE_BUFFER, DataError, image_batches, image_mode, model_transform
 from .discovery import ExportError, discover_spec
-from .distributed import ProcessDataError, is_main_process, make_accelerator
+from .distributed import PrecisionError, ProcessDataError, is_main_process, make_accelerator
 from .evaluate import EvaluationError
 from .hub import HubAccessError, check_push_target, push_folder, read_license, resolve_dataset, resolve_model
 from .io import TEXT_TASKS, ModelLoadError, config_differences, load_model, read_config, save_merged, task_of
@@ -48,7 +48,7 @@ from .text import (
 )
 
 USER_ERRORS = (DataError, EvaluationError, ExportError, HubAccessError, MatchingError, MergeError, ModelLoadError,
-               ProcessDataError, SpecError)
+               PrecisionError, ProcessDataError, SpecError)
 DEFAULT_NUM_SAMPLES = 5000
 # The train-loss curve re-evaluates these at every alpha of every curve: a sample suffices.
 TRAIN_EVAL_SAMPLES = 1000
@@ -451,6 +451,8 @@ def run_merge_many(args: argparse.Namespace, argv: list[str]) -> ManyResult:
     record = {
         **base_record(args, argv, inputs, merged, accelerator),
         "sources": {"models": [source.to_dict() for source in sources], "dataset": inputs.data.to_dict()},
+        "text_batches": (args.text_batches or "packed") if inputs.task == "text-generation" else None,
+        "config": getattr(args, "effective_config", None),
         **result.to_dict(),
     }
     if accelerator.is_main_process:
@@ -461,14 +463,14 @@ def run_merge_many(args: argparse.Namespace, argv: list[str]) -> ManyResult:
 
         write_atomically(output, write)
         print(format_many_table(result, [source.repo_id or Path(source.reference).name for source in sources],
-                                inputs.task))
+                                inputs.task, calibration_unit(record)))
         print(f"merged model written to {output}")
         push_output(args, output)
     accelerator.wait_for_everyone()
     return result
 
 
-def format_many_table(result: ManyResult, names: list[str], task: str) -> str:
+def format_many_table(result: ManyResult, names: list[str], task: str, unit: str = "examples") -> str:
     """The printed report of an N-model merge."""
     language_model = task == "text-generation"
 
@@ -479,20 +481,20 @@ def format_many_table(result: ManyResult, names: list[str], task: str) -> str:
 
     weights = "/".join(f"{w:.3f}" for w in result.weights)
     lines = [f"merged {result.models} models (weights {weights}), method={result.method}, matcher={result.matcher}, "
-             f"{result.calibration_examples} calibration examples, {len(result.groups)} permutation groups"]
+             f"{result.calibration_examples} calibration {unit}, {len(result.groups)} permutation groups"]
     lines += [f"  {name:<40} {score(metrics)}" for name, metrics in zip(names, result.endpoints)]
+    corrected = corrected_count(result.corrected)
     lines += [f"  {'plain average (unaligned)':<40} {score(result.naive)}",
-              f"  {'aligned average':<40} {score(result.aligned)}",
-              f"  {'aligned + REPAIR (saved)':<40} {score(result.merged)}"]
+              f"  {'aligned average' + ('' if corrected else ' (saved)'):<40} {score(result.aligned)}",
+              *([f"  {'aligned + REPAIR (saved)':<40} {score(result.merged)}"] if corrected else [])]
     for pair in result.pairwise:
         first, second = (names[k] for k in pair["models"])
-        lines.append(f"  {'midpoint ' + first + ' + ' + second:<40} {score(pair['aligned'])} aligned, "
-                     f"{score(pair['repaired'])} REPAIRed")
+        lines.append(f"  {'midpoint ' + first + ' + ' + second:<40} {score(pair['aligned'])} aligned"
+                     + (f", {score(pair['repaired'])} REPAIRed" if "repaired" in pair else ""))
     if "accuracy" in result.gap and not language_model:
         lines.append(f"gap to the endpoints' weighted mean: {100 * result.gap['accuracy']:.1f} points")
     elif "loss" in result.gap:
         lines.append(f"gap to the endpoints' weighted mean: {-result.gap['loss']:.3f} loss")
-    corrected = corrected_count(result.corrected)
     lines.append(f"REPAIR corrected {corrected} sites" if corrected else f"REPAIR: nothing corrected ({result.method})")
     if not result.settled:
         lines.append(f"note: {result.matcher} matching stopped after {result.rounds} rounds with permutations still "
@@ -537,6 +539,10 @@ def load_inputs(args: argparse.Namespace, names: list[str], accelerator) -> Inpu
         tokenizer = load_tokenizer(folders[0])
         for folder in folders[1:]:
             check_same_tokenizer(tokenizer, load_tokenizer(folder))
+        vocabulary = configs[0].get("vocab_size")
+        if isinstance(vocabulary, int) and len(tokenizer) > vocabulary:
+            raise DataError(f"the tokenizer has {len(tokenizer)} tokens, the model's embedding {vocabulary}: "
+                            "the tokenizer is not the one the model was trained with")
     models = [load_model(folder, trust) for folder in folders]
     return Inputs(sources, folders, configs, task, tokenizer, models, data)
 
@@ -702,7 +708,8 @@ def run_spec(args: argparse.Namespace) -> None:
     model = load_model(source.folder, args.trust_remote_code)
     if args.output and not Path(args.output).resolve().parent.is_dir():
         raise SpecError(f"cannot write {args.output}: no folder {Path(args.output).parent}")
-    inputs = example_images(source.folder)
+    task = task_of(read_config(source.folder))
+    inputs = example_texts(source.folder, task) if task in TEXT_TASKS else example_images(source.folder)
     spec = discover_spec(model, inputs)
     if args.output:  # saved before the check, so that a spec that fails it can be edited
         try:
@@ -713,6 +720,23 @@ def run_spec(args: argparse.Namespace) -> None:
     print(describe_spec(spec, model, check))
     if args.output:
         print(f"spec written to {args.output} (edit it and pass --spec {args.output} to hfrepair merge)")
+
+
+# Text to trace a text model on: the spec depends on the inputs' shapes, not on their words.
+EXAMPLE_TEXT = "A permutation of the hidden units leaves the function of the network unchanged. " * 4
+
+
+def example_texts(folder: Path, task: str, count: int = 2, length: int = 16):
+    """Inputs shaped as a merge reads them, through the model's own tokenizer: packed blocks of
+    ids for a causal LM, padded tokenizer tensors for a classifier."""
+    tokenizer = load_tokenizer(folder)
+    if task == "text-generation":
+        ids = tokenizer(EXAMPLE_TEXT * count)["input_ids"][: count * length]
+        if len(ids) < count * length:
+            raise DataError(f"{folder}: its tokenizer makes too few tokens of the example text to trace the model")
+        return torch.tensor(ids).view(count, length)
+    return dict(tokenizer([EXAMPLE_TEXT] * count, truncation=True, max_length=length, padding=True,
+                          return_tensors="pt"))
 
 
 def example_images(folder: Path, count: int = 2) -> torch.Tensor:

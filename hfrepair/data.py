@@ -10,6 +10,7 @@ does not grow with the number of examples.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 from pathlib import Path
 
@@ -228,11 +229,17 @@ class ImageStream(SplitBatches):
 
 def split_features(stream: datasets.IterableDataset, name: str):
     """The stream's features; an empty split is an error (checked by reading one row)."""
+    rows = iter(stream.take(1))
     try:
-        first = next(iter(stream.take(1)), None)
+        first = next(rows, None)
     except (OSError, ValueError, TypeError) as error:  # a first image that does not decode (PIL: OSError)
         raise DataError(f"{name}: its first row cannot be read: {type(error).__name__}: "
                         f"{(str(error).splitlines() or [''])[0]}") from error
+    finally:
+        # An unfinished parquet reader left for the interpreter's exit can abort it ("terminate
+        # called without an active exception", status 134) after a one-line error: free it now.
+        del rows
+        gc.collect()
     if first is None:
         raise DataError(f"{name} is empty")
     return stream.features or {key: None for key in first}

@@ -38,7 +38,19 @@ def make_accelerator(mixed_precision: str | None = None) -> Accelerator:
     """
     has_device = (torch.cuda.is_available() or torch.backends.mps.is_available()
                   or (hasattr(torch, "xpu") and torch.xpu.is_available()))
-    return Accelerator(mixed_precision=mixed_precision, cpu=not has_device)
+    # accelerate's CPU autocast knows bf16 only: fp16 would run in float32 and be recorded as fp16.
+    refused = PrecisionError("fp16 mixed precision needs a GPU (on a CPU the passes would run in float32); "
+                             "use --mixed-precision bf16 or no")
+    if mixed_precision == "fp16" and not has_device:  # before accelerate's state is set for the process
+        raise refused
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not has_device)
+    if accelerator.mixed_precision == "fp16" and not has_device:  # asked by `accelerate launch`
+        raise refused
+    return accelerator
+
+
+class PrecisionError(ValueError):
+    """A mixed precision this machine cannot run."""
 
 
 def part_of(accelerator: Accelerator | None) -> tuple[int, int]:

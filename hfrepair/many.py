@@ -31,7 +31,7 @@ from .distributed import make_accelerator
 from .evaluate import evaluate
 from .interpolate import average
 from .matching import match_permutations, matching_sites
-from .pipeline import MATCHERS, MergeError, check_endpoints, statistics_plan
+from .pipeline import MATCHERS, MergeError, check_endpoints, check_merge_does_something, statistics_plan
 from .prepared import DEFAULT_MEMORY, preparer
 from .repair import METHODS, repair
 from .report import repair_summary
@@ -212,6 +212,8 @@ def merge_many(
         spec, spec_source = checked_spec(models[0], example, spec_cache)
         if not spec.groups:
             raise MergeError(f"no permutation groups found in {type(models[0]).__name__}: nothing to align")
+        corrected = repair_summary(spec, method, models[0])
+        check_merge_does_something(spec, method, models[0], False, corrected)
 
         sites, cross = statistics_plan(spec, method, match_at, curves=())
         if matcher == "weight":
@@ -247,7 +249,7 @@ def merge_many(
         result = ManyResult(
             models=len(models), weights=weights, matcher=matcher, method=method,
             calibration_examples=examples, groups={name: g.size for name, g in spec.groups.items()},
-            corrected=repair_summary(spec, method, models[0]), rounds=rounds, settled=settled,
+            corrected=corrected, rounds=rounds, settled=settled,
             spec_source=spec_source)
         if evaluation is not None:
             def score(state):
@@ -266,9 +268,11 @@ def merge_many(
                     for j in range(i + 1, len(models)):
                         pair_goals = goal_statistics(spec, [moments[i], moments[j]], [perms[i], perms[j]], [0.5, 0.5])
                         midpoint = average([aligned[i], aligned[j]], [0.5, 0.5])
-                        repaired = repair(models[0], midpoint, spec, pair_goals, identity, 0.0, method, calibration,
-                                          num_samples, accelerator, workspace=work)
-                        result.pairwise.append({"models": [i, j], "aligned": score(midpoint),
-                                                "repaired": score(repaired)})
+                        pair = {"models": [i, j], "aligned": score(midpoint)}
+                        if method != "none":  # plain interpolation: the aligned midpoint is all there is
+                            pair["repaired"] = score(repair(models[0], midpoint, spec, pair_goals, identity, 0.0,
+                                                            method, calibration, num_samples, accelerator,
+                                                            workspace=work))
+                        result.pairwise.append(pair)
         merged = load_into(copy.deepcopy(models[0]), merged_state)
         return merged.eval(), result

@@ -36,12 +36,20 @@ TEXT_NAMES = ("text", "content", "sentence", "document")
 # be 100k+ (Llama-family). --max-length lifts it up to the model's limit.
 DEFAULT_MAX_LENGTH = 512
 TOKENIZE_ROWS = 256  # texts per call of the (Rust, batched) tokenizer
+# Files that hold a tokenizer, as transformers saves them (fast, sentencepiece, WordPiece, BPE).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json", "spiece.model",
+                   "sentencepiece.bpe.model")
 
 
 def load_tokenizer(folder: str | Path):
     """The tokenizer saved with an endpoint (as a Hub repo ships it)."""
     from transformers import AutoTokenizer
 
+    # transformers builds an empty tokenizer from config.json alone: refuse a folder without
+    # the files of one (a merge would read every word as unknown and save that tokenizer).
+    if Path(folder).is_dir() and not any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
+        raise DataError(f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); a text model's "
+                        "folder must hold the tokenizer it was trained with")
     try:
         return AutoTokenizer.from_pretrained(str(folder))
     except (OSError, ValueError, KeyError, TypeError) as error:
@@ -205,10 +213,15 @@ def packed_batches(dataset: str, split: str, tokenizer, block_length: int, *, li
 def label_index(feature, label2id: dict[str, int], classes: int, column: str):
     """Labels -> class indices for a classifier with ``classes`` outputs: class indices as
     they are, label names through the model's ``label2id``; what cannot fit is an error."""
+    def present(values):
+        if any(value is None for value in values):
+            raise DataError(f"label column {column!r} has empty (null) cells")
+        return values
+
     if isinstance(feature, datasets.ClassLabel):
         if feature.num_classes != classes:
             raise DataError(f"label column {column!r} has {feature.num_classes} classes, the classifier {classes}")
-        return lambda values: torch.as_tensor(values)
+        return lambda values: torch.as_tensor(present(values))
     if is_text(feature):
         def by_name(values):
             unknown = sorted({v for v in values if v not in label2id})
@@ -221,7 +234,7 @@ def label_index(feature, label2id: dict[str, int], classes: int, column: str):
         raise DataError(f"label column {column!r} holds {getattr(feature, 'dtype', feature)}, not class indices")
 
     def checked(values):
-        labels = torch.as_tensor(values)
+        labels = torch.as_tensor(present(values))
         outside = labels[(labels < 0) | (labels >= classes)]
         if len(outside):
             raise DataError(f"label column {column!r} holds {int(outside[0])}, outside the classifier's {classes} "

@@ -540,7 +540,9 @@ def test_flags_that_do_not_fit_the_models_are_one_line_errors(three_mlp_folders,
             (endpoint_folders, ["--rotate", "--rotation-steps", "-1"], "--rotation-steps: must be 0 or more"),
             (three_mlp_folders, ["--rotation-steps", "5"], "--rotation-steps is for two models"),
             (three_mlp_folders, ["--max-rounds", "-1"], "--max-rounds must be 0 or more"),
-            (endpoint_folders, ["--max-rounds", "3"], "--max-rounds is for 3 or more models")):
+            (endpoint_folders, ["--max-rounds", "3"], "--max-rounds is for 3 or more models"),
+            (three_mlp_folders, ["--method", "reset"], "REPAIR (reset) has nothing to correct in MLP"),
+            (endpoint_folders, ["--mixed-precision", "fp16"], "fp16 mixed precision needs a GPU")):
         done = run_cli("merge", *models, "--dataset", mnist_folder, "--output", out, *flags)
         assert done.returncode == 2
         assert_one_line_error(done.stderr, message)

@@ -170,6 +170,40 @@ def test_bad_text_input_is_one_line_and_writes_nothing(case, gpt2_folders, text_
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
 
+def test_text_endpoints_without_their_tokenizer_are_refused(gpt2_folders, bert_folders, docstring_folder,
+                                                            text_folder, tmp_path, capsys):
+    """A folder without tokenizer files, a tokenizer larger than the embedding, null labels."""
+    import shutil
+
+    from hfrepair.text import TOKENIZER_FILES
+
+    bare = tmp_path / "bare"
+    shutil.copytree(bert_folders[0], bare)
+    for name in TOKENIZER_FILES + ("tokenizer_config.json", "special_tokens_map.json"):
+        (bare / name).unlink(missing_ok=True)
+    big = tmp_path / "big"
+    shutil.copytree(gpt2_folders[0], big)
+    config = json.loads((big / "config.json").read_text())
+    (big / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] // 2}))
+    texts = datasets.load_dataset(str(docstring_folder), split="test[:6]")
+    nulls = write_texts(tmp_path / "nulls", {"text": texts["text"], "label": [0, None] * 3})
+    out = tmp_path / "out"
+    for argv, message in ((["merge", bare, bare, "--dataset", docstring_folder], "no tokenizer files"),
+                          (["merge", big, big, "--dataset", text_folder], "the tokenizer has 512 tokens"),
+                          (["merge", *bert_folders, "--dataset", nulls], "label column 'label' has empty (null) cells")):
+        assert main([str(arg) for arg in argv] + ["--output", str(out), *FAST]) == 2
+        assert_one_line_error(capsys.readouterr().err, message)
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_spec_command_traces_a_text_model_on_tokens(kind, gpt2_folders, bert_folders, capsys):
+    folder = (gpt2_folders if kind == "gpt2" else bert_folders)[0]
+    assert main(["spec", str(folder)]) == 0
+    shown = capsys.readouterr().out
+    assert "permutation groups" in shown and "checked: a random permutation per group" in shown
+
+
 def test_an_image_model_given_a_text_dataset_says_so(hf_resnet_folders, text_folder, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["merge", *map(str, hf_resnet_folders), "--dataset", str(text_folder), "--output", str(out), *FAST]

@@ -64,3 +64,14 @@ def test_unmergeable_requests_are_refused(four):
         merge_many(models, calibration, weights=[0.5, 0.5, 0.5])
     with pytest.raises(MergeError, match="repair, reset or none"):
         merge_many(models, calibration, method="closed-form")
+
+
+def test_plain_averaging_is_never_called_repaired(four):
+    from hfrepair.cli import format_many_table
+
+    models, calibration, test = four
+    _, result = merge_many(models[:3], calibration, test, method="none")
+    assert result.pairwise and all(set(pair) == {"models", "aligned"} for pair in result.pairwise)
+    assert result.merged == result.aligned  # the saved model is the aligned average itself
+    table = format_many_table(result, ["a", "b", "c"], "image-classification")
+    assert "aligned average (saved)" in table and "REPAIR" not in table.replace("REPAIR: nothing corrected", "")
