@@ -20,7 +20,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .pipeline import REPAIRED_CURVES
-from .report import CORRECTION_KINDS, corrected_count
+from .report import CORRECTION_KINDS, aligned_text, corrected_count
 
 # model_cards/ at the repository's top level, installed as the package hfrepair.model_cards.
 TEMPLATE = importlib.resources.files("hfrepair.model_cards") / "merged_model.md"
@@ -366,7 +366,8 @@ def many_model_card(record: dict, config: dict, licenses: list[str | None]) -> M
 # Merge of {len(names)} models
 
 Made with hfrepair: the models' units were aligned into one order ({matching}; {len(record['groups'])}
-permutation groups), the aligned models averaged with the weights below, and {repair_line}.
+permutation groups: {aligned_text(record.get('aligned_groups') or {})}), the aligned models averaged with the
+weights below, and {repair_line}. {fixed_text(record)}
 
 | base model | revision | weight | split `{split}` of `{_name(dataset)}` |
 |---|---|---|---|

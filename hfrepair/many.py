@@ -34,7 +34,7 @@ from .matching import match_permutations, matching_sites
 from .pipeline import MATCHERS, MergeError, check_endpoints, check_merge_does_something, statistics_plan
 from .prepared import DEFAULT_MEMORY, preparer
 from .repair import METHODS, repair
-from .report import repair_summary
+from .report import alignment_summary, fixed_summary, repair_summary
 from .spec import PermutationSpec, check_function_preserved, identity_permutations, load_into, permute_state_dict
 from .passes import run_pass
 from .spec_cache import checked_spec
@@ -53,6 +53,8 @@ class ManyResult:
     calibration_examples: int
     groups: dict[str, int]
     corrected: dict[str, list]
+    aligned_groups: dict = field(default_factory=dict)  # per kind of unit: groups, sizes, units
+    fixed: dict = field(default_factory=dict)  # why weight axes stayed fixed: reason -> count
     rounds: int = 0  # rounds of re-aligning each model to the others
     settled: bool = True  # False when max_rounds ended them with permutations still changing
     endpoints: list[dict] = field(default_factory=list)
@@ -249,7 +251,8 @@ def merge_many(
         result = ManyResult(
             models=len(models), weights=weights, matcher=matcher, method=method,
             calibration_examples=examples, groups={name: g.size for name, g in spec.groups.items()},
-            corrected=corrected, rounds=rounds, settled=settled,
+            corrected=corrected, aligned_groups=alignment_summary(spec), fixed=fixed_summary(spec),
+            rounds=rounds, settled=settled,
             spec_source=spec_source)
         if evaluation is not None:
             def score(state):

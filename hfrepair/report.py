@@ -19,9 +19,10 @@ from .spec import PermutationSpec
 UNCORRECTABLE = "no bias, BatchNorm or norm affine to fold a correction into"
 
 
-def alignment_summary(spec: PermutationSpec, matched: dict[str, float], unaligned: dict[str, float]) -> dict:
-    """Per group kind: how many groups, their unit sizes, and the mean matched correlation
-    (against the correlation of the units in their original order)."""
+def alignment_summary(spec: PermutationSpec, matched: dict[str, float] | None = None,
+                      unaligned: dict[str, float] | None = None) -> dict:
+    """Per group kind: how many groups, their unit sizes, and (given a pair's correlations)
+    the mean matched correlation against that of the units in their original order."""
     by_kind: dict[str, list] = defaultdict(list)
     for name, group in spec.groups.items():
         by_kind[group.kind].append(name)
@@ -33,11 +34,26 @@ def alignment_summary(spec: PermutationSpec, matched: dict[str, float], unaligne
             "groups": len(names),
             "sizes": sorted({size(spec.groups[n]) for n in names}, key=str),
             "units": sum(spec.groups[n].size for n in names),
-            "matched_correlation": sum(matched[n] for n in names) / len(names),
-            "unaligned_correlation": sum(unaligned[n] for n in names) / len(names),
+            **({"matched_correlation": sum(matched[n] for n in names) / len(names),
+                "unaligned_correlation": sum(unaligned[n] for n in names) / len(names)} if matched is not None else {}),
         }
         for kind, names in by_kind.items()
     }
+
+
+def aligned_text(aligned: dict) -> str:
+    """Groups by kind and size, with the matched correlation where a pair's was measured."""
+    return ", ".join(f"{k} {v['groups']} x {'/'.join(map(str, v['sizes']))} units"
+                     + (f" (corr {v['matched_correlation']:.2f} vs {v['unaligned_correlation']:.2f})"
+                        if "matched_correlation" in v else "") for k, v in aligned.items())
+
+
+def fixed_line(fixed: dict[str, int]) -> list[str]:
+    """The fixed axes in one line, the three most frequent reasons named (none: no line)."""
+    if not fixed:
+        return []
+    top = "; ".join(f"{reason} ({count})" for reason, count in list(fixed.items())[:3])
+    return [f"fixed: {sum(fixed.values())} weight axes, e.g. {top}"]
 
 
 LEFT_OUT = "in no group of the given spec"
@@ -108,11 +124,8 @@ def describe(result) -> list[str]:
     """The report in a few lines, for the printed table."""
     check = ("checked: a random permutation per group leaves the outputs unchanged" if result.groups
              else "no permutation group to check")
-    lines = [f"permutation spec: {SPEC_SOURCES[result.spec_source]} ({check})", *_alignment_lines(result)]
-    fixed = sum(result.fixed.values())
-    if fixed:
-        top = "; ".join(f"{reason} ({count})" for reason, count in list(result.fixed.items())[:3])
-        lines.append(f"fixed: {fixed} weight axes, e.g. {top}")
+    lines = [f"permutation spec: {SPEC_SOURCES[result.spec_source]} ({check})", *_alignment_lines(result),
+             *fixed_line(result.fixed)]
     corrected = result.corrected
     if corrected_count(corrected):
         parts = [f"{len(corrected[k])} {correction_label(k, result.method)}" for k in CORRECTION_KINDS if corrected.get(k)]
@@ -128,10 +141,7 @@ def _alignment_lines(result) -> list[str]:
     """What was aligned, by group kind, and how far the weights moved."""
     if not result.aligned:
         return ["aligned: nothing (no permutation group)"]
-    kinds = ", ".join(f"{k} {v['groups']} x {'/'.join(map(str, v['sizes']))} units "
-                      f"(corr {v['matched_correlation']:.2f} vs {v['unaligned_correlation']:.2f})"
-                      for k, v in result.aligned.items())
-    lines = [f"aligned: {kinds}"]
+    lines = [f"aligned: {aligned_text(result.aligned)}"]
     if result.weight_distance:
         lines.append(f"weight distance |A - P(B)| / |A|: {result.weight_distance['unaligned']:.3f} unaligned, "
                      f"{result.weight_distance['aligned']:.3f} after {result.matcher} matching")

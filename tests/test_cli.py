@@ -511,6 +511,9 @@ def test_three_models_merge_into_one_through_the_cli(three_mlp_folders, mnist_fo
     assert [p["models"] for p in record["pairwise"]] == [[0, 1], [0, 2], [1, 2]]
     assert all(p["repaired"]["accuracy"] > record["naive"]["accuracy"] for p in record["pairwise"])
     assert "midpoint of mlp-1 and mlp-2" in card and "midpoint mlp-1 + mlp-2" in done.stdout
+    # What was aligned (by kind and size) and what stayed fixed, as a two-model merge says it.
+    assert record["aligned_groups"]["mlp"]["groups"] == 2 and "aligned: mlp 2 x" in done.stdout
+    assert sum(record["fixed"].values()) > 0 and "fixed: " in done.stdout and "stayed fixed" in card
     fresh = subprocess.run([sys.executable, "-c", RELOAD, str(out), str(mnist_folder), "1000"],
                            capture_output=True, text=True, env=ENV, check=True)
     assert json.loads(fresh.stdout.strip().splitlines()[-1])["accuracy"] == record["merged"]["accuracy"]
