@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .pipeline import REPAIRED_CURVES
+from .pipeline import REPAIRED_CURVES, saved_curve
 from .report import CORRECTION_KINDS, aligned_text, corrected_count
 
 # model_cards/ at the repository's top level, installed as the package hfrepair.model_cards.
@@ -121,7 +121,7 @@ def curve_repair_text(record: dict) -> str:
     REPAIRed on (the saved model's REPAIR reads them all)."""
     inner = record["alphas"][1:-1]
     others = [a for a in inner if abs(a - record["alpha"]) > 1e-9]  # the saved model's point aside
-    saved = "repaired" if record["groups"] else "naive-repaired"  # the saved model's curve (saved_curve)
+    saved = saved_curve(record["groups"])
     repaired = [label for label in record["curves"] if label in REPAIRED_CURVES
                 and (others if label == saved else inner)]
     first = record.get("plan", {}).get("sizes", {}).get("first calibration")

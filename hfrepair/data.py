@@ -223,8 +223,12 @@ class ImageStream(SplitBatches):
             return self.transform(decode(cells)), torch.as_tensor(labels)
         except (OSError, ValueError, TypeError, IndexError, RuntimeError, AttributeError) as error:  # PIL: OSError
             raise DataError(f"{self.name}: rows {first}-{first + len(labels) - 1} are not images with class labels "
-                            f"(columns {self.image_column!r}, {self.label_column!r}): {type(error).__name__}: "
-                            f"{(str(error).splitlines() or [''])[0]}") from error
+                            f"(columns {self.image_column!r}, {self.label_column!r}): {_described(error)}") from error
+
+
+def _described(error: Exception) -> str:
+    """An exception from reading a cell, in one line: its type and its message's first line."""
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
 
 
 def split_features(stream: datasets.IterableDataset, name: str):
@@ -233,8 +237,7 @@ def split_features(stream: datasets.IterableDataset, name: str):
     try:
         first = next(rows, None)
     except (OSError, ValueError, TypeError) as error:  # a first image that does not decode (PIL: OSError)
-        raise DataError(f"{name}: its first row cannot be read: {type(error).__name__}: "
-                        f"{(str(error).splitlines() or [''])[0]}") from error
+        raise DataError(f"{name}: its first row cannot be read: {_described(error)}") from error
     finally:
         # An unfinished parquet reader left for the interpreter's exit can abort it ("terminate
         # called without an active exception", status 134) after a one-line error: free it now.

@@ -175,10 +175,10 @@ def measurable_curves(curves: tuple[str, ...], method: str, spec: PermutationSpe
     return tuple(kept), notes
 
 
-def saved_curve(spec: PermutationSpec) -> str:
+def saved_curve(groups) -> str:
     """The curve the saved model is a point of: REPAIR after alignment, or without it when
-    the spec has no permutation group."""
-    return "repaired" if spec.groups else "naive-repaired"
+    there is no permutation group (``groups``: the spec's, or a record's)."""
+    return "repaired" if groups else "naive-repaired"
 
 
 @contextmanager
@@ -440,8 +440,9 @@ def _merge(model_a, model_b, calibration, curve_calibration, evaluation, alpha, 
     # Figure 2's ratio, at the sites where units were matched (post-activation by default).
     matched = {m for g in spec.groups for m in matching_sites(spec, g, match_at)}
     variance_sites = [s for s in spec.sites if s.module in matched]
+    saved = saved_curve(spec.groups)  # the curve whose point at alpha is the saved model
     plan = plan_merge(method, alpha, curves, inner, sizes, tuple(evaluation), rotate, rotation_steps, keep_targets,
-                      saved_curve(spec), bool(variance_sites))
+                      saved, bool(variance_sites))
     if announce is not None and is_main_process(accelerator):
         announce(plan.describe())
 
@@ -573,7 +574,7 @@ def _merge(model_a, model_b, calibration, curve_calibration, evaluation, alpha, 
             for label in curves:
                 points = []
                 for point in progress(inner, accelerator, desc=f"curve {label}", unit="alpha"):
-                    if label == saved_curve(spec) and _same(point, alpha):
+                    if label == saved and _same(point, alpha):
                         points.append(result.merged)
                         continue
                     in_memory = load_point(label, point)
