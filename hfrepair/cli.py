@@ -28,7 +28,8 @@ from .data import SHUFFLE_BUFFER, DataError, image_batches, image_mode, model_tr
 from .discovery import ExportError, discover_spec
 from .distributed import PrecisionError, ProcessDataError, is_main_process, make_accelerator
 from .evaluate import EvaluationError
-from .hub import HubAccessError, check_push_target, push_folder, read_license, resolve_dataset, resolve_model
+from .hub import (HubAccessError, check_push_access, check_push_target, push_folder, read_license, resolve_dataset,
+                  resolve_model)
 from .io import TEXT_TASKS, ModelLoadError, config_differences, load_model, read_config, save_merged, task_of
 from .matching import MATCH_LOCATIONS, MatchingError
 from .many import ManyResult, merge_many
@@ -340,9 +341,10 @@ def check_output(output: Path, inputs: list[str], overwrite: bool, push_to: str 
     """Refuse, before any work, an OUTPUT that would clobber an input or the working folder,
     or that cannot be written: its nearest existing folder must take a new folder (tried
     and removed at once, so that nothing is left behind); and a ``push_to`` repo id the Hub
-    would refuse."""
+    would refuse, or a push the token cannot make (before anything is downloaded)."""
     if push_to:
         check_push_target(push_to)
+        check_push_access(push_to)
     resolved = output.resolve()
     for source in inputs:
         path = Path(source).resolve()

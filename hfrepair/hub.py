@@ -17,6 +17,7 @@ from huggingface_hub.errors import (
     HfHubHTTPError,
     HFValidationError,
     HTTPError,
+    LocalTokenNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
@@ -142,6 +143,24 @@ def check_push_target(repo_id: str) -> None:
     except HFValidationError as error:
         raise HubAccessError(f"cannot push to {repo_id!r}: not a valid Hub repo id ({str(error).splitlines()[0]})") \
             from error
+
+
+def check_push_access(repo_id: str, token: str | None = None) -> None:
+    """Refuse, before a merge, a push its token cannot make: no token, one the Hub does not
+    accept, or a read-only one (asked of the Hub's ``whoami``). Without this a merge ran to
+    the end and failed at the push. Whether the account may write to ``repo_id``'s
+    namespace is left to the push itself: organisations and fine-grained tokens scope that
+    in ways ``whoami`` does not fully say."""
+    what = f"cannot push to {repo_id!r}"
+    try:
+        account = HfApi(token=token).whoami()
+    except LocalTokenNotFoundError as error:
+        raise HubAccessError(f"{what}: no Hub token (run `hf auth login` or set HF_TOKEN)") from error
+    except (HTTPError, OSError) as error:
+        raise hub_error(error, what) from error
+    role = ((account.get("auth") or {}).get("accessToken") or {}).get("role")
+    if role == "read":
+        raise HubAccessError(f"{what}: the token of {account.get('name')!r} is read-only (a push needs a write token)")
 
 
 def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,

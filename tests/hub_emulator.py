@@ -126,11 +126,14 @@ class HubEmulator:
       fail_next_lfs_upload: set True to make the next LFS ``PUT`` fail (403), for atomicity tests.
       requests: ``(method, path, status)`` of every request served, to debug client flows.
       unhandled: requests that matched no route (a client used an endpoint we lack).
+
+    ``token`` reads and writes as ``user``; ``read_token`` is the same user's read-only token.
     """
 
-    def __init__(self, root, token: str = "hf_test_token", user: str = "test-user"):
+    def __init__(self, root, token: str = "hf_test_token", user: str = "test-user",
+                 read_token: str = "hf_read_token"):
         self.root = Path(root)
-        self.token, self.user = token, user
+        self.token, self.user, self.read_token = token, user, read_token
         self.fail_next_lfs_upload = False
         self.requests: list[tuple[str, str, int]] = []
         self.unhandled: list[tuple[str, str]] = []
@@ -474,16 +477,22 @@ class HubHandler(BaseHTTPRequestHandler):
         return auth[7:].strip() if auth.lower().startswith("bearer ") else None
 
     def require_write(self):
-        """Writes need the emulator's token; the Hub answers 401 otherwise."""
+        """Writes need the emulator's token: the Hub answers 403 to the same user's read-only
+        token and 401 to any other."""
+        if self.token() == self.hub.read_token:
+            raise HubError(403, "You don't have the rights to write with a read-only token")
         if self.token() != self.hub.token:
             raise HubError(401, INVALID_CREDENTIALS)
+
+    def can_read_private(self) -> bool:
+        return self.token() in (self.hub.token, self.hub.read_token)
 
     def repo_state(self, repo_type: str, repo_id: str) -> dict:
         """Load a repo the caller may read: a private repo without a valid token looks missing (401)."""
         state = self.hub.load(repo_type, repo_id)
         if state is None:
             raise HubError(404, "Repository not found", "RepoNotFound")
-        if state["private"] and self.token() != self.hub.token:
+        if state["private"] and not self.can_read_private():
             raise HubError(401, "Repository not found", "RepoNotFound")
         return state
 
@@ -537,14 +546,15 @@ class HubHandler(BaseHTTPRequestHandler):
 
     # -- account and repos -------------------------------------------------------------------
     def route_whoami(self):
-        if self.token() != self.hub.token:
+        if not self.can_read_private():
             raise HubError(401, INVALID_CREDENTIALS)
+        role = "write" if self.token() == self.hub.token else "read"
         self.send_json(200, {
             "type": "user", "id": "0" * 24, "name": self.hub.user, "fullname": "Test User",
             "email": f"{self.hub.user}@example.com", "emailVerified": True, "canPay": False,
             "isPro": False, "periodEnd": None, "orgs": [],
             "auth": {"type": "access_token",
-                     "accessToken": {"displayName": "test", "role": "write", "createdAt": now_iso()}},
+                     "accessToken": {"displayName": "test", "role": role, "createdAt": now_iso()}},
         })
 
     def route_create(self):

@@ -217,19 +217,26 @@ def test_push_failing_midway_leaves_the_repo_unchanged(hub, merged_from_hub, tmp
     assert hub.load("model", "user/atomic") == before  # no commit, no file changed
 
 
+PUSH = ["--push-to-hub", "user/never"]
+PUBLIC_PAIR = ["user/resnet-b", "user/resnet-b-sharded"]
 HUB_ERRORS = [
-    (["user/missing", "user/resnet-b"], TOKEN, "model repo 'user/missing' not found"),
-    (["user/resnet-a@nope", "user/resnet-b"], TOKEN, "revision not found"),
+    (["user/missing", "user/resnet-b", *PUSH], TOKEN, "model repo 'user/missing' not found"),
+    (["user/resnet-a@nope", "user/resnet-b", *PUSH], TOKEN, "revision not found"),
     (["user/resnet-a", "user/resnet-b"], None, "model repo 'user/resnet-a' not found on"),
     (["user/resnet-a", "user/resnet-b"], "hf_wrong", "or private and your token cannot read it"),
-    (["user/pickled", "user/resnet-b"], TOKEN, "only pickle weights"),
-    (["user/remote-code", "user/remote-code"], TOKEN, "pass --trust-remote-code if you trust it"),
-    (["user/resnet-a", "user/hf-b"], TOKEN, "different architectures"),
-    (["user/resnet-a", "user/resnet-b", "--dataset", "user/no-data"], TOKEN, "dataset repo 'user/no-data' not found"),
-    (["user/resnet-a", "user/resnet-b", "--split", "validation"], TOKEN, "has no split 'validation'"),
-    (["user/resnet-a", "user/resnet-b", "--label-column", "digit"], TOKEN, "no label column 'digit'"),
-    (["user/resnet-a", "user/resnet-b", "--num-samples", "4001"], TOKEN,
+    (["user/pickled", "user/resnet-b", *PUSH], TOKEN, "only pickle weights"),
+    (["user/remote-code", "user/remote-code", *PUSH], TOKEN, "pass --trust-remote-code if you trust it"),
+    (["user/resnet-a", "user/hf-b", *PUSH], TOKEN, "different architectures"),
+    (["user/resnet-a", "user/resnet-b", "--dataset", "user/no-data", *PUSH], TOKEN,
+     "dataset repo 'user/no-data' not found"),
+    (["user/resnet-a", "user/resnet-b", "--split", "validation", *PUSH], TOKEN, "has no split 'validation'"),
+    (["user/resnet-a", "user/resnet-b", "--label-column", "digit", *PUSH], TOKEN, "no label column 'digit'"),
+    (["user/resnet-a", "user/resnet-b", "--num-samples", "4001", *PUSH], TOKEN,
      "asks for more examples than split 'train' of dataset 'user/mnist' has (4000)"),
+    # A push the token cannot make is refused before anything is downloaded or merged.
+    ([*PUBLIC_PAIR, *PUSH], None, "cannot push to 'user/never': no Hub token (run `hf auth login`"),
+    ([*PUBLIC_PAIR, *PUSH], "hf_wrong", "cannot push to 'user/never': access denied"),
+    ([*PUBLIC_PAIR, *PUSH], "hf_read_token", "cannot push to 'user/never': the token of 'test-user' is read-only"),
 ]
 
 
@@ -240,7 +247,8 @@ def test_hub_errors_are_one_line(hub, uploaded, tmp_path):
     ``hub_cli`` tests above cover the real process's exit status."""
     out = tmp_path / "never"
     cases = [(["merge", *FAST, *args, *([] if "--dataset" in args else ["--dataset", "user/mnist"]),
-               "--output", str(out), "--push-to-hub", "user/never"], token) for args, token, _ in HUB_ERRORS]
+               "--output", str(out)], token) for args, token, _ in HUB_ERRORS]
+    requests_before = len(hub.requests)
     seen = run_client(hub, tmp_path, f"""
         import contextlib, io
         from hfrepair.cli import main
@@ -263,6 +271,8 @@ def test_hub_errors_are_one_line(hub, uploaded, tmp_path):
         assert_one_line_error(stderr, message)
         assert not wrote, args
     assert hub.load("model", "user/never") is None
+    # Only the refused pushes name the sharded repo: none of its files was asked for.
+    assert not [path for _, path, _ in hub.requests[requests_before:] if "resnet-b-sharded" in path]
 
 
 def test_unreachable_hub_names_the_endpoint(tmp_path):

@@ -289,10 +289,14 @@ def test_revisions_and_errors(hub, tmp_path):
                 path_or_fileobj=b"x", path_in_repo="x.txt", repo_id=repo, token="hf_wrong")),
             "create_wrong_token": error(lambda: api.create_repo("test-user/other", token="hf_wrong")),
             "whoami_wrong_token": error(lambda: api.whoami(token="hf_wrong")),
+            "private_read_token": error(lambda: api.model_info("test-user/secret", token="hf_read_token")),
+            "create_read_token": error(lambda: api.create_repo("test-user/other", token="hf_read_token")),
         }
+        roles = [api.whoami(token=token)["auth"]["accessToken"]["role"] for token in (None, "hf_read_token")]
         result(on_main=on_main, on_branch=on_branch, on_tag=on_tag, by_sha=by_sha, after_delete=after_delete,
                branches=sorted(b.name for b in refs.branches), tags=[t.name for t in refs.tags], errors=errors,
-               fresh=fresh, paths=paths, bad_yaml=bad_yaml, deleted=deleted, secret_private=secret_private)
+               fresh=fresh, paths=paths, bad_yaml=bad_yaml, deleted=deleted, secret_private=secret_private,
+               roles=roles)
     """)
     assert (result["on_main"], result["on_branch"], result["on_tag"]) == ("main v1", "branch v2", "main v1")
     assert result["by_sha"] == "branch v2"
@@ -314,6 +318,8 @@ def test_revisions_and_errors(hub, tmp_path):
     assert errors["write_wrong_token"][0] == 401
     assert errors["create_wrong_token"][0] == 401
     assert errors["whoami_wrong_token"][0] == 401
+    assert errors["private_read_token"] is None and errors["create_read_token"][0] == 403
+    assert result["roles"] == ["write", "read"]
 
 
 def test_parquet_dataset_load_and_push_to_hub(hub, tmp_path):
