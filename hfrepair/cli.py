@@ -1,7 +1,8 @@
 """Command line: ``hfrepair merge`` (two model folders -> merged folder) and ``hfrepair demo``.
 
-Errors in the user's input print one line (``hfrepair: error: ...``) and exit with status 2;
-the output folder is written under a temporary name and renamed only when complete.
+Errors in the user's input print one line (``hfrepair: error: ...``) and exit with status 2
+(Ctrl-C: one line, status 130); the output folder is written under a temporary name and
+renamed only when complete.
 """
 
 from __future__ import annotations
@@ -755,6 +756,9 @@ def example_images(folder: Path, count: int = 2) -> torch.Tensor:
     return model_transform(folder)(images)
 
 
+INTERRUPTED = 128 + 2  # the shell's status for a command ended by SIGINT
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     keep_freed_memory()
@@ -778,6 +782,10 @@ def main(argv: list[str] | None = None) -> int:
         if is_main_process():  # every process meets the same bad input: say it once
             print(f"hfrepair: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: a staged output was already removed on the way out
+        if is_main_process():
+            print("hfrepair: error: interrupted", file=sys.stderr)
+        return INTERRUPTED
     return 0
 
 

@@ -225,10 +225,16 @@ def _run_pass(models, taps, batches, limit, accelerator, desc, release=True) -> 
     count = _batch_count(batches, limit, accelerator)
     source = progress(local_batches(batches, limit, accelerator), accelerator, desc=desc, unit="batch", total=count)
     parts = _split_parts(models, taps, device, count)
-    if parts > 1:
-        examples = _run_split(models, taps, source, device, accelerator, parts)
-    else:
-        examples = _run_batches(models, taps, source, device, accelerator)
+    try:
+        if parts > 1:
+            examples = _run_split(models, taps, source, device, accelerator, parts)
+        else:
+            examples = _run_batches(models, taps, source, device, accelerator)
+    except BaseException:
+        # The error's traceback holds the bar's iterator, so the bar would stay on screen
+        # and the error line printed next would run into it.
+        getattr(source, "close", lambda: None)()
+        raise
     total = require_data_everywhere(examples, accelerator, desc)
     _FORWARDS[0] += total * sum(getattr(model, "forwards_per_example", 1) for model in models)
     _reduce(taps, accelerator)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -293,6 +294,25 @@ def test_broken_inputs_are_one_line_errors_before_any_output(endpoint_folders, m
             main([str(arg) for arg in ["merge", a, b, *base, *flags]])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith((".out", ".file", ".sub"))]
+
+
+def test_ctrl_c_during_a_merge_is_one_line_and_leaves_no_folder(endpoint_folders, mnist_folder, tmp_path):
+    """SIGINT once the passes have begun: one line, the shell's status for it, no traceback,
+    no output or staging folder."""
+    a, b = endpoint_folders
+    merge = subprocess.Popen([sys.executable, "-m", "hfrepair.cli", "merge", a, b, "--dataset", mnist_folder,
+                              "--output", tmp_path / "merged"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=ENV)
+    seen = []
+    for line in merge.stderr:  # the plan is printed right before the first pass
+        seen.append(line)
+        if line.startswith("plan:"):
+            merge.send_signal(signal.SIGINT)
+            break
+    rest = merge.communicate(timeout=300)[1]
+    assert merge.returncode == 130, "".join(seen) + rest
+    assert_one_line_error("".join(seen) + rest, "interrupted")
+    assert list(tmp_path.iterdir()) == []
 
 
 def run_spec_json(model: Path, tmp_path: Path) -> str:

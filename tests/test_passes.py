@@ -105,6 +105,32 @@ def test_a_split_pass_that_fails_in_one_thread_raises_its_error_once_and_ends():
     assert not [t for t in threading.enumerate() if t.name.startswith("hfrepair-pass")]  # none left waiting
 
 
+@pytest.mark.parametrize("parts", [1, 2])
+def test_a_pass_that_fails_midway_closes_its_progress_bar(parts, monkeypatch):
+    """The error line a user sees next must not run into a bar left on screen."""
+    from tqdm.auto import tqdm
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+
+    class FailsOnBatch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.seen = 0
+
+        def forward(self, x):
+            self.seen += 1
+            if self.seen == 3:
+                raise ValueError("a forward failed")
+            return x
+
+    model = nn.Sequential(nn.Linear(6, 8), FailsOnBatch(), nn.ReLU())
+    sites = [ActivationSite(module="2", axis=-1, group="hidden", kind="activation")]
+    with threads(parts), pytest.raises(ValueError, match="a forward failed") as failure:
+        run_pass([model], [SiteMoments(sites)], [torch.randn(8, 6) for _ in range(6)], desc="failing pass")
+    assert failure.value.__traceback__ is not None  # still held, as when the CLI prints it
+    assert not [bar for bar in list(tqdm._instances) if bar.desc == "failing pass"]
+
+
 def test_passes_are_not_split_when_they_record_gradients_have_few_batches_or_taps_without_copies():
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU())
     sites = [ActivationSite(module="1", axis=-1, group="hidden", kind="activation")]
