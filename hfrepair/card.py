@@ -20,7 +20,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .pipeline import REPAIRED_CURVES, saved_curve
-from .report import CORRECTION_KINDS, aligned_text, corrected_count
+from .report import CORRECTION_KINDS, aligned_text, corrected_count, pairs_measured
 
 # model_cards/ at the repository's top level, installed as the package hfrepair.model_cards.
 TEMPLATE = importlib.resources.files("hfrepair.model_cards") / "merged_model.md"
@@ -353,6 +353,8 @@ def many_model_card(record: dict, config: dict, licenses: list[str | None]) -> M
                      ", then re-aligned to the average of the others") + f" ({record['rounds']} rounds" + \
             (")" if record["settled"] else ", stopped with permutations still changing)")
     repair_line, corrected_details = repair_text(record)
+    aligned = aligned_text(record.get("aligned_groups") or {}) + pairs_measured(record.get("aligned_groups") or {},
+                                                                                len(names))
     split = record["eval_split"]
     gap = record.get("gap") or {}
     gap_text = (f"{100 * gap['accuracy']:.1f} points of accuracy" if "accuracy" in gap and not language_model
@@ -366,7 +368,7 @@ def many_model_card(record: dict, config: dict, licenses: list[str | None]) -> M
 # Merge of {len(names)} models
 
 Made with hfrepair: the models' units were aligned into one order ({matching}; {len(record['groups'])}
-permutation groups: {aligned_text(record.get('aligned_groups') or {})}), the aligned models averaged with the
+permutation groups: {aligned}), the aligned models averaged with the
 weights below, and {repair_line}. {fixed_text(record)}
 
 | base model | revision | weight | split `{split}` of `{_name(dataset)}` |

@@ -36,7 +36,7 @@ from .matching import MATCH_LOCATIONS, MatchingError
 from .many import ManyResult, merge_many
 from .pipeline import CURVE_REPAIR_EXAMPLES, DEFAULT_GRID, MATCHERS, ROTATION_STEPS, MergeError, MergeResult, merge
 from .repair import METHODS
-from .report import aligned_text, corrected_count, describe, describe_spec, fixed_line
+from .report import aligned_text, corrected_count, describe, describe_spec, fixed_line, pairs_measured
 from .spec import PermutationSpec, SpecError, check_spec_fits, verify_spec
 from .spec_cache import default_spec_cache
 from .text import (
@@ -498,7 +498,8 @@ def format_many_table(result: ManyResult, names: list[str], task: str, unit: str
         lines.append(f"gap to the endpoints' weighted mean: {100 * result.gap['accuracy']:.1f} points")
     elif "loss" in result.gap:
         lines.append(f"gap to the endpoints' weighted mean: {-result.gap['loss']:.3f} loss")
-    lines += [f"aligned: {aligned_text(result.aligned_groups)}", *fixed_line(result.fixed)]
+    lines += [f"aligned: {aligned_text(result.aligned_groups)}{pairs_measured(result.aligned_groups, result.models)}",
+              *fixed_line(result.fixed)]
     lines.append(f"REPAIR corrected {corrected} sites" if corrected else f"REPAIR: nothing corrected ({result.method})")
     if not result.settled:
         lines.append(f"note: {result.matcher} matching stopped after {result.rounds} rounds with permutations still "

@@ -30,7 +30,7 @@ from .batches import first_rows, inputs_of, to_device
 from .distributed import make_accelerator
 from .evaluate import evaluate
 from .interpolate import average
-from .matching import match_permutations, matching_sites
+from .matching import match_permutations, matching_sites, mean_matched_correlation
 from .pipeline import MATCHERS, MergeError, check_endpoints, check_merge_does_something, statistics_plan
 from .prepared import DEFAULT_MEMORY, preparer
 from .repair import METHODS, repair
@@ -53,7 +53,9 @@ class ManyResult:
     calibration_examples: int
     groups: dict[str, int]
     corrected: dict[str, list]
-    aligned_groups: dict = field(default_factory=dict)  # per kind of unit: groups, sizes, units
+    # Per kind of unit: groups, sizes, units; with activation matching also the matched
+    # correlation over every pair of models (:func:`pair_correlations`).
+    aligned_groups: dict = field(default_factory=dict)
     fixed: dict = field(default_factory=dict)  # why weight axes stayed fixed: reason -> count
     rounds: int = 0  # rounds of re-aligning each model to the others
     settled: bool = True  # False when max_rounds ended them with permutations still changing
@@ -141,6 +143,19 @@ def _rounds(perms: list[dict], to_the_others, max_rounds: int) -> tuple[list[dic
         if not changed:
             return perms, round_, True
     return perms, max_rounds, False
+
+
+def pair_correlations(spec: PermutationSpec, pairs: dict[tuple[int, int], Statistics], perms: list[dict],
+                      match_at: str) -> tuple[dict[str, float], dict[str, float]]:
+    """Per group, the correlation of the units the common order puts side by side, averaged
+    over every measured pair of models, and that of the units in their own orders: with
+    three or more models no single pair's figure describes the alignment."""
+    identity = identity_permutations(spec)
+    aligned = [mean_matched_correlation(spec, stats, perms[k], match_at, reference=perms[j])
+               for (j, k), stats in pairs.items()]
+    unaligned = [mean_matched_correlation(spec, stats, identity, match_at) for stats in pairs.values()]
+    return tuple({name: sum(found[name] for found in each) / len(each) for name in spec.groups}
+                 for each in (aligned, unaligned))
 
 
 def goal_statistics(spec: PermutationSpec, moments: list[dict[str, Moments]], perms: list[dict],
@@ -251,7 +266,9 @@ def merge_many(
         result = ManyResult(
             models=len(models), weights=weights, matcher=matcher, method=method,
             calibration_examples=examples, groups={name: g.size for name, g in spec.groups.items()},
-            corrected=corrected, aligned_groups=alignment_summary(spec), fixed=fixed_summary(spec),
+            corrected=corrected, fixed=fixed_summary(spec),
+            aligned_groups=alignment_summary(spec, *pair_correlations(spec, pairs, perms, match_at))
+            if matcher == "activation" else alignment_summary(spec),
             rounds=rounds, settled=settled,
             spec_source=spec_source)
         if evaluation is not None:

@@ -141,21 +141,24 @@ def match_permutations(
 
 
 def mean_matched_correlation(
-    spec: PermutationSpec, stats: Statistics, perms: dict[str, torch.Tensor], match_at: str = "activation"
+    spec: PermutationSpec, stats: Statistics, perms: dict[str, torch.Tensor], match_at: str = "activation",
+    reference: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Average correlation of the unit pairs a group's permutation puts side by side, at its
-    matching sites (with every other group's permutation applied too)."""
+    matching sites (with every other group's permutation applied too). ``reference``: A's
+    own permutations when both models were put into a common order (None: A's order is it)."""
     result = {}
     for name in perms:
         values = []
         for site in _sites(spec, matching_sites(spec, name, match_at)):
             corr = stats.pairs[site.module].correlation().cpu()
             order = site.order(perms, corr.shape[0])
+            order_a = site.order(reference, corr.shape[0]) if reference is not None else torch.arange(len(order))
             if site.group == name:
                 where = torch.arange(corr.shape[0])
             else:
                 where = torch.cat([positions(len(perms[name]), *block).reshape(-1)
                                    for g, *block in site.layout if g == name])
-            values.append(corr[where, order[where]].mean())
+            values.append(corr[order_a[where], order[where]].mean())
         result[name] = torch.stack(values).mean().item()
     return result

@@ -41,6 +41,12 @@ def alignment_summary(spec: PermutationSpec, matched: dict[str, float] | None = 
     }
 
 
+def pairs_measured(aligned: dict, models: int) -> str:
+    """What an N-model merge's correlations average over, where they were measured."""
+    measured = any("matched_correlation" in kind for kind in aligned.values())
+    return f"; corr: mean over the {models * (models - 1) // 2} pairs of models" if measured else ""
+
+
 def aligned_text(aligned: dict) -> str:
     """Groups by kind and size, with the matched correlation where a pair's was measured."""
     return ", ".join(f"{k} {v['groups']} x {'/'.join(map(str, v['sizes']))} units"

@@ -1,6 +1,8 @@
 """N models merged into one: three and four trained MLPs beat their plain average by far,
 and two models give exactly the pairwise merge."""
 
+import copy
+
 import pytest
 import torch
 
@@ -53,6 +55,40 @@ def test_two_models_are_the_pairwise_merge(four):
     for key, value in pairwise.state_dict().items():
         torch.testing.assert_close(many.state_dict()[key], value, rtol=1e-5, atol=1e-5)
     assert result.merged["accuracy"] == pair_result.merged["test"]["accuracy"]
+    # What it aligned, with the pair's correlations, as the pairwise merge says it.
+    assert result.aligned_groups.keys() == pair_result.aligned.keys()
+    for kind, info in pair_result.aligned.items():
+        assert result.aligned_groups[kind] == pytest.approx(info, rel=1e-6)
+
+
+@pytest.mark.parametrize("build", ["mlp", "vit"])
+def test_a_pair_in_a_common_order_correlates_as_the_permuted_models_do(four, build):
+    """Both models of a pair permuted into a common order: the correlation read off the
+    unpermuted pair's statistics with ``reference`` equals that of the permuted models
+    measured anew (per-head groups included)."""
+    from hfrepair.discovery import discover_spec
+    from hfrepair.matching import mean_matched_correlation
+    from hfrepair.spec import identity_permutations, load_into, permute_state_dict, random_permutations
+    from hfrepair.statistics import collect_statistics
+    from tests.conftest import tiny_vit
+
+    models, calibration, _ = four
+    if build == "vit":
+        torch.manual_seed(0)
+        models = [tiny_vit().eval() for _ in range(2)]
+        calibration = [x.view(-1, 1, 28, 28)[:200] for x in calibration[:2]]
+    first, second = models[0], models[1]
+    spec = discover_spec(first, calibration[0][:2])
+    generator = torch.Generator().manual_seed(0)
+    perm_first, perm_second = (random_permutations(spec, generator) for _ in range(2))
+    measured = collect_statistics(first, second, spec.sites, calibration)
+    reread = mean_matched_correlation(spec, measured, perm_second, reference=perm_first)
+    permuted = [load_into(copy.deepcopy(model), permute_state_dict(model.state_dict(), spec, perms))
+                for model, perms in ((first, perm_first), (second, perm_second))]
+    anew = mean_matched_correlation(spec, collect_statistics(*permuted, spec.sites, calibration),
+                                    identity_permutations(spec))
+    assert reread == pytest.approx(anew, abs=1e-5)
+    assert reread != pytest.approx(mean_matched_correlation(spec, measured, identity_permutations(spec)))
 
 
 def test_unmergeable_requests_are_refused(four):
