@@ -34,7 +34,7 @@ from .hub import (HubAccessError, check_push_access, check_push_target, push_fol
 from .io import TEXT_TASKS, ModelLoadError, config_differences, load_model, read_config, save_merged, task_of
 from .matching import MATCH_LOCATIONS, MatchingError
 from .many import ManyResult, merge_many
-from .pipeline import CURVE_REPAIR_EXAMPLES, DEFAULT_GRID, MATCHERS, ROTATION_STEPS, MergeError, MergeResult, merge
+from .pipeline import ALPHA_RANGE, CURVE_REPAIR_EXAMPLES, DEFAULT_GRID, MATCHERS, ROTATION_STEPS, MergeError, MergeResult, merge
 from .repair import METHODS
 from .report import aligned_text, corrected_count, describe, describe_spec, fixed_line, pairs_measured
 from .spec import PermutationSpec, SpecError, check_spec_fits, verify_spec
@@ -63,8 +63,8 @@ CPU_IMAGE_BATCH = 64
 
 def _alpha(text: str) -> float:
     value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"alpha must be in [0, 1], got {value}")
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(ALPHA_RANGE.format(value))
     return value
 
 
@@ -123,7 +123,7 @@ def _memory_size(text: str) -> str:
 
 
 def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--alpha", type=_alpha, default=0.5, help="interpolation weight of B (default 0.5)")
+    parser.add_argument("--alpha", type=_alpha, default=0.5, help="interpolation weight of B, strictly between 0 and 1 (default 0.5)")
     parser.add_argument("--method", choices=METHODS, default="repair",
                         help="statistics correction: exact REPAIR (default), closed-form, BatchNorm reset, none")
     parser.add_argument("--match-at", choices=sorted(MATCH_LOCATIONS), default="activation",

@@ -53,6 +53,8 @@ CURVE_REPAIR_EXAMPLES = 1000
 # of a default demo merge's 78,000 example-forwards at 11 alphas; quarter steps keep the midpoint,
 # where the barriers of aligned and REPAIRed pairs peak. 11 (tenths) draws the paper's finer curves.
 DEFAULT_GRID = 5
+# At 0 or 1 the "merge" is an endpoint (B permuted): no collapse to correct, nothing merged.
+ALPHA_RANGE = "alpha must be strictly between 0 and 1 (0 and 1 are the endpoints themselves), got {}"
 # Steps refining the fitted rotations (``rotate``) towards a (REPAIRed) midpoint that predicts
 # what the endpoints do: on the digits ViT pairs of docs/results.md the saved model went from
 # 75-77% (Procrustes maps) to 88% (``hfrepair.rotation.REFINE_LEARNING_RATE``).
@@ -362,8 +364,8 @@ def merge(
     device and the forward passes use its mixed precision, while all sums stay float64.
     Call it on every process; each gets the same merged model and result.
     """
-    if not 0.0 <= alpha <= 1.0:
-        raise MergeError(f"alpha must be in [0, 1], got {alpha}")
+    if not 0.0 < alpha < 1.0:
+        raise MergeError(ALPHA_RANGE.format(alpha))
     if method not in METHODS:
         raise MergeError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
     if matcher not in MATCHERS:

@@ -175,10 +175,11 @@ def test_bad_input_gives_one_line_errors_and_no_output(endpoint_folders, mnist_f
     save_file(weights, broken / "model.safetensors")
     expect_error(capsys, ["merge", a, broken, *base], "non-finite values in conv.weight")
 
-    with pytest.raises(SystemExit) as exit_info:
-        main(["merge", str(a), str(b), "--alpha", "1.5", "--dataset", str(mnist_folder), "--output", str(out)])
-    assert exit_info.value.code == 2
-    assert "alpha must be in [0, 1]" in capsys.readouterr().err
+    for alpha in ("1.5", "0", "1"):  # at 0 or 1 the saved model would be an endpoint, called a merge
+        with pytest.raises(SystemExit) as exit_info:
+            main(["merge", str(a), str(b), "--alpha", alpha, "--dataset", str(mnist_folder), "--output", str(out)])
+        assert exit_info.value.code == 2
+        assert "alpha must be strictly between 0 and 1" in capsys.readouterr().err
 
     too_many = ["merge", a, b, "--dataset", mnist_folder, "--output", out, "--num-samples", "4001"]
     expect_error(capsys, too_many, "asks for more examples than split 'train' of dataset")

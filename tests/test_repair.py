@@ -10,6 +10,7 @@ from hfrepair.discovery import discover_spec
 from hfrepair.fuse import fold_batchnorm
 from hfrepair.interpolate import interpolate
 from hfrepair.matching import match_permutations
+from hfrepair.pipeline import MergeError, merge
 from hfrepair.models import MLP, VGG, ResNet
 from hfrepair.repair import (
     ChannelBatchNorm,
@@ -115,6 +116,9 @@ def test_unknown_method_and_missing_batches_are_refused():
         repair(a, mixed, spec, stats, perms, 0.5, "magic", [inputs])
     with pytest.raises(ValueError, match="needs calibration batches"):
         repair(a, mixed, spec, stats, perms, 0.5, "repair")
+    for alpha in (0.0, 1.0):  # a merge at an endpoint is the endpoint
+        with pytest.raises(MergeError, match="strictly between 0 and 1"):
+            merge(a, b, [inputs], alpha=alpha)
 
 
 @pytest.mark.parametrize("layer, shape, axis", [
