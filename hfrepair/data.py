@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
@@ -172,6 +173,22 @@ class SplitBatches:
         for _start, batch in self.numbered():
             yield batch
 
+    def row_batches(self, rows: datasets.IterableDataset, batch_size: int) -> Iterator[dict]:
+        """``rows`` in batches of ``batch_size``; a part of the files that cannot be read (a
+        corrupt row group, a shard that is not parquet) is the dataset's fault, found only
+        when the stream reaches it: a one-line error."""
+        batches, read = rows.iter(batch_size=batch_size), 0
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except (OSError, ValueError) as error:  # pyarrow: ArrowInvalid (ValueError), ArrowIOError
+                raise DataError(f"{self.name}: its files cannot be read past row {read} of the stream: "
+                                f"{_described(error)}") from error
+            read += len(next(iter(batch.values()), []))
+            yield batch
+
     @property
     def size(self) -> int | None:
         """What the whole stream yields (over all parts), when known before reading it: a
@@ -208,7 +225,7 @@ class ImageStream(SplitBatches):
         rows = self.first_rows()
         decode = _decoder((self.stream.features or {}).get(self.image_column))
         seen = 0
-        for number, batch in enumerate(rows.iter(batch_size=self.batch_size)):
+        for number, batch in enumerate(self.row_batches(rows, self.batch_size)):
             labels = batch[self.label_column]
             if self.is_mine(number):
                 yield seen, self._tensors(batch[self.image_column], labels, decode, seen)

@@ -160,7 +160,7 @@ class PackedTextStream(SplitBatches):
 
     def token_lists(self) -> Iterator[list[int]]:
         """Each non-empty text's ids, without special tokens (packing adds the EOS)."""
-        for rows in self.shuffled_rows().iter(batch_size=TOKENIZE_ROWS):
+        for rows in self.row_batches(self.shuffled_rows(), TOKENIZE_ROWS):
             texts = rows[self.text_column]
             if any(not isinstance(t, str) for t in texts if t is not None):
                 raise DataError(f"column {self.text_column!r} of {self.name} holds values that are not text")
@@ -270,7 +270,7 @@ class PaddedTextStream(SplitBatches):
         """This part's batches, each with the position of its first example in the split."""
         rows = self.first_rows()
         seen = texts_seen = 0
-        for number, batch in enumerate(rows.iter(batch_size=self.batch_size)):
+        for number, batch in enumerate(self.row_batches(rows, self.batch_size)):
             texts = [text or "" for text in batch[self.text_column]]
             if any(not isinstance(t, str) for t in texts):
                 raise DataError(f"column {self.text_column!r} of {self.name} holds values that are not text")

@@ -32,3 +32,35 @@ def test_a_stream_shorter_than_the_cap_says_how_long_it_was():
         list(stream)
     relaxed = ImageStream(rows, torch.tensor, "image", "label", "the generator", batch_size=4, limit=12)
     assert labels_of(relaxed) == [i % 3 for i in range(10)]
+
+
+def broken_copies(source, root):
+    """Copies of ``source``'s train split, readable at first and broken further on: a corrupt
+    row group of one file (row groups of 100 rows, the sixth overwritten), and a second
+    shard that is not parquet. The test split stays intact."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(source / "train.parquet").slice(0, 1000)
+    corrupt = root / "corrupt_row_group"
+    corrupt.mkdir()
+    pq.write_table(table, corrupt / "train.parquet", row_group_size=100, compression="none")
+    group = pq.ParquetFile(corrupt / "train.parquet").metadata.row_group(5).column(0)
+    data = bytearray((corrupt / "train.parquet").read_bytes())
+    start = group.data_page_offset
+    data[start:start + 2000] = bytes((7 * i) % 251 for i in range(2000))
+    (corrupt / "train.parquet").write_bytes(bytes(data))
+    shards = root / "bad_shard"
+    shards.mkdir()
+    pq.write_table(table.slice(0, 300), shards / "train-00000-of-00002.parquet")
+    (shards / "train-00001-of-00002.parquet").write_bytes(b"PAR1" + bytes(range(256)) * 20 + b"PAR1")
+    return corrupt, shards
+
+
+def test_files_that_break_partway_through_the_stream_are_one_line_errors(mnist_folder, tmp_path):
+    """Found only when the stream reaches them (the first rows read fine): a data error
+    naming the dataset, not pyarrow's exception."""
+    for folder in broken_copies(mnist_folder, tmp_path):
+        stream = image_batches(str(folder), "train", lambda images: torch.zeros(len(images)), limit=1000,
+                               batch_size=50)
+        with pytest.raises(DataError, match=r"its files cannot be read past row \d+ of the stream: Arrow|OSError"):
+            labels_of(stream)

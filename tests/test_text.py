@@ -234,3 +234,19 @@ def test_padding_changes_no_statistic_and_no_correction():
         sums.append(corrector.sums.clone())
     assert sums[0][0, 0] == real
     torch.testing.assert_close(sums[0], sums[1])
+
+
+def test_a_shard_that_breaks_the_stream_partway_is_a_one_line_error(text_folder, tmp_path):
+    """Packed and padded text streams read their rows as image streams do: a second shard
+    that is not parquet is a data error once the stream reaches it."""
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    pq.write_table(pq.read_table(text_folder / "train.parquet").slice(0, 200), folder / "train-00000-of-00002.parquet")
+    (folder / "train-00001-of-00002.parquet").write_bytes(b"PAR1" + bytes(range(256)) * 20 + b"PAR1")
+    tokenizer = tokenizer_for(str(text_folder))
+    for stream in (packed_batches(str(folder), "train", tokenizer, LENGTH, batch_size=8),
+                   padded_lm_batches(str(folder), "train", tokenizer, LENGTH, batch_size=8)):
+        with pytest.raises(DataError, match="its files cannot be read past row"):
+            list(stream)
