@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import yaml
 from PIL import Image
+from safetensors import SafetensorError
 
 from .allocator import keep_freed_memory
 from .batches import floating_dtype
@@ -34,7 +35,9 @@ from .hub import (HubAccessError, check_push_access, check_push_target, push_fol
 from .io import TEXT_TASKS, ModelLoadError, config_differences, load_model, read_config, save_merged, task_of
 from .matching import MATCH_LOCATIONS, MatchingError
 from .many import ManyResult, merge_many
-from .pipeline import ALPHA_RANGE, CURVE_REPAIR_EXAMPLES, DEFAULT_GRID, MATCHERS, ROTATION_STEPS, MergeError, MergeResult, merge
+from .pipeline import (ALPHA_RANGE, CURVE_REPAIR_EXAMPLES, DEFAULT_GRID, MATCHERS, ROTATION_STEPS, MergeError,
+                       MergeResult, merge)
+from .prepared import SpillError
 from .repair import METHODS
 from .report import aligned_text, corrected_count, describe, describe_spec, fixed_line, pairs_measured
 from .spec import PermutationSpec, SpecError, check_spec_fits, verify_spec
@@ -49,8 +52,13 @@ from .text import (
     padded_batches,
 )
 
+
+class OutputError(ValueError):
+    """OUTPUT could not be written (nothing of it is left)."""
+
+
 USER_ERRORS = (DataError, EvaluationError, ExportError, HubAccessError, MatchingError, MergeError, ModelLoadError,
-               PrecisionError, ProcessDataError, SpecError)
+               PrecisionError, ProcessDataError, SpecError, SpillError, OutputError)
 DEFAULT_NUM_SAMPLES = 5000
 # The train-loss curve re-evaluates these at every alpha of every curve: a sample suffices.
 TRAIN_EVAL_SAMPLES = 1000
@@ -291,7 +299,7 @@ def read_merge_config(path: str, merge_parser: argparse.ArgumentParser) -> dict:
     """``--config``'s options, checked and converted like the flags they stand for."""
     try:
         data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as error:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         raise MergeError(f"cannot read the merge config {path}: {str(error).splitlines()[0]}") from error
     if not isinstance(data, dict):
         raise MergeError(f"merge config {path} must be a mapping of option names to values")
@@ -644,7 +652,10 @@ def write_atomically(output: Path, write) -> None:
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     previous = None
     try:
-        write(staging)
+        try:
+            write(staging)
+        except (OSError, SafetensorError) as error:  # a full disk, a quota
+            raise OutputError(f"cannot write {output}: {(str(error).splitlines() or [''])[0]}") from error
         if output.exists():
             previous = Path(tempfile.mkdtemp(prefix=f".{output.name}.old.", dir=output.parent))
             output.rename(previous / output.name)

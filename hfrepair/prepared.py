@@ -24,6 +24,10 @@ from accelerate import Accelerator
 from .batches import inputs_of, rows
 from .distributed import numbered_batches, part_of, within
 
+class SpillError(ValueError):
+    """Prepared batches beyond the memory bound could not be written to the temporary folder."""
+
+
 DEFAULT_MEMORY = 2 * 10**9  # bytes of prepared batches held in memory per source (2GB); the rest spill to disk
 
 
@@ -82,11 +86,17 @@ class PreparedBatches:
             self._memory_left -= size
             self._held.append((start, count, batch))
             return
-        if self._folder is None:
-            self._folder = Path(tempfile.mkdtemp(prefix="hfrepair-batches-"))
-            self._cleanup = weakref.finalize(self, shutil.rmtree, self._folder, True)
-        path = self._folder / f"{len(self._held)}.pt"
-        torch.save(batch, path)
+        try:
+            if self._folder is None:
+                self._folder = Path(tempfile.mkdtemp(prefix="hfrepair-batches-"))
+                self._cleanup = weakref.finalize(self, shutil.rmtree, self._folder, True)
+            path = self._folder / f"{len(self._held)}.pt"
+            torch.save(batch, path)
+        except (OSError, RuntimeError) as error:  # a full disk: torch's writer raises RuntimeError
+            where = self._folder or tempfile.gettempdir()
+            raise SpillError(f"cannot keep prepared batches in {where} (beyond --cache-memory they go to the "
+                             f"temporary folder; free space there, set TMPDIR or raise --cache-memory): "
+                             f"{(str(error).splitlines() or [''])[0]}") from error
         self._held.append((start, count, path))
 
     def _numbered(self) -> Iterator[tuple[int, object]]:

@@ -289,6 +289,8 @@ def test_broken_inputs_are_one_line_errors_before_any_output(endpoint_folders, m
     expect_error(capsys, ["merge", a, b, *base, "--config", config], "alpha cannot be null")
     config.write_text("weights: [nan, 0.5, 0.5]\n")
     expect_error(capsys, ["merge", a, b, *base, "--config", config], "weights must be finite numbers")
+    config.write_bytes(b"\xff\xfe\x00alpha: 0.5\x80")  # not UTF-8
+    expect_error(capsys, ["merge", a, b, *base, "--config", config], "cannot read the merge config")
     for flags, message in ((["--seed", "-1"], "must be 0 or more"),
                            (["--weights", "nan,0.5,0.5"], "weights must be finite numbers")):
         with pytest.raises(SystemExit) as exit_info:
@@ -314,6 +316,25 @@ def test_ctrl_c_during_a_merge_is_one_line_and_leaves_no_folder(endpoint_folders
     assert merge.returncode == 130, "".join(seen) + rest
     assert_one_line_error("".join(seen) + rest, "interrupted")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_that_cannot_be_written_leaves_nothing(tmp_path):
+    """A full disk while OUT is written: one error naming OUT and the reason, no staging folder."""
+    from safetensors import SafetensorError
+
+    from hfrepair.cli import OutputError, write_atomically
+
+    def fills_the_disk(error):
+        def write(folder):
+            (folder / "config.json").write_text("{}")
+            raise error
+        return write
+
+    for error in (OSError(28, "No space left on device"),
+                  SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")):
+        with pytest.raises(OutputError, match=r"cannot write .*merged: .*No space left on device"):
+            write_atomically(tmp_path / "merged", fills_the_disk(error))
+        assert list(tmp_path.iterdir()) == []
 
 
 def run_spec_json(model: Path, tmp_path: Path) -> str:

@@ -2,15 +2,17 @@
 disk, cut prefixes alike on every process, and a whole merge decodes each example once and
 runs exactly the forward passes its printed plan announced."""
 
+import tempfile
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 import hfrepair.pipeline as pipeline
 from hfrepair import merge
 from hfrepair.data import builtin_transform, image_batches
 from hfrepair.models import MLP
-from hfrepair.prepared import PreparedBatches
+from hfrepair.prepared import PreparedBatches, SpillError
 
 
 class CountingSource:
@@ -50,6 +52,21 @@ def test_prepared_batches_read_the_source_once_and_replay_it_in_memory_or_from_d
     assert folder.is_dir() and len(list(folder.iterdir())) == 4
     spilled.close()
     assert not folder.exists()
+
+
+def test_a_temporary_folder_that_takes_no_batches_is_one_error_naming_it(monkeypatch, tmp_path):
+    """No temporary folder, or a full disk under it: what to change, in one line."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+    with pytest.raises(SpillError, match=r"cannot keep prepared batches in .*missing .*set TMPDIR"):
+        rows_of(PreparedBatches(CountingSource(), memory_bytes=60))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    def full_disk(*_args, **_kwargs):  # what torch's writer raises when the disk fills
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 640 vs 598")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(SpillError, match="raise --cache-memory.*unexpected pos"):
+        rows_of(PreparedBatches(CountingSource(), memory_bytes=60))
 
 
 def test_a_prefix_is_cut_at_the_same_examples_on_every_process():
