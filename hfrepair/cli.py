@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from .allocator import keep_freed_memory
 from .batches import floating_dtype
 from .card import calibration_unit, many_model_card, saved_point, write_card
-from .data import SHUFFLE_BUFFER, DataError, image_batches, image_mode, model_transform
+from .data import SHUFFLE_BUFFER, DataError, checked_image_size, image_batches, image_mode, model_transform
 from .discovery import ExportError, discover_spec
 from .distributed import PrecisionError, ProcessDataError, is_main_process, make_accelerator
 from .evaluate import EvaluationError
@@ -757,15 +757,17 @@ def example_texts(folder: Path, task: str, count: int = 2, length: int = 16):
 
 def example_images(folder: Path, count: int = 2) -> torch.Tensor:
     """Random images put through the model's own preprocessing: inputs of the right shape."""
-    config = read_config(folder)
-    size = config.get("image_size", 224)
-    size = size if isinstance(size, int) else size[0]
+    transform = model_transform(folder)  # its config checked before any pixel is made
+    try:
+        size = checked_image_size(read_config(folder).get("image_size", 224))
+    except ValueError as error:
+        raise DataError(f"{folder}: {error}") from error
     mode = image_mode(folder)
     generator = np.random.default_rng(0)
     channels = 1 if mode == "L" else 3
     images = [Image.fromarray(generator.integers(0, 256, (size, size, channels)[: 2 if channels == 1 else 3],
                                                  dtype=np.uint8), mode) for _ in range(count)]
-    return model_transform(folder)(images)
+    return transform(images)
 
 
 INTERRUPTED = 128 + 2  # the shell's status for a command ended by SIGINT

@@ -67,12 +67,35 @@ def detect_columns(features, image_column: str | None = None, label_column: str 
     return image, label
 
 
+# Pixels a side: a config asking for more is a mistake (a side of 100,000 would be 30 GB of
+# pixels for the two images a spec is traced on).
+MAX_IMAGE_SIZE = 8192
+
+
+def checked_image_size(size) -> int:
+    """A config's ``image_size`` (a number, or ``[height, width]`` of which the first is
+    used), checked to be a whole number of pixels hfrepair can resize to."""
+    size = size[0] if isinstance(size, (list, tuple)) and size else size
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_IMAGE_SIZE:
+        raise ValueError(f"image_size must be a whole number of pixels from 1 to {MAX_IMAGE_SIZE}, got {size!r}")
+    return size
+
+
 def builtin_transform(config: dict):
     """Grayscale/RGB, resize, scale to [0, 1], normalise, for the built-in architectures."""
-    size = config.get("image_size", 28)
+    size = checked_image_size(config.get("image_size", 28))
     channels = config.get("in_channels", 1)
-    mean = torch.tensor(config.get("mean", [0.5] * channels)).view(-1, 1, 1)
-    std = torch.tensor(config.get("std", [0.5] * channels)).view(-1, 1, 1)
+    if channels not in (1, 3) or isinstance(channels, bool):
+        raise ValueError(f"in_channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
+
+    def per_channel(name: str) -> torch.Tensor:
+        value = config.get(name, [0.5] * channels)
+        if not (isinstance(value, list) and len(value) == channels
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+            raise ValueError(f"{name} must be a list of {channels} numbers, got {value!r}")
+        return torch.tensor(value, dtype=torch.float32).view(-1, 1, 1)
+
+    mean, std = per_channel("mean"), per_channel("std")
 
     def transform(images: list) -> torch.Tensor:
         arrays = []
@@ -98,8 +121,16 @@ def image_mode(folder: str | Path, processor=None) -> str:
 
 
 def model_transform(folder: str | Path):
-    """The endpoint's own image processor when its folder has one, else the built-in one."""
-    folder = Path(folder)
+    """The endpoint's own image processor when its folder has one, else the built-in one; a
+    preprocessing config that cannot be read or used is a one-line error naming the folder."""
+    try:
+        return _model_transform(Path(folder))
+    except (OSError, ValueError, TypeError, KeyError) as error:  # json's errors are ValueErrors
+        raise DataError(f"{folder}: its image preprocessing cannot be set up from its config: "
+                        f"{_described(error)}") from error
+
+
+def _model_transform(folder: Path):
     if (folder / "preprocessor_config.json").is_file():
         from transformers import AutoImageProcessor
 
@@ -116,8 +147,7 @@ def model_transform(folder: str | Path):
         return transform
     config = json.loads((folder / "config.json").read_text())
     if "in_channels" not in config and "num_channels" in config:  # a transformers config
-        size = config.get("image_size", 224)
-        config = {"in_channels": config["num_channels"], "image_size": size if isinstance(size, int) else size[0]}
+        config = {"in_channels": config["num_channels"], "image_size": config.get("image_size", 224)}
     return builtin_transform(config)
 
 

@@ -246,6 +246,16 @@ def test_broken_inputs_are_one_line_errors_before_any_output(endpoint_folders, m
     expect_error(capsys, ["merge", unknown, unknown, *base], "normalization must be one of")
     named = copy_folder(b, tmp_path / "named", architectures=[5])
     expect_error(capsys, ["merge", named, named, *base], "architectures must be a list of class names")
+    for name, config, message in (("mean", {"mean": "abc"}, "mean must be a list of 1 numbers"),
+                                  ("size_text", {"image_size": "28"}, "image_size must be a whole number"),
+                                  ("size_huge", {"image_size": 100_000}, "image_size must be a whole number")):
+        preprocessing = copy_folder(b, tmp_path / name, **config)
+        expect_error(capsys, ["spec", preprocessing], "its image preprocessing cannot be set up")
+        expect_error(capsys, ["merge", preprocessing, preprocessing, *base], message)
+    processor = copy_folder(b, tmp_path / "processor")
+    (processor / "preprocessor_config.json").write_text("{garbage")
+    for argv in (["spec", processor], ["merge", processor, processor, *base]):
+        expect_error(capsys, argv, "processor: its image preprocessing cannot be set up from its config")
 
     spec = PermutationSpec.from_dict(json.loads(run_spec_json(a, tmp_path)))
     group = next(iter(spec.groups.values()))
