@@ -39,8 +39,11 @@ def open_split(dataset: str, split: str, revision: str | None = None) -> dataset
         if "split" in str(error).lower():
             raise DataError(f"dataset {dataset!r} has no split {split!r}") from error
         raise DataError(f"cannot read dataset {dataset!r}: {str(error).splitlines()[0]}") from error
-    except FileNotFoundError as error:
-        raise DataError(f"dataset {dataset!r} not found") from error
+    except OSError as error:
+        if isinstance(error, FileNotFoundError) and not Path(dataset).exists() and error.filename is None:
+            raise DataError(f"dataset {dataset!r} not found") from error
+        # A file it needs, or the datasets cache (under HF_HOME), that cannot be used.
+        raise DataError(f"cannot read dataset {dataset!r}: {_described(error)}") from error
 
 
 def pick_column(features, given: str | None, kind: str, usual: tuple[str, ...], types: tuple) -> str:

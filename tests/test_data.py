@@ -64,3 +64,15 @@ def test_files_that_break_partway_through_the_stream_are_one_line_errors(mnist_f
                                batch_size=50)
         with pytest.raises(DataError, match=r"its files cannot be read past row \d+ of the stream: Arrow|OSError"):
             labels_of(stream)
+
+
+def test_a_datasets_cache_that_cannot_be_used_is_named_not_blamed_on_the_dataset(mnist_folder, tmp_path,
+                                                                               monkeypatch):
+    """HF_HOME (the datasets cache under it) set to a file: the error says what failed, where it
+    used to say that a dataset that exists was not found, or end in a traceback."""
+    from hfrepair.data import open_split
+
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "a_file" / "datasets")
+    with pytest.raises(DataError, match=r"cannot read dataset .*: NotADirectoryError: .*a_file"):
+        open_split(str(mnist_folder), "train")
