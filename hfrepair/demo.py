@@ -44,14 +44,23 @@ def write_mnist_dataset(folder: str | Path, train_size: int = 4000, seed: int = 
     folder = Path(folder)
     if (folder / "train.parquet").is_file() and (folder / "test.parquet").is_file():
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    pixels, labels = mnist_data()
-    order = np.random.default_rng(seed).permutation(len(labels))
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(d) for d in range(10)])})
-    for split, index in (("train", order[:train_size]), ("test", order[train_size:])):
-        images = [Image.fromarray(pixels[i].reshape(28, 28).astype(np.uint8)) for i in index]
-        data = datasets.Dataset.from_dict({"image": images, "label": labels[index].tolist()}, features=features)
-        data.to_parquet(str(folder / f"{split}.parquet"))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # Written aside and renamed when whole: a failed write (a full disk) leaves no file that
+    # a later run would take for the dataset.
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        pixels, labels = mnist_data()
+        order = np.random.default_rng(seed).permutation(len(labels))
+        features = datasets.Features({"image": datasets.Image(),
+                                      "label": datasets.ClassLabel(names=[str(d) for d in range(10)])})
+        for split, index in (("train", order[:train_size]), ("test", order[train_size:])):
+            images = [Image.fromarray(pixels[i].reshape(28, 28).astype(np.uint8)) for i in index]
+            data = datasets.Dataset.from_dict({"image": images, "label": labels[index].tolist()}, features=features)
+            data.to_parquet(str(staging / f"{split}.parquet"))
+        shutil.rmtree(folder, ignore_errors=True)  # an empty or incomplete folder
+        staging.rename(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return folder
 
 
@@ -59,8 +68,12 @@ def load_tensors(folder: str | Path, split: str, config: dict) -> tuple[torch.Te
     """All of a split, preprocessed with the built-in transform of ``config``."""
     import datasets
 
-    data = datasets.load_dataset(str(folder), split=split)
-    return builtin_transform(config)(data["image"]), torch.as_tensor(data["label"])
+    try:
+        data = datasets.load_dataset(str(folder), split=split)
+        return builtin_transform(config)(data["image"]), torch.as_tensor(data["label"])
+    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+        raise DataError(f"cannot read the demo's data in {folder} (delete the folder to have it written "
+                        f"again): {type(error).__name__}: {(str(error).splitlines() or [''])[0]}") from error
 
 
 def train_endpoint(model_factory, dataset: str | Path, seed: int, folder: str | Path, **training) -> Path:
@@ -133,8 +146,11 @@ def demo_pair(cache: str | Path | None = None, batch_size: int = 500):
 
 
 def run_demo(args: argparse.Namespace, argv: list[str]) -> None:
-    from .cli import build_parser, run_merge
+    from .cli import build_parser, check_output, run_merge
 
+    # Before the data is written or a pair trained (minutes with --retrain); the merge checks
+    # OUTPUT again against its inputs.
+    check_output(Path(args.output), [str(args.cache or default_cache())], args.overwrite, args.push_to_hub)
     dataset, endpoints = demo_endpoints(args.cache, retrain=args.retrain)
     # The merge command's defaults for what the demo does not ask (columns, spec, ...).
     merge_args = build_parser().parse_args(["merge", str(endpoints[0]), str(endpoints[1]),

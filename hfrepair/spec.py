@@ -30,8 +30,10 @@ tensors ``perm`` with the convention ``new[i] = old[perm[i]]``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -194,7 +196,17 @@ class PermutationSpec:
         return cls(groups, fixed, sites, [StreamFold(**stream) for stream in data.get("streams", [])])
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+        """Write the spec as JSON, atomically: a failed write (a full disk) leaves no partial
+        file, and processes storing the same spec at once each replace it whole."""
+        path = Path(path)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            temporary.write_text(json.dumps(self.to_dict(), indent=2))
+            os.replace(temporary, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                temporary.unlink(missing_ok=True)
+            raise
 
     @classmethod
     def load(cls, path: str | Path) -> PermutationSpec:

