@@ -79,6 +79,15 @@ def _name(source: dict) -> str:
     absolute path of the machine that merged it)."""
     return source["repo_id"] or Path(source["reference"]).name
 
+
+def _link(source: dict) -> str:
+    """A model as the card's first sentence names it: linked on the Hub, or a local folder
+    (a relative link would point into the merged repo, where it is not)."""
+    if source["repo_id"]:
+        return f"[{source['repo_id']}](https://huggingface.co/{source['repo_id']})"
+    return f"`{_name(source)}` (a local folder)"
+
+
 def is_language_model(record: dict) -> bool:
     return record.get("task") == "text-generation"
 
@@ -170,12 +179,41 @@ def card_metrics(record: dict, saved: str) -> list[tuple[str, str, float]]:
                       ("accuracy_barrier_aligned", "Accuracy barrier (aligned only)", aligned["accuracy"]["max"])]
 
 
+# The model-index's dataset type is a Hub dataset id; a local folder has none, and its own
+# name (e.g. "mnist") would point readers at a Hub dataset the scores were not measured on.
+LOCAL_DATASET_TYPE = "local-folder"
+
+
 def eval_results(record: dict, metrics: list[tuple[str, str, float]]) -> list[EvalResult]:
-    """Model-index entries for ``metrics``, measured on the record's evaluation split."""
-    dataset = _name(record["sources"]["dataset"])
-    return [EvalResult(task_type=record.get("task", "image-classification"), dataset_type=dataset,
-                       dataset_name=dataset, dataset_split=record["eval_split"], metric_type=metric,
+    """Model-index entries for ``metrics``, measured on the record's evaluation split (a Hub
+    dataset at the commit read; a local folder said to be one)."""
+    source = record["sources"]["dataset"]
+    hub = source["repo_id"]
+    return [EvalResult(task_type=record.get("task", "image-classification"),
+                       dataset_type=hub or LOCAL_DATASET_TYPE,
+                       dataset_name=hub or f"{_name(source)} (local folder)", dataset_revision=source["revision"],
+                       dataset_split=record["eval_split"], metric_type=metric,
                        metric_name=label, metric_value=round(value, 6)) for metric, label, value in metrics]
+
+
+def dataset_text(source: dict) -> str:
+    """The dataset as the card's tables name it: a Hub id at the commit read, or a local folder."""
+    if source["repo_id"]:
+        return f"`{source['repo_id']}` @ `{source['revision']}`" if source["revision"] else f"`{source['repo_id']}`"
+    return f"`{_name(source)}` (a local folder)"
+
+
+def evaluation_text(record: dict) -> str:
+    """Which data every score was measured on, with the examples counted."""
+    split, merged = record["eval_split"], record.get("merged") or {}
+    dataset = dataset_text(record["sources"]["dataset"])
+    if "test" not in merged:
+        return f"split `{split}` of {dataset} (nothing evaluated)"
+    text = f"{merged['test']['examples']} {calibration_unit(record)} of split `{split}` of {dataset}"
+    if "train" in merged:
+        text += (f"; train loss on the first {merged['train']['examples']} calibration "
+                 f"{calibration_unit(record)}")
+    return text
 
 
 def tokenizer_text(record: dict) -> str:
@@ -284,7 +322,8 @@ def model_card(record: dict, configs: tuple[dict, dict], licenses: tuple[str | N
         license=licenses[0] if licenses[0] and licenses[0] == licenses[1] else None,
         model_name=record.get("title", "merged"),
         eval_results=eval_results(record, card_metrics(record, saved)),
-        base_model_revisions={n: r for n, r in ((a["repo_id"], a["revision"]), (b["repo_id"], b["revision"])) if n},
+        base_model_revisions={n: r for n, r in ((a["repo_id"], a["revision"]), (b["repo_id"], b["revision"])) if n}
+        or None,
     )
     aligned_sentence, alignment_table = alignment_text(record)
     repair_sentence, corrected_details = repair_text(record)
@@ -292,12 +331,11 @@ def model_card(record: dict, configs: tuple[dict, dict], licenses: tuple[str | N
         card_data, template_path=str(TEMPLATE),
         title=record.get("title", f"Merge of {name_a} and {name_b}"),
         model_a=name_a, model_b=name_b,
-        model_a_url=f"https://huggingface.co/{name_a}" if a["repo_id"] else name_a,
-        model_b_url=f"https://huggingface.co/{name_b}" if b["repo_id"] else name_b,
+        link_a=_link(a), link_b=_link(b),
         revision_a=a["revision"] or "local", revision_b=b["revision"] or "local",
         alpha=record["alpha"], method=record["method"], matching=matching_text(record), dtype=dtype_text(record),
-        calibration_examples=record["calibration_examples"], dataset=_name(dataset),
-        split=record["split"], eval_split=split, num_groups=len(record["groups"]), grid=len(record["alphas"]),
+        calibration_examples=record["calibration_examples"], dataset=dataset_text(dataset),
+        evaluation=evaluation_text(record), split=record["split"], eval_split=split, num_groups=len(record["groups"]), grid=len(record["alphas"]),
         curves=bool(record["curves"]), curve_repair=curve_repair_text(record),
         variance=any(record["variance_ratio"].values()),
         table=barrier_table(record), merged_summary=merged_summary(record), tokenizer=tokenizer_text(record),
@@ -356,6 +394,8 @@ def many_model_card(record: dict, config: dict, licenses: list[str | None]) -> M
     aligned = aligned_text(record.get("aligned_groups") or {}) + pairs_measured(record.get("aligned_groups") or {},
                                                                                 len(names))
     split = record["eval_split"]
+    evaluated = (f", on {record['merged']['examples']} {calibration_unit(record)} of split `{split}`"
+                 if record.get("merged") else "")
     gap = record.get("gap") or {}
     gap_text = (f"{100 * gap['accuracy']:.1f} points of accuracy" if "accuracy" in gap and not language_model
                 else f"{-gap['loss']:.3f} of loss" if "loss" in gap else "not measured")
@@ -371,7 +411,7 @@ Made with hfrepair: the models' units were aligned into one order ({matching}; {
 permutation groups: {aligned}), the aligned models averaged with the
 weights below, and {repair_line}. {fixed_text(record)}
 
-| base model | revision | weight | split `{split}` of `{_name(dataset)}` |
+| base model | revision | weight | split `{split}` of {dataset_text(dataset)} |
 |---|---|---|---|
 {chr(10).join(rows)}
 
@@ -383,8 +423,8 @@ weights below, and {repair_line}. {fixed_text(record)}
 {pairs}
 
 Gap between the endpoints' weighted mean and this model: {gap_text}. Every number was
-measured on the weights it describes; calibration: {record['calibration_examples']} {calibration_unit(record)} of split
-`{record['split']}`. {corrected_details}
+measured on the weights it describes{evaluated}; calibration: {record['calibration_examples']}
+{calibration_unit(record)} of split `{record['split']}`. {corrected_details}
 
 Command: `{record['command']}`
 

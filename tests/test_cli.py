@@ -58,6 +58,11 @@ def test_merge_command_writes_a_model_that_reloads_with_the_reported_accuracy(en
                                                      "merge_results.json", "model.safetensors", "variance_ratio.png"]
     results = json.loads((out / "merge_results.json").read_text())
     assert results["calibration_examples"] == 1000 and results["method"] == "repair"
+    card = (out / "README.md").read_text()  # the data sizes actually scored, a local folder said to be one
+    assert (f"| evaluation data | {results['merged']['test']['examples']} examples of split `test` of `"
+            f"{mnist_folder.name}` (a local folder); train loss on the first {results['merged']['train']['examples']}"
+            " calibration examples |") in card
+    assert "`a` (a local folder) and `b` (a local folder)" in card
     assert load_file(out / "model.safetensors").keys() == load_file(a / "model.safetensors").keys()
     assert type(load_model(out)) is ResNet
     # A fresh process evaluating the saved weights sees exactly the reported accuracy.
@@ -560,6 +565,10 @@ def test_three_models_merge_into_one_through_the_cli(three_mlp_folders, mnist_fo
     assert {r.metric_type: r.metric_value for r in eval_results}["accuracy"] == pytest.approx(
         record["merged"]["accuracy"])
     assert all(name in card for name in ("mlp-1", "mlp-2", "mlp-3")) and "Merge of 3 models" in card
+    # A local dataset is never named as a Hub dataset, and the examples scored are counted.
+    assert {(r.dataset_type, r.dataset_name) for r in eval_results} == {("local-folder", "mnist (local folder)")}
+    assert f"on {record['merged']['examples']} examples of split `test`" in card
+    assert f"corr: mean over the 3 pairs of models" in card and "corr " in done.stdout
     assert [p["models"] for p in record["pairwise"]] == [[0, 1], [0, 2], [1, 2]]
     assert all(p["repaired"]["accuracy"] > record["naive"]["accuracy"] for p in record["pairwise"])
     assert "midpoint of mlp-1 and mlp-2" in card and "midpoint mlp-1 + mlp-2" in done.stdout

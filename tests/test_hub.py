@@ -113,7 +113,8 @@ def pull_and_evaluate(hub, tmp_path, repo: str) -> dict:
         test = image_batches("user/mnist", "test", model_transform(folder), limit=500, batch_size=500, seed=0)
         card = ModelCard.load("{repo}")
         metrics = {{r.metric_type: r.metric_value for r in card.data.eval_results}}
-        result(cls=type(model).__name__, accuracy=evaluate(model, test).accuracy, card=metrics,
+        datasets = sorted({{(r.dataset_type, r.dataset_revision) for r in card.data.eval_results}})
+        result(datasets=datasets, cls=type(model).__name__, accuracy=evaluate(model, test).accuracy, card=metrics,
                base=card.data.base_model, license=card.data.license, tags=card.data.tags,
                relation=card.data.to_dict().get("base_model_relation"),
                files=sorted(os.listdir(folder)), commits=len(list_repo_commits("{repo}")),
@@ -147,6 +148,10 @@ def test_merge_from_hub_ids_and_push(hub, merged_from_hub, tmp_path):
     assert "barrier_curve.png" in pulled["files"] and "merge_results.json" in pulled["files"]
     assert pulled["commits"] == 2  # the repo's creation, then ONE commit with everything
     assert "hfrepair merge user/resnet-a" in pulled["text"]
+    # The scores are tied to the dataset's commit, in the model-index and the card's tables.
+    dataset_commit = record["sources"]["dataset"]["revision"]
+    assert pulled["datasets"] == [["user/mnist", dataset_commit]]
+    assert f"of split `test` of `user/mnist` @ `{dataset_commit}`" in pulled["text"]
     assert bytes.fromhex(pulled["readme"]) == (out / "README.md").read_bytes()  # the card exactly as pushed
 
 
