@@ -128,3 +128,21 @@ def test_a_merge_decodes_each_example_once_and_runs_the_forwards_it_announced(mn
     assert total == 2 * 600 + 600 + 2 * 400 + 2 * 500 + 500 + 8 * 500
     assert result.curves["repaired"]["test"][2] == result.merged["test"]  # the saved point, reused
     assert result.plan["variance_data"] == "train" and set(result.variance_ratio) == {"aligned", "repaired"}
+
+
+def test_a_cap_the_split_need_not_fill_gives_no_batch_count_until_read():
+    """Progress bars show what is known: 10 rows under a cap of 40, in batches of 4, are 3
+    batches, not the cap's 10; only a cap the split must fill counts before reading."""
+    import datasets
+
+    from hfrepair.data import ImageStream
+
+    rows = datasets.IterableDataset.from_generator(lambda: ({"image": [[i]], "label": i % 3} for i in range(10)))
+    for strict, before in ((False, None), (True, 10)):
+        stream = ImageStream(rows, torch.tensor, "image", "label", "the generator", batch_size=4, limit=40,
+                             strict_limit=strict)
+        held = PreparedBatches(stream)
+        assert held.batch_count() == before  # strict: the split must fill the cap (else an error)
+    held = PreparedBatches(ImageStream(rows, torch.tensor, "image", "label", "the generator", batch_size=4,
+                                       limit=40))
+    assert len(list(held)) == 3 and held.batch_count() == 3
