@@ -770,6 +770,23 @@ def example_images(folder: Path, count: int = 2) -> torch.Tensor:
     return transform(images)
 
 
+def check_merge_output(folder: Path) -> None:
+    """Refuse to push a folder that is not a whole hfrepair output: its record readable, its
+    config and weights there."""
+    try:
+        record = json.loads((folder / "merge_results.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        reason = "no merge_results.json" if isinstance(error, FileNotFoundError) else \
+            f"its merge_results.json cannot be read: {type(error).__name__}"
+        raise MergeError(f"{folder} is not an hfrepair output folder ({reason})") from error
+    if not isinstance(record, dict):
+        raise MergeError(f"{folder} is not an hfrepair output folder (merge_results.json is not an object)")
+    missing = [name for name, found in (("config.json", (folder / "config.json").is_file()),
+                                        ("weights", any(folder.glob("*.safetensors")))) if not found]
+    if missing:
+        raise MergeError(f"{folder} is not a whole hfrepair output folder (no {' or '.join(missing)})")
+
+
 INTERRUPTED = 128 + 2  # the shell's status for a command ended by SIGINT
 
 
@@ -785,8 +802,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "spec":
             run_spec(args)
         elif args.command == "push":
-            if not (Path(args.output) / "merge_results.json").is_file():
-                raise MergeError(f"{args.output} is not an hfrepair output folder (no merge_results.json)")
+            check_merge_output(Path(args.output))
             print(f"pushed to {push_folder(args.output, args.repo, private=args.private, revision=args.revision)}")
         else:
             from .demo import run_demo

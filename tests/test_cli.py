@@ -249,6 +249,12 @@ def test_broken_inputs_are_one_line_errors_before_any_output(endpoint_folders, m
     expect_error(capsys, ["merge", a, cut, *base], "cut: cannot load hfrepair-resnet")
     unknown = copy_folder(b, tmp_path / "unknown", normalization="foo")
     expect_error(capsys, ["merge", unknown, unknown, *base], "normalization must be one of")
+    pushed = copy_folder(b, tmp_path / "pushed")
+    (pushed / "merge_results.json").write_text("{corrupt")
+    expect_error(capsys, ["push", pushed, "user/x"], "its merge_results.json cannot be read")
+    (pushed / "merge_results.json").write_text("{}")
+    (pushed / "model.safetensors").unlink()
+    expect_error(capsys, ["push", pushed, "user/x"], "not a whole hfrepair output folder (no weights)")
     named = copy_folder(b, tmp_path / "named", architectures=[5])
     expect_error(capsys, ["merge", named, named, *base], "architectures must be a list of class names")
     for name, config, message in (("mean", {"mean": "abc"}, "mean must be a list of 1 numbers"),
