@@ -272,7 +272,9 @@ class ImageStream(SplitBatches):
         try:
             return self.transform(decode(cells)), torch.as_tensor(labels)
         except (OSError, ValueError, TypeError, IndexError, RuntimeError, AttributeError) as error:  # PIL: OSError
-            raise DataError(f"{self.name}: rows {first}-{first + len(labels) - 1} are not images with class labels "
+            order = " (in its seeded shuffle)" if self.seed is not None else ""
+            raise DataError(f"{self.name}: examples {first}-{first + len(labels) - 1} of the stream{order} are not "
+                            f"images with class labels "
                             f"(columns {self.image_column!r}, {self.label_column!r}): {_described(error)}") from error
 
 
