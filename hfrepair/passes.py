@@ -276,10 +276,11 @@ def _run_batches(models, taps, batches: Iterable, device, accelerator) -> int:
 def _split_parts(models, taps, device, batch_count: int | None) -> int:
     """Threads to split a pass over: :data:`SPLIT_PARTS` for a CPU pass with as many
     intra-op threads or more that records no gradients, has at least two batches per
-    thread, small models and taps that all copy; else 1."""
+    thread (or a count not known before reading: a calibration stream under a cap it need
+    not fill), small models and taps that all copy; else 1."""
     parts = SPLIT_PARTS
     if (torch.get_num_threads() < parts or device.type != "cpu" or torch.is_grad_enabled()
-            or (batch_count or 0) < 2 * parts):
+            or (batch_count is not None and batch_count < 2 * parts)):
         return 1
     size = sum(t.numel() * t.element_size() for model in models for t in (*model.parameters(), *model.buffers()))
     if size * (parts - 1) > SPLIT_MODEL_BYTES or any(type(tap).replica is Tap.replica for tap in taps):

@@ -138,6 +138,9 @@ def test_passes_are_not_split_when_they_record_gradients_have_few_batches_or_tap
     with threads(2), torch.no_grad():  # as within a pass
         assert passes._split_parts([model], [SiteMoments(sites)], cpu, 4) == 2
         assert passes._split_parts([model], [SiteMoments(sites)], cpu, 3) == 1  # fewer than two a thread
+        # Not known before reading (a cap the split need not fill): split, as a merge's
+        # statistics pass over the default calibration cap must be.
+        assert passes._split_parts([model], [SiteMoments(sites)], cpu, None) == 2
         assert passes._split_parts([model], [Scores(0)], cpu, 10) == 1  # evaluation: nothing to gain
         with torch.enable_grad():
             assert passes._split_parts([model], [SiteMoments(sites)], cpu, 10) == 1
