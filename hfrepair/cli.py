@@ -722,6 +722,8 @@ def run_spec(args: argparse.Namespace) -> None:
     """``hfrepair spec``: discover, check and print a model's spec; save it if asked."""
     source = resolve_model(args.model, trust_remote_code=args.trust_remote_code)
     model = load_model(source.folder, args.trust_remote_code)
+    if args.output is not None and not args.output.strip():
+        raise SpecError("--output must name a file for the spec")
     if args.output and not Path(args.output).resolve().parent.is_dir():
         raise SpecError(f"cannot write {args.output}: no folder {Path(args.output).parent}")
     task = task_of(read_config(source.folder))

@@ -265,6 +265,7 @@ def test_broken_inputs_are_one_line_errors_before_any_output(endpoint_folders, m
         expect_error(capsys, ["merge", preprocessing, preprocessing, *base], message)
     processor = copy_folder(b, tmp_path / "processor")
     (processor / "preprocessor_config.json").write_text("{garbage")
+    expect_error(capsys, ["spec", a, "--output", ""], "--output must name a file")
     for argv in (["spec", processor], ["merge", processor, processor, *base]):
         expect_error(capsys, argv, "processor: its image preprocessing cannot be set up from its config")
 
