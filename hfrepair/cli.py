@@ -131,7 +131,8 @@ def _memory_size(text: str) -> str:
 
 
 def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--alpha", type=_alpha, default=0.5, help="interpolation weight of B, strictly between 0 and 1 (default 0.5)")
+    parser.add_argument("--alpha", type=_alpha, default=0.5,
+                        help="interpolation weight of B, strictly between 0 and 1 (default 0.5)")
     parser.add_argument("--method", choices=METHODS, default="repair",
                         help="statistics correction: exact REPAIR (default), closed-form, BatchNorm reset, none")
     parser.add_argument("--match-at", choices=sorted(MATCH_LOCATIONS), default="activation",
