@@ -20,7 +20,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .pipeline import REPAIRED_CURVES, saved_curve
-from .report import CORRECTION_KINDS, aligned_text, corrected_count, pairs_measured
+from .report import CORRECTION_KINDS, aligned_text, corrected_count, gap_text, pairs_measured
 
 # model_cards/ at the repository's top level, installed as the package hfrepair.model_cards.
 TEMPLATE = importlib.resources.files("hfrepair.model_cards") / "merged_model.md"
@@ -397,9 +397,6 @@ def many_model_card(record: dict, config: dict, licenses: list[str | None]) -> M
     split = record["eval_split"]
     evaluated = (f", on {record['merged']['examples']} {calibration_unit(record)} of split `{split}`"
                  if record.get("merged") else "")
-    gap = record.get("gap") or {}
-    gap_text = (f"{100 * gap['accuracy']:.1f} points of accuracy" if "accuracy" in gap and not language_model
-                else f"{-gap['loss']:.3f} of loss" if "loss" in gap else "not measured")
     pairs = "\n".join(
         f"| midpoint of {names[i]} and {names[j]}: aligned / REPAIRed | {_metric_text(p['aligned'], language_model)} / "
         f"{_metric_text(p['repaired'], language_model)} |" if "repaired" in p else
@@ -423,7 +420,7 @@ weights below, and {repair_line}. {fixed_text(record)}
 | **this model** | **{_metric_text(record['merged'], language_model)}** |
 {pairs}
 
-Gap between the endpoints' weighted mean and this model: {gap_text}. Every number was
+This model: {gap_text(record.get("gap") or {}, language_model)}. Every number was
 measured on the weights it describes{evaluated}; calibration: {record['calibration_examples']}
 {calibration_unit(record)} of split `{record['split']}`. {corrected_details}
 

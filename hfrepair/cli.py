@@ -39,7 +39,7 @@ from .pipeline import (ALPHA_RANGE, CURVE_REPAIR_EXAMPLES, DEFAULT_GRID, MATCHER
                        MergeResult, merge)
 from .prepared import SpillError
 from .repair import METHODS
-from .report import aligned_text, corrected_count, describe, describe_spec, fixed_line, pairs_measured
+from .report import aligned_text, corrected_count, describe, describe_spec, fixed_line, gap_text, pairs_measured
 from .spec import PermutationSpec, SpecError, check_spec_fits, verify_spec
 from .spec_cache import default_spec_cache
 from .text import (
@@ -503,10 +503,8 @@ def format_many_table(result: ManyResult, names: list[str], task: str, unit: str
         first, second = (names[k] for k in pair["models"])
         lines.append(f"  {'midpoint ' + first + ' + ' + second:<40} {score(pair['aligned'])} aligned"
                      + (f", {score(pair['repaired'])} REPAIRed" if "repaired" in pair else ""))
-    if "accuracy" in result.gap and not language_model:
-        lines.append(f"gap to the endpoints' weighted mean: {100 * result.gap['accuracy']:.1f} points")
-    elif "loss" in result.gap:
-        lines.append(f"gap to the endpoints' weighted mean: {-result.gap['loss']:.3f} loss")
+    if result.gap:
+        lines.append(f"this model: {gap_text(result.gap, language_model)}")
     lines += [f"aligned: {aligned_text(result.aligned_groups)}{pairs_measured(result.aligned_groups, result.models)}",
               *fixed_line(result.fixed)]
     lines.append(f"REPAIR corrected {corrected} sites" if corrected else f"REPAIR: nothing corrected ({result.method})")

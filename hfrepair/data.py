@@ -33,6 +33,8 @@ SHUFFLE_BUFFER = 1000
 
 def open_split(dataset: str, split: str, revision: str | None = None) -> datasets.IterableDataset:
     """``split`` of ``dataset`` as a stream; missing datasets and splits are one-line errors."""
+    if Path(dataset).is_dir():  # by its full path: a folder named "text" or "json" is not that loader
+        dataset = str(Path(dataset).resolve())
     try:
         return datasets.load_dataset(dataset, split=split, streaming=True, revision=revision)
     except ValueError as error:

@@ -153,9 +153,10 @@ def check_merge_does_something(spec: PermutationSpec, method: str, model: nn.Mod
         raise MergeError(f"nothing to align in {name}: discovery found no permutation group ({cause}); "
                          "pass a spec by hand (--spec) to align, or one without groups to merge unaligned")
     if method != "none" and not corrected_count(corrected):
-        raise MergeError(f"REPAIR ({method}) has nothing to correct in {name}: no layer output with a bias "
-                         "or BatchNorm, and no norm affine to fold into; pass --method none for plain "
-                         "interpolation")
+        reason = ("reset re-estimates BatchNorms, and it has none; pass --method repair to correct its "
+                  "layers, or none" if method == "reset" else
+                  "no layer output with a bias or BatchNorm, and no norm affine to fold into; pass --method none")
+        raise MergeError(f"REPAIR ({method}) has nothing to correct in {name}: {reason} for plain interpolation")
 
 
 def measurable_curves(curves: tuple[str, ...], method: str, spec: PermutationSpec) -> tuple[tuple[str, ...], list[str]]:

@@ -41,6 +41,20 @@ def alignment_summary(spec: PermutationSpec, matched: dict[str, float] | None = 
     }
 
 
+def gap_text(gap: dict, language_model: bool) -> str:
+    """An N-model merge's ``gap`` (the endpoints' weighted mean metric minus the merged
+    model's) in words whose direction cannot be misread: accuracy for a classifier, loss for a
+    language model."""
+    if "accuracy" in gap and not language_model:
+        points = 100 * gap["accuracy"]
+        side = "below" if points >= 0 else "above"
+        return f"{abs(points):.1f} points of accuracy {side} the endpoints' weighted mean"
+    if "loss" in gap:
+        above = -gap["loss"]  # the merged model's loss minus the mean
+        return f"a loss {abs(above):.3f} {'above' if above >= 0 else 'below'} the endpoints' weighted mean"
+    return "not measured"
+
+
 def pairs_measured(aligned: dict, models: int) -> str:
     """What an N-model merge's correlations average over, where they were measured."""
     measured = any("matched_correlation" in kind for kind in aligned.values())

@@ -52,7 +52,7 @@ def load_tokenizer(folder: str | Path):
                         "folder must hold the tokenizer it was trained with")
     try:
         return AutoTokenizer.from_pretrained(str(folder))
-    except (OSError, ValueError, KeyError, TypeError) as error:
+    except Exception as error:  # the tokenizers library raises plain Exceptions for a broken tokenizer.json
         raise DataError(f"{folder}: no usable tokenizer ({str(error).splitlines()[0]}); a text model's "
                         "folder must hold the tokenizer it was trained with") from error
 
@@ -278,7 +278,8 @@ class PaddedTextStream(SplitBatches):
             if self.is_mine(number):
                 inputs = dict(self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=True,
                                              return_tensors="pt"))
-                yield seen, (inputs, self._labels(batch, inputs))
+                if inputs["input_ids"].shape[-1]:  # a batch of empty texts has no token to run or score
+                    yield seen, (inputs, self._labels(batch, inputs))
             seen += len(texts)
         if seen and not texts_seen:
             raise DataError(f"the texts in column {self.text_column!r} of {self.name} are all empty")

@@ -76,3 +76,13 @@ def test_a_datasets_cache_that_cannot_be_used_is_named_not_blamed_on_the_dataset
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "a_file" / "datasets")
     with pytest.raises(DataError, match=r"cannot read dataset .*: NotADirectoryError: .*a_file"):
         open_split(str(mnist_folder), "train")
+
+
+def test_a_local_folder_named_like_a_datasets_loader_is_read_as_the_folder(mnist_folder, tmp_path, monkeypatch):
+    """``--dataset text`` (a folder in the working directory) must not pick datasets' "text" loader."""
+    import shutil
+
+    shutil.copytree(mnist_folder, tmp_path / "text")
+    monkeypatch.chdir(tmp_path)
+    stream = image_batches("text", "train", lambda images: torch.zeros(len(images)), limit=100, batch_size=50)
+    assert len(labels_of(stream)) == 100

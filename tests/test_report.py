@@ -150,3 +150,18 @@ def test_block_outputs_need_block_outputs():
     a, b = pair(lambda: MLP(depth=2, width=16, image_size=4, in_channels=1))
     with pytest.raises(MergeError, match="no residual-block outputs"):
         merge(a, b, data((1, 4, 4), 10), curves=("naive", "aligned", "repaired", "repaired+blocks"))
+
+
+def test_an_n_model_gap_reads_in_the_direction_it_goes():
+    """``gap`` is the endpoints' mean minus the merged model's metric: worse accuracy is a
+    positive gap, worse loss a negative one; the words say which way either goes."""
+    from hfrepair.report import gap_text
+
+    assert gap_text({"accuracy": 0.009, "loss": -0.1}, language_model=False) == \
+        "0.9 points of accuracy below the endpoints' weighted mean"
+    assert gap_text({"accuracy": -0.02}, language_model=False) == \
+        "2.0 points of accuracy above the endpoints' weighted mean"
+    assert gap_text({"accuracy": 0.012, "loss": -0.193}, language_model=True) == \
+        "a loss 0.193 above the endpoints' weighted mean"
+    assert gap_text({"loss": 0.05}, language_model=True) == "a loss 0.050 below the endpoints' weighted mean"
+    assert gap_text({}, language_model=True) == "not measured"

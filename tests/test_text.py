@@ -100,6 +100,34 @@ def test_texts_empty_after_tokenization_are_an_error(text_folder, tmp_path):
         list(packed_batches(empty, "train", tokenizer, LENGTH))
 
 
+def test_padded_batches_of_empty_texts_are_skipped_and_an_empty_split_refused(text_folder, tmp_path):
+    """Padded batches whose texts are all empty have no token to run or score (a forward on a
+    zero-width batch fails inside the model); a split of empty texts is a data error."""
+    tokenizer = tokenizer_for(str(text_folder))
+    mixed = write_split(tmp_path / "mixed", {"text": ["", None, "the merged model", "", "a", "b"]})
+    batches = list(padded_lm_batches(mixed, "train", tokenizer, LENGTH, batch_size=2))
+    assert len(batches) == 2 and all(inputs["input_ids"].shape[1] > 0 for inputs, _ in batches)
+    empty = write_split(tmp_path / "empty", {"text": ["", "", None, ""]})
+    with pytest.raises(DataError, match="are all empty"):
+        list(padded_lm_batches(empty, "train", tokenizer, LENGTH, batch_size=2))
+
+
+def test_a_tokenizer_file_the_tokenizers_library_rejects_is_a_data_error(text_folder, tmp_path):
+    """tokenizers raises a bare Exception for a vocabulary its merges do not fit."""
+    import json
+
+    from hfrepair.text import load_tokenizer
+
+    tokenizer_for(str(text_folder)).save_pretrained(str(tmp_path))
+    saved = json.loads((tmp_path / "tokenizer.json").read_text())
+    merged = saved["model"]["merges"][0]
+    token = "".join(merged) if isinstance(merged, list) else merged.replace(" ", "")
+    saved["model"]["vocab"][token + "_renamed"] = saved["model"]["vocab"].pop(token)
+    (tmp_path / "tokenizer.json").write_text(json.dumps(saved))
+    with pytest.raises(DataError, match="no usable tokenizer"):
+        load_tokenizer(tmp_path)
+
+
 def test_text_columns_are_detected_or_refused(tmp_path):
     features = datasets.Features({"title": datasets.Value("string"), "text": datasets.Value("string"),
                                   "label": datasets.Value("int64")})
