@@ -20,7 +20,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .pipeline import REPAIRED_CURVES, saved_curve
-from .report import CORRECTION_KINDS, aligned_text, corrected_count, gap_text, pairs_measured
+from .report import CORRECTION_KINDS, aligned_over_pairs_text, corrected_count, gap_text
 
 # model_cards/ at the repository's top level, installed as the package hfrepair.model_cards.
 TEMPLATE = importlib.resources.files("hfrepair.model_cards") / "merged_model.md"
@@ -85,6 +85,10 @@ def _link(source: dict) -> str:
     (a relative link would point into the merged repo, where it is not)."""
     if source["repo_id"]:
         return f"[{source['repo_id']}](https://huggingface.co/{source['repo_id']})"
+    return _local_folder(source)
+
+
+def _local_folder(source: dict) -> str:
     return f"`{_name(source)}` (a local folder)"
 
 
@@ -200,7 +204,7 @@ def dataset_text(source: dict) -> str:
     """The dataset as the card's tables name it: a Hub id at the commit read, or a local folder."""
     if source["repo_id"]:
         return f"`{source['repo_id']}` @ `{source['revision']}`" if source["revision"] else f"`{source['repo_id']}`"
-    return f"`{_name(source)}` (a local folder)"
+    return _local_folder(source)
 
 
 def evaluation_text(record: dict) -> str:
@@ -392,8 +396,7 @@ def many_model_card(record: dict, config: dict, licenses: list[str | None]) -> M
                      ", then re-aligned to the average of the others") + f" ({record['rounds']} rounds" + \
             (")" if record["settled"] else ", stopped with permutations still changing)")
     repair_line, corrected_details = repair_text(record)
-    aligned = aligned_text(record.get("aligned_groups") or {}) + pairs_measured(record.get("aligned_groups") or {},
-                                                                                len(names))
+    aligned = aligned_over_pairs_text(record.get("aligned_groups") or {}, len(names))
     split = record["eval_split"]
     evaluated = (f", on {record['merged']['examples']} {calibration_unit(record)} of split `{split}`"
                  if record.get("merged") else "")

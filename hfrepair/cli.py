@@ -11,7 +11,6 @@ import argparse
 import json
 import math
 import shlex
-import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -21,7 +20,6 @@ import numpy as np
 import torch
 import yaml
 from PIL import Image
-from safetensors import SafetensorError
 
 from .allocator import keep_freed_memory
 from .batches import floating_dtype
@@ -32,14 +30,15 @@ from .distributed import PrecisionError, ProcessDataError, is_main_process, make
 from .evaluate import EvaluationError
 from .hub import (HubAccessError, check_push_access, check_push_target, push_folder, read_license, resolve_dataset,
                   resolve_model)
-from .io import TEXT_TASKS, ModelLoadError, config_differences, load_model, read_config, save_merged, task_of
+from .io import (TEXT_TASKS, ModelLoadError, OutputError, config_differences, load_model, read_config, save_merged,
+                 task_of, write_atomically)
 from .matching import MATCH_LOCATIONS, MatchingError
 from .many import ManyResult, merge_many
 from .pipeline import (ALPHA_RANGE, CURVE_REPAIR_EXAMPLES, DEFAULT_GRID, MATCHERS, ROTATION_STEPS, MergeError,
                        MergeResult, merge)
 from .prepared import SpillError
 from .repair import METHODS
-from .report import aligned_text, corrected_count, describe, describe_spec, fixed_line, gap_text, pairs_measured
+from .report import aligned_over_pairs_text, corrected_count, describe, describe_spec, fixed_line, gap_text
 from .spec import PermutationSpec, SpecError, check_spec_fits, verify_spec
 from .spec_cache import default_spec_cache
 from .text import (
@@ -51,10 +50,6 @@ from .text import (
     padded_lm_batches,
     padded_batches,
 )
-
-
-class OutputError(ValueError):
-    """OUTPUT could not be written (nothing of it is left)."""
 
 
 USER_ERRORS = (DataError, EvaluationError, ExportError, HubAccessError, MatchingError, MergeError, ModelLoadError,
@@ -505,8 +500,7 @@ def format_many_table(result: ManyResult, names: list[str], task: str, unit: str
                      + (f", {score(pair['repaired'])} REPAIRed" if "repaired" in pair else ""))
     if result.gap:
         lines.append(f"this model: {gap_text(result.gap, language_model)}")
-    lines += [f"aligned: {aligned_text(result.aligned_groups)}{pairs_measured(result.aligned_groups, result.models)}",
-              *fixed_line(result.fixed)]
+    lines += [f"aligned: {aligned_over_pairs_text(result.aligned_groups, result.models)}", *fixed_line(result.fixed)]
     lines.append(f"REPAIR corrected {corrected} sites" if corrected else f"REPAIR: nothing corrected ({result.method})")
     if not result.settled:
         lines.append(f"note: {result.matcher} matching stopped after {result.rounds} rounds with permutations still "
@@ -642,31 +636,6 @@ def push_output(args: argparse.Namespace, output: Path) -> None:
         raise HubAccessError(f"{error} (the merge is saved in {output}; retry with "
                              f"`hfrepair push {output} {args.push_to_hub}`)") from error
     print(f"pushed to {url}")
-
-
-def write_atomically(output: Path, write) -> None:
-    """``write(folder)`` into a staging folder, then swap it in; an old OUTPUT is moved aside
-    first and deleted only once the new one is in place."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    previous = None
-    try:
-        try:
-            write(staging)
-        except (OSError, SafetensorError) as error:  # a full disk, a quota
-            raise OutputError(f"cannot write {output}: {(str(error).splitlines() or [''])[0]}") from error
-        if output.exists():
-            previous = Path(tempfile.mkdtemp(prefix=f".{output.name}.old.", dir=output.parent))
-            output.rename(previous / output.name)
-        staging.rename(output)
-    except BaseException:
-        if previous is not None and not output.exists():
-            (previous / output.name).rename(output)
-        raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        if previous is not None:
-            shutil.rmtree(previous, ignore_errors=True)
 
 
 def format_table(result: MergeResult, task: str = "image-classification", unit: str = "examples") -> str:

@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .data import DataError, builtin_transform
+from .io import OutputError, write_atomically
 from .models import ResNet
 from .training import train_classifier
 
@@ -44,23 +43,20 @@ def write_mnist_dataset(folder: str | Path, train_size: int = 4000, seed: int = 
     folder = Path(folder)
     if (folder / "train.parquet").is_file() and (folder / "test.parquet").is_file():
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    # Written aside and renamed when whole: a failed write (a full disk) leaves no file that
-    # a later run would take for the dataset.
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        pixels, labels = mnist_data()
-        order = np.random.default_rng(seed).permutation(len(labels))
-        features = datasets.Features({"image": datasets.Image(),
-                                      "label": datasets.ClassLabel(names=[str(d) for d in range(10)])})
+    pixels, labels = mnist_data()
+    order = np.random.default_rng(seed).permutation(len(labels))
+    features = datasets.Features({"image": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=[str(d) for d in range(10)])})
+
+    def write(staging: Path) -> None:
         for split, index in (("train", order[:train_size]), ("test", order[train_size:])):
             images = [Image.fromarray(pixels[i].reshape(28, 28).astype(np.uint8)) for i in index]
             data = datasets.Dataset.from_dict({"image": images, "label": labels[index].tolist()}, features=features)
             data.to_parquet(str(staging / f"{split}.parquet"))
-        shutil.rmtree(folder, ignore_errors=True)  # an empty or incomplete folder
-        staging.rename(folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    # Renamed into place when whole: a failed write (a full disk) leaves no file that a later
+    # run would take for the dataset.
+    write_atomically(folder, write)
     return folder
 
 
@@ -84,14 +80,7 @@ def train_endpoint(model_factory, dataset: str | Path, seed: int, folder: str | 
     model = model_factory()
     images, labels = load_tensors(dataset, "train", model.config)
     train_classifier(model, images, labels, seed=seed, desc=f"training {folder.name}", **training)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        model.save_pretrained(str(staging))
-        shutil.rmtree(folder, ignore_errors=True)
-        staging.rename(folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    write_atomically(folder, lambda staging: model.save_pretrained(str(staging)))
     return folder
 
 
@@ -121,8 +110,9 @@ def demo_endpoints(cache: str | Path | None = None, retrain: bool = False) -> tu
     cache = Path(cache) if cache else default_cache()
     try:
         dataset = write_mnist_dataset(cache / "mnist")
-    except OSError as error:  # the cache is a file, or cannot be written
-        raise DataError(f"cannot write the demo's data into {cache}: {error.strerror or error}") from error
+    except (OSError, OutputError) as error:  # the cache is a file, or cannot be written (a full disk)
+        raise DataError(f"cannot write the demo's data into {cache}: {getattr(error, 'strerror', None) or error}") \
+            from error
     if retrain:
         print(f"endpoints: training resnet-a and resnet-b (seeds 1 and 2) into {cache}", flush=True)
         return dataset, train_demo_endpoints(dataset, cache)

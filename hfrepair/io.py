@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from huggingface_hub import save_torch_state_dict
@@ -155,3 +156,32 @@ def _is_transformers_model(model: nn.Module) -> bool:
     is already imported (such a model implies it), so built-in merges do not pay its import."""
     transformers = sys.modules.get("transformers")
     return transformers is not None and isinstance(model, transformers.PreTrainedModel)
+
+
+class OutputError(ValueError):
+    """OUTPUT could not be written (nothing of it is left)."""
+
+
+def write_atomically(output: Path, write) -> None:
+    """``write(folder)`` into a staging folder, then swap it in; an old OUTPUT is moved aside
+    first and deleted only once the new one is in place."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    previous = None
+    try:
+        try:
+            write(staging)
+        except (OSError, SafetensorError) as error:  # a full disk, a quota
+            raise OutputError(f"cannot write {output}: {(str(error).splitlines() or [''])[0]}") from error
+        if output.exists():
+            previous = Path(tempfile.mkdtemp(prefix=f".{output.name}.old.", dir=output.parent))
+            output.rename(previous / output.name)
+        staging.rename(output)
+    except BaseException:
+        if previous is not None and not output.exists():
+            (previous / output.name).rename(output)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if previous is not None:
+            shutil.rmtree(previous, ignore_errors=True)

@@ -55,10 +55,11 @@ def gap_text(gap: dict, language_model: bool) -> str:
     return "not measured"
 
 
-def pairs_measured(aligned: dict, models: int) -> str:
-    """What an N-model merge's correlations average over, where they were measured."""
+def aligned_over_pairs_text(aligned: dict, models: int) -> str:
+    """:func:`aligned_text` of an N-model merge, saying what its correlations average over."""
     measured = any("matched_correlation" in kind for kind in aligned.values())
-    return f"; corr: mean over the {models * (models - 1) // 2} pairs of models" if measured else ""
+    return aligned_text(aligned) + (f"; corr: mean over the {models * (models - 1) // 2} pairs of models"
+                                    if measured else "")
 
 
 def aligned_text(aligned: dict) -> str:
