@@ -15,6 +15,10 @@ or all at once with :func:`merge`; :func:`merge_many` merges N models into one, 
 float64 sums are reduced across processes.
 """
 
+from .startup import guard_startup
+
+guard_startup()  # before the heavy imports: a Ctrl-C while the command starts is one line
+
 from .discovery import ExportError, discover_spec
 from .distributed import make_accelerator
 from .evaluate import Metrics, barrier, evaluate

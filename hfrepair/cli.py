@@ -41,6 +41,7 @@ from .repair import METHODS
 from .report import aligned_over_pairs_text, corrected_count, describe, describe_spec, fixed_line, gap_text
 from .spec import PermutationSpec, SpecError, check_spec_fits, verify_spec
 from .spec_cache import default_spec_cache
+from .startup import INTERRUPTED, end_startup_guard
 from .text import (
     DEFAULT_MAX_LENGTH,
     block_length,
@@ -757,10 +758,8 @@ def check_merge_output(folder: Path) -> None:
         raise MergeError(f"{folder} is not a whole hfrepair output folder (no {' or '.join(missing)})")
 
 
-INTERRUPTED = 128 + 2  # the shell's status for a command ended by SIGINT
-
-
 def main(argv: list[str] | None = None) -> int:
+    end_startup_guard()
     argv = sys.argv[1:] if argv is None else argv
     keep_freed_memory()
     parser = build_parser()

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import datasets
@@ -338,6 +339,27 @@ def test_ctrl_c_during_a_merge_is_one_line_and_leaves_no_folder(endpoint_folders
     assert merge.returncode == 130, "".join(seen) + rest
     assert_one_line_error("".join(seen) + rest, "interrupted")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_while_the_command_starts_is_one_line(tmp_path):
+    """SIGINT while torch and transformers are still importing (the first seconds of every
+    command): the same one line and status as during a merge, not a KeyboardInterrupt
+    traceback from inside an import."""
+    for delay in (0.3, 1.0):
+        command = subprocess.Popen([sys.executable, "-m", "hfrepair", "demo", "--output", tmp_path / "merged"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        time.sleep(delay)
+        command.send_signal(signal.SIGINT)
+        out, err = command.communicate(timeout=120)
+        assert command.returncode == 130, out + err
+        assert_one_line_error(out + err, "interrupted")
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_a_library_import_keeps_python_s_own_ctrl_c():
+    """Importing hfrepair from a user's script leaves SIGINT to Python (a KeyboardInterrupt)."""
+    check = "import signal, hfrepair; assert signal.getsignal(signal.SIGINT) is signal.default_int_handler"
+    subprocess.run([sys.executable, "-c", check], check=True, env=ENV)
 
 
 def test_an_output_that_cannot_be_written_leaves_nothing(tmp_path):
