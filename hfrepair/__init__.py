@@ -7,7 +7,7 @@ The pipeline is a chain of small stages, each usable on its own::
     perms = match_permutations(spec, stats)                    # Hungarian on correlations
     aligned_b = permute_state_dict(model_b.state_dict(), spec, perms)
     mixed = interpolate(model_a.state_dict(), aligned_b, 0.5)
-    merged = repair(model_a, mixed, spec, stats, perms, 0.5, "repair", batches)  # fused
+    state = repair(model_a, mixed, spec, stats, perms, 0.5, "repair", batches)  # fused weights
 
 or all at once with :func:`merge`; :func:`merge_many` merges N models into one, and
 :func:`match_weights` matches units from the weights alone. Every pass takes an optional ``accelerator``: under

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .batches import in_model_dtype
+from .passes import kept_modes
 from .spec import ActivationSite, PermutationGroup, PermutationSpec, StreamFold
 
 Axis = tuple  # (tensor id, axis index)
@@ -725,7 +726,6 @@ def _without_cache(model: nn.Module) -> dict:
 def export_model(model: nn.Module, example_inputs) -> torch.export.ExportedProgram:
     """The graph of ``model`` on a tensor, or on a mapping of keyword inputs (a padded text
     batch: ``input_ids``, ``attention_mask``, ...)."""
-    model.eval()
     example_inputs = in_model_dtype(example_inputs, model)
     if isinstance(example_inputs, Mapping):
         args, keywords = (), {**example_inputs, **_without_cache(model)}
@@ -738,7 +738,7 @@ def export_model(model: nn.Module, example_inputs) -> torch.export.ExportedProgr
     try:
         if cached:
             config.use_cache = False
-        with torch.no_grad():
+        with torch.no_grad(), kept_modes(model):
             return torch.export.export(model, args, keywords, strict=False)
     except Exception as error:  # export raises many types; all mean the same to our users
         raise ExportError(

@@ -111,6 +111,9 @@ def barrier(alphas: list[float], values: list[float], higher_is_better: bool = F
     For accuracy (``higher_is_better``) the gap is line minus value: a positive barrier is
     always a loss of quality.
     """
+    if len(alphas) != len(values) or len(values) < 2:
+        raise ValueError(f"a barrier needs one value per alpha, at least 2: got {len(alphas)} alphas and "
+                         f"{len(values)} values")
     first, last = values[0], values[-1]
     sign = -1.0 if higher_is_better else 1.0
     gaps = [sign * (v - ((1 - a) * first + a * last)) for a, v in zip(alphas, values)]

@@ -17,7 +17,8 @@ endpoints' means and standard deviations: the N-model form of the paper's goals
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Mapping
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,17 +27,18 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from .batches import first_rows, inputs_of, to_device
+from .batches import first_rows, inputs_of, rows, to_device
 from .distributed import make_accelerator
 from .evaluate import evaluate
 from .interpolate import average
 from .matching import match_permutations, matching_sites, mean_matched_correlation
-from .pipeline import MATCHERS, MergeError, check_endpoints, check_merge_does_something, statistics_plan
+from .pipeline import (MergeError, check_choices, check_count, check_endpoints, check_merge_does_something, check_number,
+                       check_samples, statistics_plan)
 from .prepared import DEFAULT_MEMORY, preparer
 from .repair import METHODS, repair
 from .report import alignment_summary, fixed_summary, repair_summary
 from .spec import PermutationSpec, check_function_preserved, identity_permutations, load_into, permute_state_dict
-from .passes import run_pass
+from .passes import check_batches, kept_modes, run_pass
 from .spec_cache import checked_spec
 from .statistics import Moments, PairMoments, SiteStatistics, Statistics
 from .weight_matching import match_weights
@@ -199,32 +201,42 @@ def merge_many(
     ``calibration`` yields input tensors or ``(inputs, labels)`` batches (``num_samples``
     caps them); ``evaluation`` labelled batches: each endpoint, the plain average of the
     unaligned models (naive), the aligned average before REPAIR and the merged model are
-    measured, and ``gap`` is the endpoints' mean metric minus the merged model's (the
-    N-model barrier at the average); with ``pairwise`` (and N > 2) also every pair's
+    measured, and ``gap`` is the endpoints' weighted mean metric minus the merged model's
+    (a worse merged model: a positive accuracy gap, a negative loss gap); with ``pairwise`` (and N > 2) also every pair's
     midpoint in the common unit order, aligned and REPAIRed (one more REPAIR pass a pair).
     ``spec_cache``: a folder of specs discovered earlier, per architecture (None: discover).
     """
     if len(models) < 2:
         raise MergeError(f"merging needs at least 2 models, got {len(models)}")
-    weights = [1 / len(models)] * len(models) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(models) or min(weights) < 0 or abs(sum(weights) - 1) > 1e-6:
+    weights = [1 / len(models)] * len(models) if weights is None else [check_number("a weight", w) for w in weights]
+    if len(weights) != len(models) or not all(math.isfinite(w) and w >= 0 for w in weights) or \
+            abs(sum(weights) - 1) > 1e-6:
         raise MergeError(f"weights must be {len(models)} non-negative numbers that add up to 1, got {weights}")
-    if matcher not in MATCHERS:
-        raise MergeError(f"matcher must be one of {', '.join(MATCHERS)}, not {matcher!r}")
+    check_choices(matcher=matcher, match_at=match_at)
     if method not in METHODS or method == "closed-form":
         raise MergeError(f"an N-model merge corrects with repair, reset or none, not {method!r}")
+    check_count("num_samples", num_samples, minimum=1, none="all")
+    check_count("max_rounds", max_rounds, minimum=0)
+    if isinstance(evaluation, Mapping):
+        raise MergeError("evaluation of an N-model merge is one iterable of labelled batches (the test set), "
+                         "not a mapping")
+    check_batches(calibration, name="calibration")
+    if evaluation is not None:
+        check_batches(evaluation, name="evaluation")
     for model in models[1:]:
         check_endpoints(models[0], model)
     accelerator = accelerator or make_accelerator()
     for model in models:
-        model.to(accelerator.device).eval()
+        model.to(accelerator.device)
     with ExitStack() as cleanup:
+        cleanup.enter_context(kept_modes(*models))
         prepared = preparer(cleanup, accelerator, cache_memory)
         calibration = prepared(calibration)
         evaluation = prepared(evaluation) if evaluation is not None else None
         example = next(iter(calibration), None)
-        if example is None:
-            raise MergeError("the calibration data is empty")
+        if example is None or not rows(inputs_of(example)):
+            raise MergeError("the calibration data is empty" if example is None else
+                             "the calibration data's first batch holds no example")
         example = to_device(first_rows(inputs_of(example), 8), accelerator.device)
         spec, spec_source = checked_spec(models[0], example, spec_cache)
         if not spec.groups:
@@ -246,6 +258,7 @@ def merge_many(
         examples = run_pass(models, list(taps.values()), calibration, limit=num_samples, accelerator=accelerator,
                             desc="statistics")
         pairs = {pair: Statistics(tap.pairs, examples) for pair, tap in taps.items()}
+        check_samples(pairs[(0, 1)])
         identity = identity_permutations(spec)
         if matcher == "activation":
             perms, rounds, settled = _activation_matched(spec, pairs, count, match_at, max_rounds)

@@ -49,7 +49,7 @@ _FALLBACK = ("activation", "normalization", "linear")
 
 
 class MatchingError(RuntimeError):
-    """A group has no activation site to measure."""
+    """A group has no activation site to measure, or nothing measured there to match on."""
 
 
 def matching_sites(spec: PermutationSpec, group: str, match_at: str) -> list[str]:
@@ -135,7 +135,13 @@ def match_permutations(
         raise ValueError(f"match_at must be one of {sorted(MATCH_LOCATIONS)}, not {match_at!r}")
     perms = {}
     for name in _coarse_to_fine(spec):
-        cost = _group_cost(spec, stats, name, _sites(spec, matching_sites(spec, name, match_at)), perms)
+        sites = _sites(spec, matching_sites(spec, name, match_at))
+        cost = _group_cost(spec, stats, name, sites, perms)
+        if not cost.any():  # every correlation is 0: any permutation would be as good as another
+            samples = stats.pairs[sites[0].module].a.n
+            raise MatchingError(f"group {name!r} cannot be matched: none of its units varies over the calibration "
+                                f"data ({samples:,} sample{'s' if samples != 1 else ''} per unit at "
+                                f"{sites[0].module}); use more, or more varied, calibration examples")
         perms[name] = blockwise_assignment(cost, spec.groups[name].blocks)
     return {name: perms[name] for name in spec.groups}
 

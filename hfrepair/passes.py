@@ -22,6 +22,7 @@ Statistics, REPAIR, the variance ratios and evaluation are thin users of :func:`
 from __future__ import annotations
 
 import copy
+import numbers
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -182,13 +183,31 @@ def channels_last_convolutions(models: Sequence[nn.Module]):
     """
     moved = [module for model in models for module in model.modules()
              if isinstance(module, nn.Conv2d) and module.weight.device.type == "cpu" and module.weight.is_contiguous()]
+    kernels = [module.weight.data for module in moved]
     for module in moved:
         module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
     try:
         yield _channels_last_images if moved else (lambda inputs: inputs)
     finally:
-        for module in moved:
-            module.weight.data = module.weight.data.contiguous()
+        # Back into the kernels' own storage: a caller's state_dict taken before the pass
+        # still aliases the weights after it.
+        for module, kernel in zip(moved, kernels):
+            kernel.copy_(module.weight.data)
+            module.weight.data = kernel
+
+
+@contextmanager
+def kept_modes(*models: nn.Module):
+    """The models in eval mode inside; every module's own train/eval flag back after, error
+    or not (a caller's model in training mode stays in it)."""
+    modes = [(module, module.training) for model in models for module in model.modules()]
+    try:
+        for model in models:
+            model.eval()
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def run_pass(
@@ -205,7 +224,8 @@ def run_pass(
     """Run every model on each of this process's batches (at most ``limit`` examples over
     all processes) with ``taps`` attached; returns the examples read by all processes.
 
-    Models are put in eval mode; the inputs go to the first model's device. A process that
+    Models run in eval mode (each module's mode is put back after); the inputs go to the
+    first model's device. A process that
     got no batch is an error on every process (its statistics would be undefined). Nothing
     records gradients unless ``grad`` (a tap that differentiates what it observes). A
     model's ``forwards_per_example`` (default 1) is what it counts per example.
@@ -214,13 +234,24 @@ def run_pass(
     would fault the same pages in again: 0.2 s of a default demo merge) and releases once
     after the last (:func:`~hfrepair.allocator.release_freed_memory`).
     """
-    with torch.set_grad_enabled(grad):
+    check_batches(batches, limit)
+    with torch.set_grad_enabled(grad), kept_modes(*models):
         return _run_pass(models, taps, batches, limit, accelerator, desc, release)
 
 
+def check_batches(batches: Iterable, limit: int | None = None, name: str = "batches") -> None:
+    """Refuse what cannot be a pass's batches, in words: one tensor (an iterable of its rows,
+    not of batches) or a limit below one example."""
+    if isinstance(batches, (torch.Tensor, str, Mapping)) or not isinstance(batches, Iterable):
+        raise TypeError(f"{name} must be an iterable of batches (a list of tensors or (inputs, labels) pairs, a "
+                        f"DataLoader), not {type(batches).__name__}" +
+                        ("; wrap one tensor as [tensor]" if isinstance(batches, torch.Tensor) else ""))
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 1):
+        raise ValueError(f"the number of examples to use must be a positive integer (or None for all), "
+                         f"not {limit!r}")
+
+
 def _run_pass(models, taps, batches, limit, accelerator, desc, release=True) -> int:
-    for model in models:
-        model.eval()
     device = next(models[0].parameters()).device
     count = _batch_count(batches, limit, accelerator)
     source = progress(local_batches(batches, limit, accelerator), accelerator, desc=desc, unit="batch", total=count)

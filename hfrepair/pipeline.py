@@ -8,8 +8,9 @@ this one only passes their plain outputs along and times them.
 from __future__ import annotations
 
 import copy
+import numbers
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,15 +19,15 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from .batches import first_rows, inputs_of, to_device
+from .batches import first_rows, inputs_of, rows, to_device
 from .distributed import is_main_process, make_accelerator, progress
 from .evaluate import Scores, barriers_of, variance_ratios
 from .interpolate import interpolate
-from .matching import match_permutations, matching_sites, mean_matched_correlation
+from .matching import MATCH_LOCATIONS, match_permutations, matching_sites, mean_matched_correlation
 from .weight_matching import match_weights, weight_distance
 from .repair import METHODS, block_output_sites, correction_sites, exact_correctors, repair, repair_block_outputs
 from .allocator import release_freed_memory
-from .passes import forward_count, run_pass
+from .passes import check_batches, forward_count, kept_modes, run_pass
 from .prepared import DEFAULT_MEMORY, preparer
 from .spec import (PermutationSpec, check_function_preserved, coupled_blocks, identity_permutations, load_into,
                    permute_state_dict, verify_spec)
@@ -34,7 +35,7 @@ from .spec_cache import checked_spec
 from .report import alignment_summary, corrected_count, fixed_summary, repair_summary, unsupported_ops
 from .rotation import (RotationError, fit_rotations, fold_norms, refine_rotations, refinement_note,
                        rotate_state_dict, rotation_plan, targets_fit)
-from .statistics import SiteMoments, collect_statistics
+from .statistics import SiteMoments, Statistics, collect_statistics
 
 # Interpolations the evaluation can trace; "naive-repaired" is REPAIR without alignment.
 CURVES = ("naive", "naive-repaired", "aligned", "repaired", "repaired+blocks")
@@ -99,8 +100,33 @@ class MergeResult:
         return asdict(self)
 
 
+def check_number(name: str, value) -> float:
+    """``value`` as a float, or a :class:`MergeError` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)) or \
+            (isinstance(value, torch.Tensor) and value.numel() != 1):
+        raise MergeError(f"{name} must be a number, not {value!r}")
+    return float(value)
+
+
+def check_count(name: str, value, minimum: int, none: str | None = None) -> None:
+    """An integer argument of at least ``minimum`` (None allowed where ``none`` says what it means)."""
+    if value is None and none is not None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        allowed = f"an integer of at least {minimum}" + (f" (or None: {none})" if none else "")
+        raise MergeError(f"{name} must be {allowed}, not {value!r}")
+
+
+def check_choices(**chosen: str) -> None:
+    """``method``, ``matcher`` and ``match_at`` among their choices, before any work."""
+    choices = {"method": METHODS, "matcher": MATCHERS, "match_at": tuple(MATCH_LOCATIONS)}
+    for name, value in chosen.items():
+        if value not in choices[name]:
+            raise MergeError(f"{name} must be one of {', '.join(choices[name])}, not {value!r}")
+
+
 def check_endpoints(model_a: nn.Module, model_b: nn.Module) -> None:
-    """Same architecture, same state_dict keys and shapes, finite weights."""
+    """Same architecture, same state_dict keys, shapes and dtypes, finite weights."""
     if type(model_a) is not type(model_b):
         raise MergeError(f"endpoints have different architectures: {type(model_a).__name__} vs {type(model_b).__name__}")
     state_a, state_b = model_a.state_dict(), model_b.state_dict()
@@ -110,6 +136,9 @@ def check_endpoints(model_a: nn.Module, model_b: nn.Module) -> None:
     for key, value in state_a.items():
         if value.shape != state_b[key].shape:
             raise MergeError(f"endpoints differ in shape at {key}: {tuple(value.shape)} vs {tuple(state_b[key].shape)}")
+        if value.dtype != state_b[key].dtype:
+            raise MergeError(f"endpoints differ in dtype at {key}: {value.dtype} vs {state_b[key].dtype} (cast one "
+                             "to the other's dtype)")
     for name, state in (("A", state_a), ("B", state_b)):
         for key, value in state.items():
             if value.is_floating_point() and not torch.isfinite(value).all():
@@ -136,6 +165,15 @@ def statistics_plan(
     cross_modules = match_modules | (repair_modules if method == "closed-form" else set())
     sites = [s for s in spec.sites if s.module in match_modules | repair_modules]
     return sites, {s.module: coupled_blocks(spec, s) for s in sites if s.module in cross_modules}
+
+
+def check_samples(stats: Statistics) -> None:
+    """Refuse statistics with fewer than 2 samples per unit at a site (one example through an
+    MLP): no variance or correlation to match or REPAIR with."""
+    for module, pair in stats.pairs.items():
+        if pair.a.n < 2:
+            raise MergeError(f"the calibration data gives {pair.a.n} sample{'s' if pair.a.n != 1 else ''} per unit "
+                             f"at {module}: too few to measure a variance; use more calibration examples")
 
 
 def check_merge_does_something(spec: PermutationSpec, method: str, model: nn.Module, given_spec: bool,
@@ -323,7 +361,7 @@ def merge(
     method: str = "repair",
     match_at: str = "activation",
     matcher: str = "activation",
-    spec: PermutationSpec | None = None,
+    spec: PermutationSpec | str | Path | None = None,
     num_samples: int | None = None,
     grid: int = DEFAULT_GRID,
     eval_samples: int | None = None,
@@ -340,7 +378,8 @@ def merge(
     """Align ``model_b`` to ``model_a``, interpolate at ``alpha``, REPAIR and fuse.
 
     ``calibration`` yields input tensors or ``(inputs, labels)`` batches; ``num_samples``
-    caps the examples used. ``evaluation`` maps names (e.g. ``"test"``) to labelled
+    caps the examples used. ``spec``: a permutation spec, or the path of one saved with
+    ``spec.save``, instead of discovery (checked as any spec). ``evaluation`` maps names (e.g. ``"test"``) to labelled
     batches; ``train_examples`` adds ``"train"``: the first calibration examples. When
     there is evaluation data, the naive / aligned / repaired curves over ``grid`` alphas (and
     ``alpha`` where the grid misses it, :func:`curve_alphas`) and their barriers are measured
@@ -365,28 +404,36 @@ def merge(
     device and the forward passes use its mixed precision, while all sums stay float64.
     Call it on every process; each gets the same merged model and result.
     """
+    alpha = check_number("alpha", alpha)
     if not 0.0 < alpha < 1.0:
         raise MergeError(ALPHA_RANGE.format(alpha))
-    if method not in METHODS:
-        raise MergeError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
-    if matcher not in MATCHERS:
-        raise MergeError(f"matcher must be one of {', '.join(MATCHERS)}, not {matcher!r}")
-    if curve_repair_examples is not None and curve_repair_examples < 1:
-        raise MergeError(f"curve_repair_examples must be positive (or None for all), got {curve_repair_examples}")
-    if rotation_steps < 0:
-        raise MergeError(f"rotation_steps must be 0 or more, got {rotation_steps}")
-    if grid < 3:
-        raise MergeError(f"the alpha grid needs at least 3 points (0, 0.5, 1), got {grid}")
+    check_choices(method=method, matcher=matcher, match_at=match_at)
+    for name, count in (("num_samples", num_samples), ("eval_samples", eval_samples),
+                        ("curve_repair_examples", curve_repair_examples)):
+        check_count(name, count, minimum=1, none="all")
+    check_count("train_examples", train_examples, minimum=0, none="no train evaluation")
+    check_count("rotation_steps", rotation_steps, minimum=0)
+    check_count("grid", grid, minimum=3)
+    if isinstance(curves, str) or not all(isinstance(label, str) for label in curves):
+        raise MergeError(f"curves must be a tuple of curve names (e.g. ('aligned', 'repaired')), not {curves!r}")
     unknown = set(curves) - set(CURVES)
     if unknown:
         raise MergeError(f"unknown curves {sorted(unknown)}; choose from {', '.join(CURVES)}")
     if "repaired+blocks" in curves and method != "repair":
         raise MergeError("block-output corrections need the exact method (method='repair')")
+    if evaluation is not None and not isinstance(evaluation, Mapping):
+        raise MergeError("evaluation must map names to labelled batches, e.g. {'test': test_batches}, not "
+                         f"{type(evaluation).__name__}")
+    check_batches(calibration, name="calibration")
+    for name, batches in (evaluation or {}).items():
+        check_batches(batches, name=f"evaluation[{name!r}]")
+    spec = PermutationSpec.load(spec) if isinstance(spec, (str, Path)) else spec
     check_endpoints(model_a, model_b)
     accelerator = accelerator or make_accelerator()
-    model_a.to(accelerator.device).eval()
-    model_b.to(accelerator.device).eval()
+    model_a.to(accelerator.device)
+    model_b.to(accelerator.device)
     with ExitStack() as cleanup:
+        cleanup.enter_context(kept_modes(model_a, model_b))
         prepared = preparer(cleanup, accelerator, cache_memory)
         calibration = prepared(calibration)
         evaluation = {name: prepared(batches) for name, batches in (evaluation or {}).items()}
@@ -405,8 +452,9 @@ def _merge(model_a, model_b, calibration, curve_calibration, evaluation, alpha, 
     """:func:`merge` on prepared data: the plan, then the stages."""
     seconds: dict[str, float] = {}
     example = next(iter(calibration), None)  # this process's first batch: read once, kept for the passes
-    if example is None:
-        raise MergeError("the calibration data is empty")
+    if example is None or not rows(inputs_of(example)):
+        raise MergeError("the calibration data is empty" if example is None else
+                         "the calibration data's first batch holds no example")
     example = to_device(first_rows(inputs_of(example), 8), accelerator.device)
 
     given_spec = spec is not None
@@ -453,6 +501,7 @@ def _merge(model_a, model_b, calibration, curve_calibration, evaluation, alpha, 
     sites, cross_modules = statistics_plan(spec, method, match_at, curves)
     with _timed(seconds, "statistics"):
         stats = collect_statistics(model_a, model_b, sites, calibration, num_samples, cross_modules, accelerator)
+    check_samples(stats)
     state_a, state_b = model_a.state_dict(), model_b.state_dict()
     with _timed(seconds, "match"):
         perms = match_permutations(spec, stats, match_at) if matcher == "activation" else \

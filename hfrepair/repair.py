@@ -250,6 +250,8 @@ def repair(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, not {method!r}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1] (0 = A, 1 = B), not {alpha}")
     if method == "none":
         return dict(state_dict)
     if method == "reset":

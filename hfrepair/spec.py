@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from .batches import floating_dtype, model_outputs
+from .passes import kept_modes
 
 
 @dataclass
@@ -162,6 +163,11 @@ class StreamFold:
 
 @dataclass
 class PermutationSpec:
+    """Which weight axes share one permutation (``groups``), which must not move and why
+    (``fixed``), where each group's activations are measured and corrected (``sites``), and
+    the residual streams REPAIR can fold (``streams``); see the module docstring. Plain data:
+    discovered, edited by hand, saved and loaded as JSON."""
+
     groups: dict[str, PermutationGroup]
     fixed: dict[tuple[str, int], str] = field(default_factory=dict)
     sites: list[ActivationSite] = field(default_factory=list)
@@ -251,6 +257,7 @@ def permute_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Apply one permutation per group to every tied axis (BatchNorm buffers included);
     with ``keys``, to those tensors only (the others are returned as they are)."""
+    check_permutations(spec, perms)
     permuted = dict(state_dict)
     # Block-diagonal groups (each head's dims) after the groups that move the blocks (heads).
     for name, perm in sorted(perms.items(), key=lambda item: spec.groups[item[0]].blocks > 1):
@@ -262,6 +269,19 @@ def permute_state_dict(
             order = perm if len(member) == 2 else block_order(tensor.shape[axis], len(perm), perm, *_block(member))
             permuted[key] = tensor.index_select(axis, order.to(tensor.device))
     return permuted
+
+
+def check_permutations(spec: PermutationSpec, perms: dict[str, torch.Tensor]) -> None:
+    """Each of ``perms`` a permutation of its group's units (a wrong length or a repeated unit
+    would silently resize or duplicate weights); groups left out keep their order."""
+    for name, perm in perms.items():
+        if name not in spec.groups:
+            raise ValueError(f"no permutation group {name!r} in the spec (its groups: {', '.join(spec.groups)})")
+        size = spec.groups[name].size
+        perm = torch.as_tensor(perm)
+        if perm.shape != (size,) or not torch.equal(perm.sort().values.cpu(), torch.arange(size)):
+            raise ValueError(f"the permutation of group {name!r} must hold each of its {size} units once (0 to "
+                             f"{size - 1}), got {perm.numel()} values")
 
 
 def identity_permutations(spec: PermutationSpec) -> dict[str, torch.Tensor]:
@@ -351,8 +371,11 @@ def check_function_preserved(
     load the permuted weights into, instead of a new deep copy.
     """
     atol = function_tolerance(model) if atol is None else atol
-    model.eval()
-    reference = model_outputs(model, inputs).float()
+    with kept_modes(model):
+        reference = model_outputs(model, inputs).float()
+    if not torch.isfinite(reference).all():
+        raise SpecError("the model's outputs on the example inputs are not finite (NaN or inf): check the inputs "
+                        "and the weights")
     permuted = (load_into(workspace, permuted_state_dict) if workspace is not None
                 else with_state_dict(model, permuted_state_dict)).eval()
     diff = (model_outputs(permuted, inputs).float() - reference).abs().max().item()
@@ -386,7 +409,8 @@ def verify_spec(
     # Control: permuting one tensor of a group alone must change the outputs. Some groups
     # barely matter at random init (ConvNeXt's layer scale starts at 1e-6), so try the
     # largest groups first until one shows.
-    reference = model_outputs(model.eval(), inputs)
+    with kept_modes(model):
+        reference = model_outputs(model, inputs)
     control = 0.0
     for group in sorted(spec.groups.values(), key=lambda g: -g.size * len(g.members)):
         member = max(group.members, key=lambda m: state[m[0]].float().std().item())

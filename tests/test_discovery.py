@@ -123,6 +123,23 @@ def test_wrong_spec_is_rejected():
         check_function_preserved(model, permute_state_dict(model.state_dict(), broken, perm), inputs)
 
 
+def test_what_is_not_a_permutation_or_a_finite_output_is_named_as_such():
+    """A permutation of the wrong length or with a repeated unit would resize or duplicate
+    weights; NaN inputs would look like a wrong spec."""
+    model = randomise(MLP(depth=2, width=16))
+    inputs = torch.randn(4, 1, 28, 28)
+    spec = discover_spec(model, inputs)
+    name = next(iter(spec.groups))
+    state = model.state_dict()
+    for perm in (torch.arange(3), torch.zeros(16, dtype=torch.long)):
+        with pytest.raises(ValueError, match=f"group {name!r} must hold each of its 16 units once"):
+            permute_state_dict(state, spec, {name: perm})
+    with pytest.raises(ValueError, match="no permutation group 'nope'"):
+        permute_state_dict(state, spec, {"nope": torch.arange(16)})
+    with pytest.raises(SpecError, match="not finite"):
+        check_function_preserved(model, state, torch.full_like(inputs, float("nan")))
+
+
 def test_spec_round_trips_through_json(tmp_path):
     model = randomise(ResNet(blocks_per_stage=1, base_channels=4, image_size=16))
     spec = discover_spec(model, torch.randn(2, 1, 16, 16))

@@ -100,6 +100,12 @@ def test_unmergeable_requests_are_refused(four):
         merge_many(models, calibration, weights=[0.5, 0.5, 0.5])
     with pytest.raises(MergeError, match="repair, reset or none"):
         merge_many(models, calibration, method="closed-form")
+    with pytest.raises(MergeError, match="add up to 1"):  # NaN compares false with every bound
+        merge_many(models[:2], calibration, weights=[float("nan"), 0.5])
+    with pytest.raises(MergeError, match="match_at must be one of"):
+        merge_many(models, calibration, match_at="middle")
+    with pytest.raises(MergeError, match="one iterable of labelled batches"):
+        merge_many(models, calibration, {"test": calibration})
 
 
 def test_plain_averaging_is_never_called_repaired(four):

@@ -163,3 +163,20 @@ def test_a_split_pass_over_a_source_that_yields_nothing_says_so():
 
     with threads(2), pytest.raises(ValueError, match="no data|empty|no batch"):
         run_pass([model], [SiteMoments(sites)], Empty(), desc="moments")
+
+
+def test_a_pass_puts_back_the_callers_modes_and_refuses_what_are_not_batches():
+    """A model in training mode stays in it after an evaluation, and its conv kernels keep
+    their storage (the pass runs them channels-last); one tensor instead of batches, or a
+    limit below one example, is a clear error."""
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).train()
+    model[1].eval()
+    kernel = model[0].weight.data_ptr()
+    data = [(torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,)))]
+    evaluate(model, data)
+    assert model.training and model[0].training and not model[1].training
+    assert model[0].weight.data_ptr() == kernel and model[0].weight.is_contiguous()
+    with pytest.raises(TypeError, match="wrap one tensor as"):
+        run_pass([model], [Scores(0)], data[0][0])
+    with pytest.raises(ValueError, match="must be a positive integer"):
+        evaluate(model, data, max_examples=0)

@@ -1,5 +1,6 @@
 """REPAIR sets the corrected layers' statistics to their goals, and folds exactly."""
 
+import copy
 import importlib
 
 import pytest
@@ -9,7 +10,7 @@ from torch import nn
 from hfrepair.discovery import discover_spec
 from hfrepair.fuse import fold_batchnorm
 from hfrepair.interpolate import interpolate
-from hfrepair.matching import match_permutations
+from hfrepair.matching import MatchingError, match_permutations
 from hfrepair.pipeline import MergeError, merge
 from hfrepair.models import MLP, VGG, ResNet
 from hfrepair.repair import (
@@ -119,6 +120,62 @@ def test_unknown_method_and_missing_batches_are_refused():
     for alpha in (0.0, 1.0):  # a merge at an endpoint is the endpoint
         with pytest.raises(MergeError, match="strictly between 0 and 1"):
             merge(a, b, [inputs], alpha=alpha)
+    with pytest.raises(ValueError, match=r"alpha must lie in \[0, 1\]"):  # REPAIR does not extrapolate
+        repair(a, mixed, spec, stats, perms, 1.5, "repair", [inputs])
+
+
+def test_merge_arguments_are_checked_before_any_work():
+    """Misuse of the Python API is one clear error naming the argument, raised before the
+    spec is discovered or a batch read."""
+    a, b = endpoints(lambda: MLP(depth=2, width=8, num_classes=3, image_size=4))
+    batches = [torch.randn(16, 1, 4, 4)]
+    for arguments, message in (
+            ({"match_at": "middle"}, "match_at must be one of"),
+            ({"num_samples": 0}, "num_samples must be an integer of at least 1"),
+            ({"eval_samples": -1}, "eval_samples must be an integer of at least 1"),
+            ({"num_samples": 2.5}, "num_samples must be an integer"),
+            ({"grid": 4.5}, "grid must be an integer of at least 3"),
+            ({"alpha": "0.5"}, "alpha must be a number"),
+            ({"curves": "naive"}, "curves must be a tuple of curve names"),
+            ({"evaluation": batches}, "evaluation must map names to labelled batches")):
+        with pytest.raises(MergeError, match=message):
+            merge(a, b, batches, **arguments)
+    with pytest.raises(TypeError, match="wrap one tensor as"):
+        merge(a, b, batches[0])
+    with pytest.raises(MergeError, match="differ in dtype"):
+        merge(a, copy.deepcopy(b).to(torch.bfloat16), batches)
+
+
+def test_one_example_through_an_mlp_is_too_few_to_align_or_repair():
+    """One sample per unit has no variance: its correlations are all 0, so any permutation
+    would do. Refused, never reported as aligned or REPAIRed."""
+    a, b = endpoints(lambda: MLP(depth=2, width=8, num_classes=3, image_size=4))
+    one = [torch.randn(1, 1, 4, 4)]
+    with pytest.raises(MergeError, match="1 sample per unit at .*too few to measure a variance"):
+        merge(a, b, one)
+    spec = discover_spec(a, one[0])
+    stats = collect_statistics(a, b, spec.sites, one)
+    with pytest.raises(MatchingError, match="none of its units varies over the calibration data"):
+        match_permutations(spec, stats)
+
+
+def test_merge_leaves_the_callers_models_as_they_were():
+    """Training mode (BatchNorm and dropout as the caller left them) and weight storage (a
+    state_dict taken before still aliases the weights), after a merge and after one that fails."""
+    a, b = endpoints(lambda: VGG(widths=(4,), layers_per_stage=1, image_size=8))
+    inputs = torch.randn(8, 1, 8, 8)
+    a.train()
+    b.train()
+    a.features[0].eval()  # a module the caller froze on its own
+    weights = a.state_dict()
+    merge(a, b, [inputs], curves=())
+    with pytest.raises(MergeError):
+        merge(a, b, [inputs], match_at="middle")
+    with pytest.raises(MergeError):
+        merge(a, b, [inputs[:0]])
+    assert b.training and a.training and not a.features[0].training
+    assert all(m.training for name, m in a.named_modules() if not name.startswith("features.0"))
+    assert all(weights[k].data_ptr() == v.data_ptr() for k, v in a.state_dict().items())
 
 
 @pytest.mark.parametrize("layer, shape, axis", [
