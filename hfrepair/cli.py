@@ -24,7 +24,8 @@ from PIL import Image
 from .allocator import keep_freed_memory
 from .batches import floating_dtype
 from .card import calibration_unit, many_model_card, saved_point, write_card
-from .data import SHUFFLE_BUFFER, DataError, checked_image_size, image_batches, image_mode, model_transform
+from .data import (SHUFFLE_BUFFER, DataError, check_same_preprocessing, checked_image_size, image_batches, image_mode,
+                   model_transform)
 from .discovery import ExportError, discover_spec
 from .distributed import PrecisionError, ProcessDataError, is_main_process, make_accelerator
 from .evaluate import EvaluationError
@@ -536,12 +537,18 @@ def load_inputs(args: argparse.Namespace, names: list[str], accelerator) -> Inpu
         if differences:
             field = differences[0]
             first, other = configs[0].get(field), config.get(field)
+            if field == "id2label":
+                which = "endpoints A and B" if len(names) == 2 else f"models 1 and {number}"
+                raise MergeError(f"{which} name their classes differently (id2label {first} and {other}): the same "
+                                 "output row would mean different classes")
             raise MergeError(f"endpoints have different architectures: config field {field!r} is {first!r} in A "
                              f"and {other!r} in B" if len(names) == 2 else
                              f"models 1 and {number} have different architectures: config field {field!r} is "
                              f"{first!r} and {other!r}")
     task = task_of(configs[0])
     tokenizer = None
+    if task not in TEXT_TASKS:
+        check_same_preprocessing(folders)
     if task in TEXT_TASKS:
         tokenizer = load_tokenizer(folders[0])
         for folder in folders[1:]:
@@ -578,6 +585,12 @@ def data_streams(args: argparse.Namespace, task: str, folder_a: Path, config_a: 
     batch_size = args.batch_size or (TEXT_BATCH if task in TEXT_TASKS else image_batch)
     stream = {"batch_size": batch_size, "seed": args.seed, "buffer_size": args.shuffle_buffer,
               "revision": data_source.revision}
+    for flag, given, applies in (("--image-column", args.image_column, task not in TEXT_TASKS),
+                                 ("--text-column", args.text_column, task in TEXT_TASKS),
+                                 ("--max-length", args.max_length, task in TEXT_TASKS),
+                                 ("--label-column", args.label_column, task != "text-generation")):
+        if given is not None and not applies:  # an option that would be recorded as used, and ignored
+            raise DataError(f"{flag} does not apply to {'an' if task[0] in 'aeiou' else 'a'} {task} model")
     if args.text_batches and task != "text-generation":
         raise DataError(f"--text-batches is for causal language models; this is a {task} model"
                         + (" (it reads padded texts)" if task == "text-classification" else ""))
@@ -600,7 +613,7 @@ def data_streams(args: argparse.Namespace, task: str, folder_a: Path, config_a: 
 
         def open_split(split: str, **cap):
             return image_batches(dataset, split, transform, image_column=args.image_column,
-                                 label_column=args.label_column, **stream, **cap)
+                                 label_column=args.label_column, label2id=config_a.get("label2id"), **stream, **cap)
     calibration_size = args.num_samples or DEFAULT_NUM_SAMPLES
     calibration = open_split(args.split, limit=calibration_size, strict_limit=args.num_samples is not None)
     test = open_split(args.eval_split, limit=args.eval_samples)

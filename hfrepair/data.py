@@ -65,6 +65,17 @@ def pick_column(features, given: str | None, kind: str, usual: tuple[str, ...], 
     raise DataError(f"dataset has no {kind} column (columns: {', '.join(names)}); pass --{kind}-column")
 
 
+def class_order(feature, label2id: dict | None) -> tuple[int, ...] | None:
+    """The model's index of each class of a dataset's ``ClassLabel``, where the model's
+    ``label2id`` names the same classes in another order (scored by index, every label would
+    be another class); None where the indices are used as they are."""
+    if not isinstance(feature, datasets.ClassLabel) or not isinstance(label2id, dict) or \
+            set(feature.names) != set(label2id):
+        return None
+    order = tuple(int(label2id[name]) for name in feature.names)
+    return None if order == tuple(range(len(order))) else order
+
+
 def detect_columns(features, image_column: str | None = None, label_column: str | None = None) -> tuple[str, str]:
     """The image and label columns: given names, else by feature type, else by usual names."""
     image = pick_column(features, image_column, "image", IMAGE_NAMES, (datasets.Image,))
@@ -133,6 +144,36 @@ def model_transform(folder: str | Path):
     except (OSError, ValueError, TypeError, KeyError) as error:  # json's errors are ValueErrors
         raise DataError(f"{folder}: its image preprocessing cannot be set up from its config: "
                         f"{_described(error)}") from error
+
+
+def check_same_preprocessing(folders: list[Path]) -> None:
+    """Refuse image endpoints whose ``preprocessor_config.json`` differ (where both have one):
+    each was trained on inputs prepared its own way, and the merge prepares them as A does,
+    so B's scores would be measured on inputs it never saw."""
+    def settings(folder: Path) -> dict | None:
+        path = folder / "preprocessor_config.json"
+        if not path.is_file():
+            return None
+        try:
+            config = json.loads(path.read_text())
+            if not isinstance(config, dict):
+                raise ValueError("preprocessor_config.json is not a JSON object")
+        except (OSError, ValueError) as error:  # said as model_transform says it
+            raise DataError(f"{folder}: its image preprocessing cannot be set up from its config: "
+                            f"{_described(error)}") from error
+        return {k: v for k, v in config.items() if k not in ("processor_class", "_processor_class")}
+
+    first = settings(folders[0])
+    for number, folder in enumerate(folders[1:], 2):
+        other = settings(folder)
+        if first is None or other is None:
+            continue
+        fields = sorted(k for k in set(first) | set(other) if first.get(k) != other.get(k))
+        if fields:
+            which = "A and B" if len(folders) == 2 else f"models 1 and {number}"
+            raise DataError(f"{which} prepare their images differently (preprocessor_config.json field "
+                            f"{fields[0]!r} is {first.get(fields[0])!r} and {other.get(fields[0])!r}): each was "
+                            "trained on other inputs")
 
 
 def _model_transform(folder: Path):
@@ -254,6 +295,7 @@ class ImageStream(SplitBatches):
     buffer_size: int = SHUFFLE_BUFFER
     strict_limit: bool = False
     part: tuple[int, int] = (0, 1)
+    label_order: tuple[int, ...] | None = None  # the model's index of each dataset class (class_order)
 
     def numbered(self):
         """This part's batches, each with the position of its first example in the split."""
@@ -272,7 +314,9 @@ class ImageStream(SplitBatches):
         """A batch's pixels and labels; cells that are not images or labels that are not class
         indices (a null, a corrupt file) are the dataset's fault: a one-line error naming them."""
         try:
-            return self.transform(decode(cells)), torch.as_tensor(labels)
+            labels = torch.as_tensor(labels)
+            return self.transform(decode(cells)), labels if self.label_order is None else \
+                torch.as_tensor(self.label_order)[labels]
         except (OSError, ValueError, TypeError, IndexError, RuntimeError, AttributeError) as error:  # PIL: OSError
             order = " (in its seeded shuffle)" if self.seed is not None else ""
             raise DataError(f"{self.name}: examples {first}-{first + len(labels) - 1} of the stream{order} are not "
@@ -305,10 +349,11 @@ def split_features(stream: datasets.IterableDataset, name: str):
 def image_batches(dataset: str, split: str, transform, *, limit: int | None = None, batch_size: int = 256,
                   image_column: str | None = None, label_column: str | None = None,
                   strict_limit: bool = False, seed: int | None = None, buffer_size: int = SHUFFLE_BUFFER,
-                  revision: str | None = None) -> ImageStream:
+                  revision: str | None = None, label2id: dict | None = None) -> ImageStream:
     """Streamed batches of ``split``; with ``strict_limit`` a ``limit`` above the split's size is
     an error (raised up front when the dataset states its split sizes, else when the stream
-    runs out)."""
+    runs out). ``label2id``: the model's class names, to map a ``ClassLabel`` that orders the
+    same names otherwise (:func:`class_order`)."""
     stream = open_split(dataset, split, revision)
     name = f"split {split!r} of dataset {dataset!r}"
     features = split_features(stream, name)
@@ -330,4 +375,5 @@ def image_batches(dataset: str, split: str, transform, *, limit: int | None = No
         strict_limit = True  # the stated split fills the cap: the cap is the stream's size
     if isinstance(features[image], datasets.Image):
         stream = stream.cast_column(image, datasets.Image(decode=False))
-    return ImageStream(stream, transform, image, label, name, batch_size, limit, seed, buffer_size, strict_limit)
+    return ImageStream(stream, transform, image, label, name, batch_size, limit, seed, buffer_size, strict_limit,
+                       label_order=class_order(feature, label2id))

@@ -93,22 +93,58 @@ def load_model(folder: str | Path, trust_remote_code: bool = False) -> nn.Module
     import transformers
 
     auto_class = getattr(transformers, AUTO_CLASSES[task_of(config)])
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # its table of missing tensors: said below in one line
     try:
-        model = auto_class.from_pretrained(
-            str(folder), use_safetensors=True, trust_remote_code=trust_remote_code)
+        model, info = auto_class.from_pretrained(
+            str(folder), use_safetensors=True, trust_remote_code=trust_remote_code, output_loading_info=True)
     except (ValueError, KeyError, OSError, RuntimeError, ImportError, SafetensorError) as error:
         if "auto_map" in config and not trust_remote_code:
             raise ModelLoadError(f"{folder}: model_type {model_type!r} needs the modelling code shipped with "
                                  "the model; pass --trust-remote-code if you trust it") from error
         raise ModelLoadError(f"{folder}: cannot load model_type {model_type!r}: {str(error).splitlines()[0]}") from error
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    check_loaded_tensors(folder, type(model).__name__, info)
     return model.eval()
 
 
+def check_loaded_tensors(folder: Path, architecture: str, info: dict) -> None:
+    """Refuse weights that do not fill the architecture exactly: transformers would start a
+    missing tensor from random values (and merge them) and drop one it has no place for."""
+    missing = sorted({*(info.get("missing_keys") or ()), *(k[0] for k in info.get("mismatched_keys") or ())})
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    for keys, what in ((missing, "lack {} " + architecture + " needs; {} would start from random values"),
+                       (unexpected, "hold {} " + architecture + " has no place for; {} would be dropped")):
+        if keys:
+            count = f"{len(keys)} tensor{'s' if len(keys) > 1 else ''} (e.g. {keys[0]!r})"
+            raise ModelLoadError(f"{folder}: its weights {what.format(count, 'they' if len(keys) > 1 else 'it')}")
+
+
+# Config fields that say how a model runs or was trained, not what it computes from its weights.
+RUNTIME_FIELDS = {"use_cache", "problem_type", "output_attentions", "output_hidden_states", "return_dict",
+                  "torchscript", "gradient_checkpointing"}
+NAME_FIELDS = {"_name_or_path", "id2label", "label2id", "transformers_version", "torch_dtype", "dtype"}
+
+
+def class_names(config: dict) -> dict[str, str] | None:
+    """A classifier's class names by index, or None for transformers' placeholders (LABEL_0, ...)."""
+    labels = config.get("id2label")
+    if not isinstance(labels, dict) or all(str(name) == f"LABEL_{index}" for index, name in labels.items()):
+        return None
+    return {str(index): name for index, name in labels.items()}
+
+
 def config_differences(config_a: dict, config_b: dict) -> list[str]:
-    """Config fields that differ between two endpoints (names and labels ignored)."""
-    ignored = {"_name_or_path", "id2label", "label2id", "transformers_version", "torch_dtype", "dtype"}
-    keys = (set(config_a) | set(config_b)) - ignored
-    return sorted(k for k in keys if config_a.get(k) != config_b.get(k))
+    """Config fields that differ between two endpoints, those that name the architecture
+    first; names and how a model runs (``use_cache``, ``problem_type``, ...) are ignored, but
+    not class names that both endpoints give and that differ (their output rows would mean
+    different classes)."""
+    keys = (set(config_a) | set(config_b)) - NAME_FIELDS - RUNTIME_FIELDS
+    differ = sorted((k for k in keys if config_a.get(k) != config_b.get(k)),
+                    key=lambda k: (k not in ("model_type", "architectures"), k))
+    names_a, names_b = class_names(config_a), class_names(config_b)
+    return differ + (["id2label"] if names_a and names_b and names_a != names_b else [])
 
 
 def save_merged(model: nn.Module, folder: str | Path, source: str | Path,

@@ -33,7 +33,7 @@ from .evaluate import evaluate
 from .interpolate import average
 from .matching import match_permutations, matching_sites, mean_matched_correlation
 from .pipeline import (MergeError, check_choices, check_count, check_endpoints, check_merge_does_something, check_number,
-                       check_samples, statistics_plan)
+                       check_runs, check_samples, statistics_plan)
 from .prepared import DEFAULT_MEMORY, preparer
 from .repair import METHODS, repair
 from .report import alignment_summary, fixed_summary, repair_summary
@@ -238,6 +238,7 @@ def merge_many(
             raise MergeError("the calibration data is empty" if example is None else
                              "the calibration data's first batch holds no example")
         example = to_device(first_rows(inputs_of(example), 8), accelerator.device)
+        check_runs(models[0], example)
         spec, spec_source = checked_spec(models[0], example, spec_cache)
         if not spec.groups:
             raise MergeError(f"no permutation groups found in {type(models[0]).__name__}: nothing to align")

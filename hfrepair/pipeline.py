@@ -19,7 +19,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from .batches import first_rows, inputs_of, rows, to_device
+from .batches import first_rows, inputs_of, model_outputs, rows, to_device
 from .distributed import is_main_process, make_accelerator, progress
 from .evaluate import Scores, barriers_of, variance_ratios
 from .interpolate import interpolate
@@ -167,6 +167,20 @@ def statistics_plan(
     return sites, {s.module: coupled_blocks(spec, s) for s in sites if s.module in cross_modules}
 
 
+@torch.no_grad()
+def check_runs(model: nn.Module, example) -> None:
+    """Run ``model`` once on the first calibration rows, so that a model that cannot run on
+    the data (a classifier without a padding token id, inputs it does not take) is said to
+    be that, not a spec that torch.export could not capture or that changed the outputs."""
+    try:
+        with kept_modes(model):
+            model_outputs(model, example)
+    except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as error:
+        message = (str(error).splitlines() or [""])[0]
+        raise MergeError(f"{type(model).__name__} cannot run on the calibration data ({type(error).__name__}: "
+                         f"{message})") from error
+
+
 def check_samples(stats: Statistics) -> None:
     """Refuse statistics with fewer than 2 samples per unit at a site (one example through an
     MLP): no variance or correlation to match or REPAIR with."""
@@ -193,7 +207,8 @@ def check_merge_does_something(spec: PermutationSpec, method: str, model: nn.Mod
     if method != "none" and not corrected_count(corrected):
         reason = ("reset re-estimates BatchNorms, and it has none; pass --method repair to correct its "
                   "layers, or none" if method == "reset" else
-                  "no layer output with a bias or BatchNorm, and no norm affine to fold into; pass --method none")
+                  "the spec lists no activation site to measure and correct; pass --method none" if not spec.sites
+                  else "no layer output with a bias or BatchNorm, and no norm affine to fold into; pass --method none")
         raise MergeError(f"REPAIR ({method}) has nothing to correct in {name}: {reason} for plain interpolation")
 
 
@@ -456,6 +471,7 @@ def _merge(model_a, model_b, calibration, curve_calibration, evaluation, alpha, 
         raise MergeError("the calibration data is empty" if example is None else
                          "the calibration data's first batch holds no example")
     example = to_device(first_rows(inputs_of(example), 8), accelerator.device)
+    check_runs(model_a, example)
 
     given_spec = spec is not None
     with _timed(seconds, "discover"):

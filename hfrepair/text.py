@@ -28,7 +28,8 @@ from pathlib import Path
 import datasets
 import torch
 
-from .data import LABEL_NAMES, SHUFFLE_BUFFER, DataError, SplitBatches, open_split, pick_column, split_features
+from .data import (LABEL_NAMES, SHUFFLE_BUFFER, DataError, SplitBatches, class_order, open_split, pick_column,
+                   split_features)
 from .evaluate import IGNORED_LABEL
 
 TEXT_NAMES = ("text", "content", "sentence", "document")
@@ -221,7 +222,10 @@ def label_index(feature, label2id: dict[str, int], classes: int, column: str):
     if isinstance(feature, datasets.ClassLabel):
         if feature.num_classes != classes:
             raise DataError(f"label column {column!r} has {feature.num_classes} classes, the classifier {classes}")
-        return lambda values: torch.as_tensor(present(values))
+        order = class_order(feature, label2id)
+        if order is None:
+            return lambda values: torch.as_tensor(present(values))
+        return lambda values: torch.as_tensor(order)[torch.as_tensor(present(values))]
     if is_text(feature):
         def by_name(values):
             unknown = sorted({v for v in values if v not in label2id})
@@ -325,6 +329,9 @@ def padded_batches(dataset: str, split: str, tokenizer, max_length: int, classes
     name = f"split {split!r} of dataset {dataset!r}"
     features = split_features(stream, name)
     column = detect_text_column(features, text_column)
+    if label_column is not None and label_column == column:
+        raise DataError(f"column {column!r} is the texts; name the labels' column with --label-column (or the texts' "
+                        "with --text-column)")
     label = pick_column({k: v for k, v in features.items() if k != column}, label_column, "label", LABEL_NAMES,
                         (datasets.ClassLabel,))
     labels = label_index(features[label], label2id or {}, classes, label)

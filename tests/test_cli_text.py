@@ -136,7 +136,7 @@ def other_tokenizer_endpoint(gpt2_folders, text_folder, tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", ["tokenizers", "image-dataset", "no-text-column", "not-text", "empty", "empty-test",
-                                  "length"])
+                                  "length", "image-column", "label-column"])
 def test_bad_text_input_is_one_line_and_writes_nothing(case, gpt2_folders, text_folder, mnist_folder,
                                                         other_tokenizer_endpoint, tmp_path, capsys):
     a, b = gpt2_folders
@@ -149,6 +149,8 @@ def test_bad_text_input_is_one_line_and_writes_nothing(case, gpt2_folders, text_
         "empty": "all empty after tokenization",
         "empty-test": "the texts in column 'text' of split 'test'",
         "length": f"--max-length 128 exceeds the model's {LM_LENGTH} positions",
+        "image-column": "--image-column does not apply to a text-generation model",  # not ignored, then recorded
+        "label-column": "--label-column does not apply to a text-generation model",
     }[case]
     if case == "tokenizers":
         b = other_tokenizer_endpoint
@@ -165,6 +167,8 @@ def test_bad_text_input_is_one_line_and_writes_nothing(case, gpt2_folders, text_
         dataset = write_texts(tmp_path / "empty-test", {"text": ["", ""]})
         datasets.Dataset.from_dict({"text": ["some text here", "and more"] * 50}).to_parquet(
             str(dataset / "train.parquet"))
+    elif case in ("image-column", "label-column"):
+        extra = [f"--{case}", "label"]
     else:
         extra = ["--max-length", "128"]
     out = tmp_path / "out"

@@ -86,3 +86,34 @@ def test_a_local_folder_named_like_a_datasets_loader_is_read_as_the_folder(mnist
     monkeypatch.chdir(tmp_path)
     stream = image_batches("text", "train", lambda images: torch.zeros(len(images)), limit=100, batch_size=50)
     assert len(labels_of(stream)) == 100
+
+
+def test_class_labels_in_another_order_than_the_models_are_mapped_by_name():
+    """A dataset whose ClassLabel orders the model's class names otherwise: scored by index,
+    every label would be another class."""
+    import datasets
+
+    from hfrepair.data import class_order
+
+    feature = datasets.ClassLabel(names=["cat", "dog", "bird"])
+    assert class_order(feature, {"bird": 0, "cat": 1, "dog": 2}) == (1, 2, 0)
+    assert class_order(feature, {"cat": 0, "dog": 1, "bird": 2}) is None  # the same order
+    assert class_order(feature, {"LABEL_0": 0, "LABEL_1": 1, "LABEL_2": 2}) is None  # unnamed: by index
+    assert class_order(datasets.Value("int64"), {"bird": 0}) is None
+
+
+def test_image_endpoints_that_prepare_their_inputs_differently_are_refused(tmp_path):
+    import json
+
+    from hfrepair.data import DataError, check_same_preprocessing
+
+    folders = [tmp_path / name for name in "abc"]
+    for folder, mean in zip(folders, (0.5, 0.5, 0.1307)):
+        folder.mkdir()
+        (folder / "preprocessor_config.json").write_text(json.dumps({"image_mean": [mean], "image_std": [0.5],
+                                                                     "processor_class": folder.name}))
+    check_same_preprocessing(folders[:2])
+    check_same_preprocessing([folders[0], tmp_path])  # no preprocessor config: nothing to compare
+    with pytest.raises(DataError, match=r"A and B prepare their images differently \(preprocessor_config.json "
+                                        r"field 'image_mean' is \[0.5\] and \[0.1307\]\)"):
+        check_same_preprocessing([folders[0], folders[2]])

@@ -132,3 +132,42 @@ def test_one_shard_is_written_byte_for_byte_as_huggingface_hub_writes_it(tmp_pat
     save_torch_state_dict(state, theirs, max_shard_size="5GB")
     assert [p.name for p in ours.iterdir()] == [p.name for p in theirs.iterdir()] == ["model.safetensors"]
     assert (ours / "model.safetensors").read_bytes() == (theirs / "model.safetensors").read_bytes()
+
+
+def test_weights_that_do_not_fill_the_architecture_exactly_are_refused(tmp_path):
+    """transformers would start a missing tensor from random values (and the merge would
+    average them in) and drop one it has no place for; both are one clear error."""
+    from safetensors.torch import load_file, save_file
+
+    from hfrepair.io import ModelLoadError
+
+    torch.manual_seed(0)
+    TINY["gpt2"]().save_pretrained(str(tmp_path / "whole"))
+    weights = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    for name, change, message in (
+            ("missing", lambda w: w.pop("transformer.h.0.ln_1.weight"), r"lack 1 tensor \(e.g. 'transformer.h.0.ln_1"
+                                                                        r".weight'\) GPT2LMHeadModel needs; it would "
+                                                                        "start from random values"),
+            ("extra", lambda w: w.update({"transformer.h.0.extra": torch.zeros(2)}),
+             r"hold 1 tensor \(e.g. 'transformer.h.0.extra'\) GPT2LMHeadModel has no place for; it would be dropped")):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text((tmp_path / "whole" / "config.json").read_text())
+        changed = dict(weights)
+        change(changed)
+        save_file(changed, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        with pytest.raises(ModelLoadError, match=message):
+            load_model(folder)
+
+
+def test_configs_differ_in_what_they_compute_and_in_the_classes_their_rows_name():
+    """How a model runs (use_cache, problem_type) is no difference; the class names both give
+    are; the architecture is named first."""
+    config = {"model_type": "bert", "architectures": ["BertForSequenceClassification"], "hidden_size": 32,
+              "use_cache": True, "problem_type": None, **LABELS}
+    assert config_differences(config, {**config, "use_cache": False, "problem_type": "single_label_classification",
+                                       "id2label": {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}}) == []
+    reordered = {**config, "id2label": {0: "two", 1: "one", 2: "zero"}}
+    assert config_differences(config, reordered) == ["id2label"]
+    other = {**config, "architectures": ["GPT2LMHeadModel"], "activation_function": "gelu_new"}
+    assert config_differences(config, other)[0] == "architectures"

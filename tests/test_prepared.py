@@ -89,9 +89,9 @@ def test_a_merge_decodes_each_example_once_and_runs_the_forwards_it_announced(mn
         return image_batches(str(mnist_folder), split, counting_transform, limit=limit, batch_size=128, seed=0,
                              strict_limit=True)  # sizes known up front: the announced plan counts forwards
 
-    # Forwards of the model class on real data, outside the spec checks (which run on 8 examples).
+    # Forwards of the model class on real data, outside the checks that run it on 8 examples.
     forwards, checking = [], [False]
-    for name in ("verify_spec", "check_function_preserved", "checked_spec"):
+    for name in ("verify_spec", "check_function_preserved", "checked_spec", "check_runs"):
         original = getattr(pipeline, name)
 
         def flagged(*args, _original=original, **kwargs):

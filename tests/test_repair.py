@@ -142,6 +142,8 @@ def test_merge_arguments_are_checked_before_any_work():
             merge(a, b, batches, **arguments)
     with pytest.raises(TypeError, match="wrap one tensor as"):
         merge(a, b, batches[0])
+    with pytest.raises(MergeError, match=r"MLP cannot run on the calibration data \(RuntimeError"):
+        merge(a, b, [torch.randn(16, 5)])  # not the model's input: said so, not blamed on the spec
     with pytest.raises(MergeError, match="differ in dtype"):
         merge(a, copy.deepcopy(b).to(torch.bfloat16), batches)
 
