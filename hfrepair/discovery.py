@@ -927,7 +927,11 @@ def _name_kinds(g: _GraphAxes, groups, group_of_class, sites) -> dict[str, Permu
         if root in roles:
             group.kind = "head_dims" if roles[root].endswith("dims") else "heads"
             name = f"{first.rsplit('.', 1)[0]}.{roles[root]}"
-        elif len({w.rsplit(".", 2)[0] for w in writers}) > 1:
+        elif len({w.rsplit(".", 2)[0] for w in writers}) > 1 or (
+                not writers & g.conv_modules and len({w.rsplit(".", 1)[0] for w in writers}) > 1):
+            # Written in different blocks, or (a one-block transformer) by linear layers of
+            # different parents (attention and MLP outputs; an MLP's gate and up projections
+            # share one).
             group.kind, name = "stream", "stream"
         else:
             group.kind = "channels" if writers & g.conv_modules else "mlp"

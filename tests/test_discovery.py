@@ -319,6 +319,20 @@ TRANSFORMERS = {
 }
 
 
+@pytest.mark.parametrize("factory", [
+    lambda: GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4, n_positions=16,
+                                       use_cache=False)),
+    lambda: LlamaForCausalLM(LlamaConfig(**{**TINY, "num_hidden_layers": 1}, vocab_size=VOCAB, num_key_value_heads=2,
+                                         max_position_embeddings=16, use_cache=False))], ids=["gpt2", "llama"])
+def test_a_one_block_decoder_has_its_residual_stream(factory):
+    """With one block, the attention and MLP outputs that write the stream share their block:
+    the stream is still a stream (reported as one, and rotated by --rotate), not MLP units."""
+    model = randomise(factory())
+    spec = discover_spec(model, token_ids())
+    kinds = sorted(g.kind for g in spec.groups.values())
+    assert kinds.count("stream") == 1 and kinds.count("mlp") == 1, spec.summary()
+
+
 def assert_preserved(model, spec, inputs):
     report = verify_spec(model, spec, inputs, atol=1e-5)
     with torch.no_grad():
