@@ -197,7 +197,9 @@ class _Parser(argparse.ArgumentParser):
     """Usage errors in one line, like every other hfrepair error."""
 
     def error(self, message: str):
-        self.exit(2, f"hfrepair: error: {message} (see hfrepair {self.prog.split()[-1]} --help)\n")
+        # Every process of a launcher meets the same command line: said once.
+        self.exit(2, f"hfrepair: error: {message} (see hfrepair {self.prog.split()[-1]} --help)\n"
+                  if is_main_process() else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -527,9 +529,15 @@ def load_inputs(args: argparse.Namespace, names: list[str], accelerator) -> Inpu
     """Resolve (download once, on the main process first) and load the models to merge;
     refuse models whose configs or tokenizers differ from the first's."""
     trust = args.trust_remote_code
+    failure = None
     with accelerator.main_process_first():  # one download into the shared cache, then cache hits
-        sources = [resolve_model(name, trust_remote_code=trust) for name in names]
-        data = resolve_dataset(args.dataset)
+        try:
+            sources = [resolve_model(name, trust_remote_code=trust) for name in names]
+            data = resolve_dataset(args.dataset)
+        except ValueError as error:  # raised past the barrier the other processes wait in (they meet it too)
+            failure = error
+    if failure is not None:
+        raise failure
     folders = [source.folder for source in sources]
     configs = [read_config(folder) for folder in folders]
     for number, config in enumerate(configs[1:], 2):

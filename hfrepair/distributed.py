@@ -149,6 +149,24 @@ def sum_across(tensors: list[torch.Tensor], accelerator: Accelerator | None) -> 
     return out
 
 
+def raise_together(error: ValueError | None, accelerator: Accelerator | None) -> None:
+    """Raise on every process when one met bad input in a step they all take (a pass): the
+    others raise a :class:`ProcessDataError` with its message, so that none waits in a
+    reduction the failing one left, and the main process says it (once)."""
+    if accelerator is None or accelerator.num_processes == 1:
+        if error is not None:
+            raise error
+        return
+    from accelerate.utils import gather_object
+
+    messages = gather_object([None if error is None else str(error)])
+    if error is not None:
+        raise error
+    failed = [message for message in messages if message is not None]
+    if failed:
+        raise ProcessDataError(failed[0])
+
+
 def require_data_everywhere(local_examples: int, accelerator: Accelerator | None, what: str) -> int:
     """Total examples of a pass; every process must have had some (checked by all together,
     so that no process is left waiting in a reduction the others skipped)."""

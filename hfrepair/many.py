@@ -28,7 +28,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from .batches import first_rows, inputs_of, rows, to_device
-from .distributed import make_accelerator
+from .distributed import make_accelerator, require_data_everywhere
 from .evaluate import evaluate
 from .interpolate import average
 from .matching import match_permutations, matching_sites, mean_matched_correlation
@@ -234,6 +234,8 @@ def merge_many(
         calibration = prepared(calibration)
         evaluation = prepared(evaluation) if evaluation is not None else None
         example = next(iter(calibration), None)
+        if accelerator.num_processes > 1:  # all together: a process without data must not leave the others waiting
+            require_data_everywhere(0 if example is None else 1, accelerator, "calibration")
         if example is None or not rows(inputs_of(example)):
             raise MergeError("the calibration data is empty" if example is None else
                              "the calibration data's first batch holds no example")

@@ -33,7 +33,8 @@ from torch import nn
 
 from .allocator import release_freed_memory
 from .batches import counting_real_tokens, inputs_of, model_outputs, rows, run_model, to_device
-from .distributed import autocast, local_batches, part_of, progress, require_data_everywhere, sum_across
+from .distributed import (autocast, local_batches, part_of, progress, raise_together, require_data_everywhere,
+                          sum_across)
 
 
 _FORWARDS = [0]  # example-forwards run by every pass of this process so far (examples x models)
@@ -256,16 +257,20 @@ def _run_pass(models, taps, batches, limit, accelerator, desc, release=True) -> 
     count = _batch_count(batches, limit, accelerator)
     source = progress(local_batches(batches, limit, accelerator), accelerator, desc=desc, unit="batch", total=count)
     parts = _split_parts(models, taps, device, count)
+    failure = None
     try:
         if parts > 1:
             examples = _run_split(models, taps, source, device, accelerator, parts)
         else:
             examples = _run_batches(models, taps, source, device, accelerator)
-    except BaseException:
+    except BaseException as error:
         # The error's traceback holds the bar's iterator, so the bar would stay on screen
         # and the error line printed next would run into it.
         getattr(source, "close", lambda: None)()
-        raise
+        if not isinstance(error, ValueError):
+            raise
+        failure = error  # bad data this process met: every process raises it (raise_together)
+    raise_together(failure, accelerator)
     total = require_data_everywhere(examples, accelerator, desc)
     _FORWARDS[0] += total * sum(getattr(model, "forwards_per_example", 1) for model in models)
     _reduce(taps, accelerator)

@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from .batches import first_rows, inputs_of, model_outputs, rows, to_device
-from .distributed import is_main_process, make_accelerator, progress
+from .distributed import is_main_process, make_accelerator, progress, require_data_everywhere
 from .evaluate import Scores, barriers_of, variance_ratios
 from .interpolate import interpolate
 from .matching import MATCH_LOCATIONS, match_permutations, matching_sites, mean_matched_correlation
@@ -467,6 +467,8 @@ def _merge(model_a, model_b, calibration, curve_calibration, evaluation, alpha, 
     """:func:`merge` on prepared data: the plan, then the stages."""
     seconds: dict[str, float] = {}
     example = next(iter(calibration), None)  # this process's first batch: read once, kept for the passes
+    if accelerator.num_processes > 1:  # all together: a process without data must not leave the others waiting
+        require_data_everywhere(0 if example is None else 1, accelerator, "calibration")
     if example is None or not rows(inputs_of(example)):
         raise MergeError("the calibration data is empty" if example is None else
                          "the calibration data's first batch holds no example")

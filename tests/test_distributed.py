@@ -22,7 +22,7 @@ from hfrepair.io import load_model
 from hfrepair.pipeline import merge
 from hfrepair.statistics import collect_statistics
 
-from .conftest import run_cli
+from .conftest import assert_one_line_error, run_cli
 
 NUM_SAMPLES = 1100  # with batches of 250: 4 full batches and one of 100, dealt 3 / 2
 EVAL_SAMPLES = 700
@@ -213,3 +213,46 @@ def test_bf16_autocast_keeps_float64_sums(endpoint_folders, mnist_folder):
         assert not torch.equal(pair.a.total, reference.a.total)  # the forward passes did run in bf16
         corr, corr_exact = pair.correlation(), reference.correlation()
         assert (corr.diagonal() - corr_exact.diagonal()).abs().max() < 0.05
+
+
+def two_ranks(*args, port: int):
+    """``hfrepair`` as rank 0 and rank 1 of a gloo group started by hand (no launcher between
+    them and us): each process's status and stderr."""
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+    ranks = [subprocess.Popen([sys.executable, "-m", "hfrepair", *map(str, args)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in range(2)]
+    return [(rank.wait(timeout=300), rank.communicate()[1]) for rank in ranks]
+
+
+def test_bad_input_that_one_process_meets_is_said_once_and_ends_both(endpoint_folders, mnist_folder, tmp_path):
+    """A corrupt image in one process's batch, a calibration cap that leaves one process no
+    batch, a dataset that does not exist, a usage error: one line from the main process, status
+    2 from both, no traceback, nothing left (before: a gloo traceback from the other process,
+    or the error line twice)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(mnist_folder / "train.parquet")
+    images = table.column("image").to_pylist()
+    images[10] = {"bytes": b"not an image", "path": None}
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    column = table.schema.get_field_index("image")
+    pq.write_table(table.set_column(column, table.schema.field("image"),
+                                    pa.array(images, type=table.schema.field("image").type)),
+                   str(broken / "train.parquet"))
+    (broken / "test.parquet").write_bytes((mnist_folder / "test.parquet").read_bytes())
+    out = tmp_path / "out"
+    base = ["merge", *endpoint_folders, "--output", out, "--no-curves", "--eval-samples", 100]
+    for port, args, message in (
+            (29514, ["--dataset", broken, "--num-samples", 2000], "are not images with class labels"),
+            (29515, ["--dataset", mnist_folder, "--num-samples", 50], "calibration: 1 of 2 processes got no batch"),
+            (29516, ["--dataset", tmp_path / "nowhere"], "nowhere"),
+            (29517, ["--dataset", mnist_folder, "--alpha", 1.5], "alpha must be strictly between 0 and 1")):
+        (status_0, err_0), (status_1, err_1) = two_ranks(*base, *args, port=port)
+        assert status_0 == status_1 == 2, err_0[-2000:] + err_1[-2000:]
+        assert "hfrepair: error:" not in err_1 and "Traceback" not in err_1, err_1[-2000:]
+        assert_one_line_error(err_0, message)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
