@@ -34,7 +34,7 @@ from .hub import (HubAccessError, check_push_access, check_push_target, push_fol
 from .io import (TEXT_TASKS, ModelLoadError, OutputError, config_differences, load_model, read_config, save_merged,
                  task_of, write_atomically)
 from .matching import MATCH_LOCATIONS, MatchingError
-from .many import ManyResult, merge_many
+from .many import ManyResult, checked_weights, merge_many
 from .pipeline import (ALPHA_RANGE, CURVE_REPAIR_EXAMPLES, DEFAULT_GRID, MATCHERS, ROTATION_STEPS, MergeError,
                        MergeResult, merge)
 from .prepared import SpillError
@@ -286,7 +286,11 @@ def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespac
     if args.command != "merge":
         return args
     if args.config:
-        parser.merge_parser.set_defaults(**read_merge_config(args.config, parser.merge_parser))
+        values = read_merge_config(args.config, parser.merge_parser)
+        if args.model_a is not None:  # models named on the command line replace the config's, all of them
+            for name in ("model_a", "model_b", "more_models"):
+                values.pop(name, None)
+        parser.merge_parser.set_defaults(**values)
         args = parser.parse_args(argv)
     missing = [name for name in REQUIRED_FOR_MERGE if getattr(args, name) is None]
     if missing:
@@ -330,6 +334,9 @@ def read_merge_config(path: str, merge_parser: argparse.ArgumentParser) -> dict:
         elif isinstance(action, argparse._StoreTrueAction):
             if not isinstance(value, bool):
                 raise MergeError(f"merge config {path}: {key} must be true or false, not {value!r}")
+        elif isinstance(value, (list, dict)):
+            raise MergeError(f"merge config {path}: {key} must be a single value, not a "
+                             f"{'list' if isinstance(value, list) else 'mapping'}")
         else:
             try:
                 value = action.type(str(value)) if action.type else str(value)
@@ -433,20 +440,32 @@ def run_merge(args: argparse.Namespace, argv: list[str]) -> MergeResult:
     return result
 
 
+# Options of a two-model merge (its alpha, curves, spec, rotation) that an N-model merge has no use for.
+TWO_MODEL_OPTIONS = ("alpha", "spec", "unaligned", "block_outputs", "no_curves", "rotate", "rotation_steps",
+                     "curve_repair_samples", "grid", "train_eval_samples")
+
+
+def given_options(argv: list[str], config: str | None, merge_parser: argparse.ArgumentParser) -> set[str]:
+    """The merge options the user set (their destination names): a flag on the command line,
+    whatever its value (an explicit default counts), or a value other than the default in
+    ``--config`` (a saved config lists every option)."""
+    defaults = {a.dest: a.default for a in merge_parser._actions if a.dest not in ("help", "config")}
+    given = {token[2:].split("=")[0].replace("-", "_") for token in argv if token.startswith("--")}
+    if config:
+        given |= {name for name, value in read_merge_config(config, merge_parser).items() if value != defaults[name]}
+    return given & set(defaults)
+
+
 def run_merge_many(args: argparse.Namespace, argv: list[str]) -> ManyResult:
     """``hfrepair merge M1 M2 M3 ...``: every model aligned into one unit order, averaged
     with ``--weights`` and REPAIRed (:func:`~hfrepair.many.merge_many`)."""
     names = [args.model_a, args.model_b, *args.more_models]
-    two_only = [flag for flag, given in (("--alpha", args.alpha != 0.5), ("--spec", args.spec),
-                                         ("--unaligned", args.unaligned), ("--block-outputs", args.block_outputs),
-                                         ("--no-curves", args.no_curves), ("--rotate", args.rotate),
-                                         ("--rotation-steps", args.rotation_steps is not None),
-                                         ("--curve-repair-samples",
-                                          args.curve_repair_samples != CURVE_REPAIR_EXAMPLES)) if given]
+    two_only = [f"--{name.replace('_', '-')}" for name in TWO_MODEL_OPTIONS if name in args.given_options]
     if two_only:
         raise MergeError(f"{two_only[0]} is for two models; {len(names)} models are merged at --weights")
     if args.max_rounds is not None and args.max_rounds < 0:
         raise MergeError(f"--max-rounds must be 0 or more, got {args.max_rounds}")
+    checked_weights(args.weights, len(names))  # before anything is downloaded or loaded
     output = Path(args.output)
     check_output(output, [*names, args.dataset], args.overwrite, args.push_to_hub)
     accelerator = make_accelerator(args.mixed_precision)
@@ -472,7 +491,7 @@ def run_merge_many(args: argparse.Namespace, argv: list[str]) -> ManyResult:
             (folder / "merge_results.json").write_text(json.dumps(record, indent=2))
             many_model_card(record, configs[0], [read_license(f) for f in folders]).save(folder / "README.md")
 
-        write_atomically(output, write)
+        write_atomically(output, write, replace=args.overwrite)
         print(format_many_table(result, [source.repo_id or Path(source.reference).name for source in sources],
                                 inputs.task, calibration_unit(record)))
         print(f"merged model written to {output}")
@@ -645,7 +664,7 @@ def publish(args: argparse.Namespace, output: Path, merged, result: MergeResult,
         (folder / "merge_results.json").write_text(json.dumps(record, indent=2))
         write_card(folder, record, configs, tuple(read_license(f) for f in folders))
 
-    write_atomically(output, write)
+    write_atomically(output, write, replace=args.overwrite)
     print(format_table(result, record["task"], calibration_unit(record)))
     print(f"merged model written to {output}")
     push_output(args, output)
@@ -791,6 +810,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parse(parser, argv)
         if args.command == "merge":
             args.effective_config = effective_config(args, parser.merge_parser)
+            args.given_options = given_options(argv, args.config, parser.merge_parser)
             run_merge(args, argv)
         elif args.command == "spec":
             run_spec(args)

@@ -11,6 +11,7 @@ Pickle weights are never loaded, and remote code runs only when the caller trust
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -198,17 +199,23 @@ class OutputError(ValueError):
     """OUTPUT could not be written (nothing of it is left)."""
 
 
-def write_atomically(output: Path, write) -> None:
+def write_atomically(output: Path, write, replace: bool = True) -> None:
     """``write(folder)`` into a staging folder, then swap it in; an old OUTPUT is moved aside
-    first and deleted only once the new one is in place."""
+    first and deleted only once the new one is in place. Unless ``replace``, an OUTPUT that
+    appeared meanwhile (another merge into it, a user's folder) is kept and this one refused."""
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # a folder as mkdir makes it, not mkdtemp's private 0700
     previous = None
     try:
         try:
             write(staging)
         except (OSError, SafetensorError) as error:  # a full disk, a quota
             raise OutputError(f"cannot write {output}: {(str(error).splitlines() or [''])[0]}") from error
+        if output.exists() and not replace:
+            raise OutputError(f"{output} appeared while this ran; it is kept (pass --overwrite to replace it)")
         if output.exists():
             previous = Path(tempfile.mkdtemp(prefix=f".{output.name}.old.", dir=output.parent))
             output.rename(previous / output.name)

@@ -180,6 +180,15 @@ def goal_statistics(spec: PermutationSpec, moments: list[dict[str, Moments]], pe
     return Statistics(pairs)
 
 
+def checked_weights(weights: list[float] | None, count: int) -> list[float]:
+    """``count`` non-negative weights that add up to 1 (uniform when None)."""
+    weights = [1 / count] * count if weights is None else [check_number("a weight", w) for w in weights]
+    if len(weights) != count or not all(math.isfinite(w) and w >= 0 for w in weights) or \
+            abs(sum(weights) - 1) > 1e-6:
+        raise MergeError(f"weights must be {count} non-negative numbers that add up to 1, got {weights}")
+    return weights
+
+
 def merge_many(
     models: list[nn.Module],
     calibration: Iterable,
@@ -208,10 +217,7 @@ def merge_many(
     """
     if len(models) < 2:
         raise MergeError(f"merging needs at least 2 models, got {len(models)}")
-    weights = [1 / len(models)] * len(models) if weights is None else [check_number("a weight", w) for w in weights]
-    if len(weights) != len(models) or not all(math.isfinite(w) and w >= 0 for w in weights) or \
-            abs(sum(weights) - 1) > 1e-6:
-        raise MergeError(f"weights must be {len(models)} non-negative numbers that add up to 1, got {weights}")
+    weights = checked_weights(weights, len(models))
     check_choices(matcher=matcher, match_at=match_at)
     if method not in METHODS or method == "closed-form":
         raise MergeError(f"an N-model merge corrects with repair, reset or none, not {method!r}")
@@ -223,8 +229,8 @@ def merge_many(
     check_batches(calibration, name="calibration")
     if evaluation is not None:
         check_batches(evaluation, name="evaluation")
-    for model in models[1:]:
-        check_endpoints(models[0], model)
+    for number, model in enumerate(models[1:], 2):
+        check_endpoints(models[0], model, names=("model 1", f"model {number}"))
     accelerator = accelerator or make_accelerator()
     for model in models:
         model.to(accelerator.device)

@@ -125,24 +125,26 @@ def check_choices(**chosen: str) -> None:
             raise MergeError(f"{name} must be one of {', '.join(choices[name])}, not {value!r}")
 
 
-def check_endpoints(model_a: nn.Module, model_b: nn.Module) -> None:
-    """Same architecture, same state_dict keys, shapes and dtypes, finite weights."""
+def check_endpoints(model_a: nn.Module, model_b: nn.Module, names: tuple[str, str] = ("endpoint A", "endpoint B")) -> None:
+    """Same architecture, same state_dict keys, shapes and dtypes, finite weights; ``names``
+    say which models the errors are about."""
+    both = "endpoints" if names == ("endpoint A", "endpoint B") else " and ".join(names)
     if type(model_a) is not type(model_b):
-        raise MergeError(f"endpoints have different architectures: {type(model_a).__name__} vs {type(model_b).__name__}")
+        raise MergeError(f"{both} have different architectures: {type(model_a).__name__} vs {type(model_b).__name__}")
     state_a, state_b = model_a.state_dict(), model_b.state_dict()
     if state_a.keys() != state_b.keys():
         only = sorted(set(state_a) ^ set(state_b))
-        raise MergeError(f"endpoints have different parameters (e.g. {only[0]!r})")
+        raise MergeError(f"{both} have different parameters (e.g. {only[0]!r})")
     for key, value in state_a.items():
         if value.shape != state_b[key].shape:
-            raise MergeError(f"endpoints differ in shape at {key}: {tuple(value.shape)} vs {tuple(state_b[key].shape)}")
+            raise MergeError(f"{both} differ in shape at {key}: {tuple(value.shape)} vs {tuple(state_b[key].shape)}")
         if value.dtype != state_b[key].dtype:
-            raise MergeError(f"endpoints differ in dtype at {key}: {value.dtype} vs {state_b[key].dtype} (cast one "
+            raise MergeError(f"{both} differ in dtype at {key}: {value.dtype} vs {state_b[key].dtype} (cast one "
                              "to the other's dtype)")
-    for name, state in (("A", state_a), ("B", state_b)):
+    for name, state in zip(names, (state_a, state_b)):
         for key, value in state.items():
             if value.is_floating_point() and not torch.isfinite(value).all():
-                raise MergeError(f"endpoint {name} has non-finite values in {key}")
+                raise MergeError(f"{name} has non-finite values in {key}")
 
 
 def statistics_plan(

@@ -362,6 +362,29 @@ def test_a_library_import_keeps_python_s_own_ctrl_c():
     subprocess.run([sys.executable, "-c", check], check=True, env=ENV)
 
 
+def test_an_output_that_appears_during_a_merge_is_kept_without_overwrite(tmp_path):
+    """Another merge into OUT, or a user's folder made there while this one ran, is not
+    deleted unless --overwrite; the folder written has the modes mkdir gives (not 0700)."""
+    from hfrepair.io import OutputError, write_atomically
+
+    out = tmp_path / "out"
+
+    def appears_meanwhile(folder):
+        (folder / "config.json").write_text("{}")
+        out.mkdir()
+        (out / "precious.txt").write_text("kept")
+
+    with pytest.raises(OutputError, match="appeared while this ran; it is kept"):
+        write_atomically(out, appears_meanwhile, replace=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (out / "precious.txt").read_text() == "kept"
+    mask = os.umask(0o022)
+    try:
+        write_atomically(tmp_path / "fresh", lambda folder: (folder / "config.json").write_text("{}"))
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "fresh").stat().st_mode & 0o777 == 0o755
+
+
 def test_an_output_that_cannot_be_written_leaves_nothing(tmp_path):
     """A full disk while OUT is written: one error naming OUT and the reason, no staging folder."""
     from safetensors import SafetensorError
@@ -440,8 +463,14 @@ def test_config_file_repeats_a_merge_and_flags_override_it(endpoint_folders, mni
     assert run_cli("merge", "--config", tmp_path / "again.yaml").returncode == 0
     repeated = load_file(tmp_path / "again" / "model.safetensors")
     assert all(torch.equal(repeated[k], weights["cfg"][k]) for k in repeated)
+    # Models named on the command line replace the config's (not one of them, the rest kept).
+    with pytest.raises(SystemExit) as exit_info:
+        main(["merge", str(b), "--config", str(tmp_path / "merge.yaml")])
+    assert exit_info.value.code == 2
+    assert_one_line_error(capsys.readouterr().err, "the following arguments are required: MODEL_B")
     for bad, message in (({"gird": 3}, "unknown option 'gird'"), ({"grid": "many"}, "grid: invalid literal"),
-                         ({"method": "magic"}, "method must be one of"), ({"overwrite": "yes"}, "true or false")):
+                         ({"method": "magic"}, "method must be one of"), ({"overwrite": "yes"}, "true or false"),
+                         ({"split": ["train"]}, "split must be a single value, not a list")):
         (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**config, "output": str(tmp_path / "bad"), **bad}))
         expect_error(capsys, ["merge", "--config", tmp_path / "bad.yaml"], message)
         assert not (tmp_path / "bad").exists()
@@ -632,6 +661,11 @@ def test_flags_that_do_not_fit_the_models_are_one_line_errors(three_mlp_folders,
             (endpoint_folders, ["--rotation-steps", "5"], "--rotation-steps refines the maps of --rotate"),
             (endpoint_folders, ["--rotate", "--rotation-steps", "-1"], "--rotation-steps: must be 0 or more"),
             (three_mlp_folders, ["--rotation-steps", "5"], "--rotation-steps is for two models"),
+            (three_mlp_folders, ["--alpha", "0.5"], "--alpha is for two models"),  # its default, said explicitly
+            (three_mlp_folders, ["--grid", "11"], "--grid is for two models"),  # N-model merges measure no curves
+            (three_mlp_folders, ["--train-eval-samples", "50"], "--train-eval-samples is for two models"),
+            (three_mlp_folders, ["--weights", "0.5,0.5", "--dataset", tmp_path / "nowhere"],  # before any loading
+             "weights must be 3 non-negative numbers"),
             (three_mlp_folders, ["--max-rounds", "-1"], "--max-rounds must be 0 or more"),
             (endpoint_folders, ["--max-rounds", "3"], "--max-rounds is for 3 or more models"),
             (three_mlp_folders, ["--method", "reset"], "REPAIR (reset) has nothing to correct in MLP"),

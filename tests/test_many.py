@@ -106,6 +106,11 @@ def test_unmergeable_requests_are_refused(four):
         merge_many(models, calibration, match_at="middle")
     with pytest.raises(MergeError, match="one iterable of labelled batches"):
         merge_many(models, calibration, {"test": calibration})
+    broken = copy.deepcopy(models[2])
+    with torch.no_grad():
+        next(broken.parameters()).fill_(float("nan"))
+    with pytest.raises(MergeError, match="^model 3 has non-finite values"):  # the third model named, not "B"
+        merge_many([*models[:2], broken], calibration)
 
 
 def test_plain_averaging_is_never_called_repaired(four):
