@@ -686,11 +686,13 @@ def format_table(result: MergeResult, task: str = "image-classification", unit: 
     """Barrier table: the midpoint's metric (accuracy; loss and perplexity for a causal LM),
     the accuracy barrier, test and train loss barriers."""
     language_model = task == "text-generation"
+    heading = (f"alpha={result.alpha}, method={result.method}, matcher={result.matcher}, "
+               f"{result.calibration_examples} calibration {unit}, {len(result.groups)} permutation groups")
     if not result.curves:
         if not result.merged:
-            return "\n".join(["(no evaluation data: barriers not measured)", *describe(result),
+            return "\n".join([heading, "(no evaluation data: barriers not measured)", *describe(result),
                               *(f"note: {note}" for note in result.notes)])
-        return "\n".join([*endpoint_lines(result, language_model),
+        return "\n".join([heading, *endpoint_lines(result, language_model),
                           "no interpolation curves (--no-curves): barriers not measured", *describe(result),
                           *(f"note: {note}" for note in result.notes)])
     mid, at = saved_point(result.alphas, result.alpha)
@@ -699,10 +701,7 @@ def format_table(result: MergeResult, task: str = "image-classification", unit: 
     first = f"{at + ' loss':>{width}}{at + ' ppl':>{width}}" if language_model else f"{at + ' acc':>{width - 1}}"
     header = (f"{'interpolation':<16}{first}{'acc barrier':>13}{'test loss barrier':>19}"
               f"{'train loss barrier':>20}")
-    rows = [f"alpha={result.alpha}, method={result.method}, matcher={result.matcher}, "
-            f"{result.calibration_examples} calibration "
-            f"{unit}, {len(result.groups)} permutation groups",
-            header, "-" * len(header)]
+    rows = [heading, header, "-" * len(header)]
     for label, curves in result.curves.items():
         barriers = result.barriers[label]
         point = curves["test"][mid]

@@ -136,14 +136,16 @@ def demo_pair(cache: str | Path | None = None, batch_size: int = 500):
 
 
 def run_demo(args: argparse.Namespace, argv: list[str]) -> None:
-    from .cli import build_parser, check_output, run_merge
+    from .cli import build_parser, check_output, effective_config, run_merge
 
     # Before the data is written or a pair trained (minutes with --retrain); the merge checks
     # OUTPUT again against its inputs.
     check_output(Path(args.output), [str(args.cache or default_cache())], args.overwrite, args.push_to_hub)
     dataset, endpoints = demo_endpoints(args.cache, retrain=args.retrain)
     # The merge command's defaults for what the demo does not ask (columns, spec, ...).
-    merge_args = build_parser().parse_args(["merge", str(endpoints[0]), str(endpoints[1]),
-                                            "--dataset", str(dataset), "--output", args.output])
+    parser = build_parser()
+    merge_args = parser.parse_args(["merge", str(endpoints[0]), str(endpoints[1]), "--dataset", str(dataset),
+                                    "--output", args.output])
     merge_args.__dict__.update(vars(args))
+    merge_args.effective_config = effective_config(merge_args, parser.merge_parser)  # recorded, shown in the card
     run_merge(merge_args, argv)

@@ -19,6 +19,12 @@ from .spec import PermutationSpec
 UNCORRECTABLE = "no bias, BatchNorm or norm affine to fold a correction into"
 
 
+def units_of(size: str) -> int:
+    """The units of a per-head size "heads x dims"."""
+    heads, dims = size.split("x")
+    return int(heads) * int(dims)
+
+
 def alignment_summary(spec: PermutationSpec, matched: dict[str, float] | None = None,
                       unaligned: dict[str, float] | None = None) -> dict:
     """Per group kind: how many groups, their unit sizes, and (given a pair's correlations)
@@ -32,7 +38,9 @@ def alignment_summary(spec: PermutationSpec, matched: dict[str, float] | None = 
     return {
         kind: {
             "groups": len(names),
-            "sizes": sorted({size(spec.groups[n]) for n in names}, key=str),
+            # By units, whole groups and per-head ones alike (32 before 128, not as text).
+            "sizes": sorted({size(spec.groups[n]) for n in names},
+                            key=lambda s: (s if isinstance(s, int) else units_of(s), str(s))),
             "units": sum(spec.groups[n].size for n in names),
             **({"matched_correlation": sum(matched[n] for n in names) / len(names),
                 "unaligned_correlation": sum(unaligned[n] for n in names) / len(names)} if matched is not None else {}),

@@ -97,6 +97,7 @@ def test_no_curves_measures_the_endpoints_and_the_saved_model_only_as_its_printe
                       f"plan: {plan['passes']} passes over the data, {plan['example_forwards']:,} example-forwards:")
     assert "REPAIR (saved model): 1 pass x 1 model over 1,000 calibration examples" in done.stderr
     assert "no interpolation curves (--no-curves)" in done.stdout
+    assert "alpha=0.5, method=repair, matcher=activation, " in done.stdout  # what was merged, curves or not
     assert "barrier_curve.png" not in {p.name for p in out.iterdir()}
     card = (out / "README.md").read_text()
     assert "No interpolation curve was measured" in card and "barrier_curve.png" not in card

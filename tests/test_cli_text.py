@@ -330,7 +330,7 @@ def test_three_gpt2s_merged_from_the_hub_pushed_and_pulled_back(gpt2_folders, th
     far better than the plain average of the three."""
     record, pulled = merged_through_the_hub(
         tmp_path_factory.mktemp("hub-three"), [*gpt2_folders, third_gpt2_folder], text_folder, "gpt2",
-        "user/pydoc", [*FAST, "--num-samples", "200"],
+        "user/pydoc", ["--num-samples", "200", "--eval-samples", str(EVAL_BLOCKS)],  # no curves: no --grid
         PULL_LANGUAGE_MODEL)
     assert pulled["cls"] == "GPT2LMHeadModel"
     assert [source["repo_id"] for source in record["sources"]["models"]] == ["user/gpt2-a", "user/gpt2-b", "user/gpt2-c"]

@@ -32,6 +32,8 @@ def test_demo_merges_the_shipped_pair_on_a_fresh_cache(tmp_path, capsys):
     assert record["sources"]["model_a"]["reference"] == str(demo.SHIPPED_ENDPOINTS / "resnet-a")
     assert record["sources"]["model_b"]["reference"] == str(demo.SHIPPED_ENDPOINTS / "resnet-b")
     assert record["calibration_examples"] == 500 and record["alphas"] == [0.0, 0.5, 1.0]
+    assert record["config"]["num_samples"] == 500 and record["config"]["model_a"] == record["sources"]["model_a"][
+        "reference"]  # what --config takes to repeat the demo's merge
     # Nothing was trained: the cache holds the dataset only.
     assert sorted(p.name for p in cache.iterdir()) == ["mnist"]
     assert midpoint_accuracy(record, "repaired") > midpoint_accuracy(record, "aligned") + 0.2

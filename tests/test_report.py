@@ -165,3 +165,16 @@ def test_an_n_model_gap_reads_in_the_direction_it_goes():
         "a loss 0.193 above the endpoints' weighted mean"
     assert gap_text({"loss": 0.05}, language_model=True) == "a loss 0.050 below the endpoints' weighted mean"
     assert gap_text({}, language_model=True) == "not measured"
+
+
+def test_group_sizes_are_listed_by_units():
+    """32 before 128 (not as text), per-head sizes by their units too."""
+    from hfrepair.report import alignment_summary
+    from hfrepair.spec import PermutationGroup
+
+    groups = {name: PermutationGroup(name, size, [], kind, blocks) for name, size, kind, blocks in (
+        ("a", 128, "mlp", 1), ("b", 32, "mlp", 1), ("c", 64, "mlp", 1), ("d", 64, "head_dims", 4),
+        ("e", 12, "head_dims", 1))}
+    summary = alignment_summary(PermutationSpec(groups))
+    assert summary["mlp"]["sizes"] == [32, 64, 128]
+    assert summary["head_dims"]["sizes"] == [12, "4x16"]
