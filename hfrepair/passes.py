@@ -226,8 +226,8 @@ def run_pass(
     all processes) with ``taps`` attached; returns the examples read by all processes.
 
     Models run in eval mode (each module's mode is put back after); the inputs go to the
-    first model's device. A process that
-    got no batch is an error on every process (its statistics would be undefined). Nothing
+    first model's device. A process that got no batch is an error on every process (its
+    statistics would be undefined), and so is bad data that one process met. Nothing
     records gradients unless ``grad`` (a tap that differentiates what it observes). A
     model's ``forwards_per_example`` (default 1) is what it counts per example.
     ``release``: hand what the pass freed back to the system when it ends; a caller that

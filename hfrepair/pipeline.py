@@ -125,7 +125,8 @@ def check_choices(**chosen: str) -> None:
             raise MergeError(f"{name} must be one of {', '.join(choices[name])}, not {value!r}")
 
 
-def check_endpoints(model_a: nn.Module, model_b: nn.Module, names: tuple[str, str] = ("endpoint A", "endpoint B")) -> None:
+def check_endpoints(model_a: nn.Module, model_b: nn.Module,
+                    names: tuple[str, str] = ("endpoint A", "endpoint B")) -> None:
     """Same architecture, same state_dict keys, shapes and dtypes, finite weights; ``names``
     say which models the errors are about."""
     both = "endpoints" if names == ("endpoint A", "endpoint B") else " and ".join(names)
@@ -396,8 +397,8 @@ def merge(
 
     ``calibration`` yields input tensors or ``(inputs, labels)`` batches; ``num_samples``
     caps the examples used. ``spec``: a permutation spec, or the path of one saved with
-    ``spec.save``, instead of discovery (checked as any spec). ``evaluation`` maps names (e.g. ``"test"``) to labelled
-    batches; ``train_examples`` adds ``"train"``: the first calibration examples. When
+    ``spec.save``, instead of discovery (checked as any spec). ``evaluation`` maps names
+    (e.g. ``"test"``) to labelled batches; ``train_examples`` adds ``"train"``: the first calibration examples. When
     there is evaluation data, the naive / aligned / repaired curves over ``grid`` alphas (and
     ``alpha`` where the grid misses it, :func:`curve_alphas`) and their barriers are measured
     (``curves`` picks them from :data:`CURVES`; ``()`` for none: the endpoints and the saved
