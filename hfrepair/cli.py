@@ -285,7 +285,7 @@ def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespac
     args = parser.parse_args(argv)
     if args.command != "merge":
         return args
-    if args.config:
+    if args.config is not None:  # an empty path is refused as unreadable, not ignored
         values = read_merge_config(args.config, parser.merge_parser)
         if args.model_a is not None:  # models named on the command line replace the config's, all of them
             for name in ("model_a", "model_b", "more_models"):
@@ -301,6 +301,8 @@ def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespac
 
 def read_merge_config(path: str, merge_parser: argparse.ArgumentParser) -> dict:
     """``--config``'s options, checked and converted like the flags they stand for."""
+    if not path:
+        raise MergeError("--config needs the path of a YAML file")
     try:
         data = yaml.safe_load(Path(path).read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:

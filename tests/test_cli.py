@@ -475,6 +475,7 @@ def test_config_file_repeats_a_merge_and_flags_override_it(endpoint_folders, mni
         (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**config, "output": str(tmp_path / "bad"), **bad}))
         expect_error(capsys, ["merge", "--config", tmp_path / "bad.yaml"], message)
         assert not (tmp_path / "bad").exists()
+    expect_error(capsys, ["merge", "--config", ""], "--config needs the path of a YAML file")  # not ignored
     with pytest.raises(SystemExit) as missing:
         main(["merge", str(a), str(b), "--output", str(tmp_path / "nodata")])
     assert missing.value.code == 2 and "--dataset" in capsys.readouterr().err
