@@ -20,7 +20,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .pipeline import REPAIRED_CURVES, saved_curve
-from .report import CORRECTION_KINDS, aligned_over_pairs_text, corrected_count, gap_text
+from .report import CORRECTION_KINDS, SPEC_SOURCES, aligned_over_pairs_text, corrected_count, gap_text
 
 # model_cards/ at the repository's top level, installed as the package hfrepair.model_cards.
 TEMPLATE = importlib.resources.files("hfrepair.model_cards") / "merged_model.md"
@@ -340,7 +340,8 @@ def model_card(record: dict, configs: tuple[dict, dict], licenses: tuple[str | N
         alpha=record["alpha"], method=record["method"], matching=matching_text(record), dtype=dtype_text(record),
         calibration_examples=record["calibration_examples"], dataset=dataset_text(dataset),
         evaluation=evaluation_text(record), split=record["split"], eval_split=split,
-        num_groups=len(record["groups"]), grid=len(record["alphas"]),
+        num_groups=len(record["groups"]), spec_source=SPEC_SOURCES[record["spec_source"]],
+        grid=len(record["alphas"]),
         curves=bool(record["curves"]), curve_repair=curve_repair_text(record),
         variance=any(record["variance_ratio"].values()),
         table=barrier_table(record), merged_summary=merged_summary(record), tokenizer=tokenizer_text(record),
@@ -409,7 +410,7 @@ def many_model_card(record: dict, config: dict, licenses: list[str | None]) -> M
 # Merge of {len(names)} models
 
 Made with hfrepair: the models' units were aligned into one order ({matching}; {len(record['groups'])}
-permutation groups: {aligned}), the aligned models averaged with the
+permutation groups, the spec {SPEC_SOURCES[record['spec_source']]}: {aligned}), the aligned models averaged with the
 weights below, and {repair_line}. {fixed_text(record)}
 
 | base model | revision | weight | split `{split}` of {dataset_text(dataset)} |

@@ -39,7 +39,8 @@ from .pipeline import (ALPHA_RANGE, CURVE_REPAIR_EXAMPLES, DEFAULT_GRID, MATCHER
                        MergeResult, merge)
 from .prepared import SpillError
 from .repair import METHODS
-from .report import aligned_over_pairs_text, corrected_count, describe, describe_spec, fixed_line, gap_text
+from .report import (SPEC_SOURCES, aligned_over_pairs_text, corrected_count, describe, describe_spec, fixed_line,
+                     gap_text)
 from .spec import PermutationSpec, SpecError, check_spec_fits, verify_spec
 from .spec_cache import default_spec_cache
 from .startup import INTERRUPTED, end_startup_guard
@@ -385,8 +386,8 @@ def check_output(output: Path, inputs: list[str], overwrite: bool, push_to: str 
 def load_spec(path: str) -> PermutationSpec:
     try:
         return PermutationSpec.load(path)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        raise SpecError(f"cannot read the permutation spec {path}: {error}") from error
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as error:
+        raise SpecError(f"cannot read the permutation spec {path}: {type(error).__name__}: {error}") from error
 
 
 def spec_cache(args: argparse.Namespace) -> Path | None:
@@ -419,15 +420,23 @@ def run_merge(args: argparse.Namespace, argv: list[str]) -> MergeResult:
     curves = () if args.no_curves else (
         "naive", *(("naive-repaired",) if args.unaligned else ()), "aligned", "repaired",
         *(("repaired+blocks",) if args.block_outputs else ()))
-    merged, result = merge(*inputs.models, calibration, evaluation, alpha=args.alpha, method=args.method,
-                           match_at=args.match_at, matcher=args.matcher, spec=spec, grid=args.grid,
-                           eval_samples=args.eval_samples,
-                           train_examples=args.train_eval_samples, curves=curves,
-                           curve_repair_examples=args.curve_repair_samples, rotate=args.rotate,
-                           rotation_steps=ROTATION_STEPS if args.rotation_steps is None else args.rotation_steps,
-                           accelerator=accelerator,
-                           cache_memory=size_in_bytes(args.cache_memory), spec_cache=spec_cache(args),
-                           announce=lambda plan: print(plan, file=sys.stderr, flush=True))
+    try:
+        merged, result = merge(*inputs.models, calibration, evaluation, alpha=args.alpha, method=args.method,
+                               match_at=args.match_at, matcher=args.matcher, spec=spec, grid=args.grid,
+                               eval_samples=args.eval_samples,
+                               train_examples=args.train_eval_samples, curves=curves,
+                               curve_repair_examples=args.curve_repair_samples, rotate=args.rotate,
+                               rotation_steps=ROTATION_STEPS if args.rotation_steps is None else args.rotation_steps,
+                               accelerator=accelerator,
+                               cache_memory=size_in_bytes(args.cache_memory), spec_cache=spec_cache(args),
+                               announce=lambda plan: print(plan, file=sys.stderr, flush=True))
+    except (IndexError, TypeError, KeyError, RuntimeError) as error:
+        # A hand-written spec can fit every tensor and module and still describe sites or
+        # layouts the model does not have; what fails then is the spec, said in one line.
+        if spec is None or isinstance(error, USER_ERRORS):
+            raise
+        raise SpecError(f"the spec {args.spec} does not fit {type(inputs.models[0]).__name__} "
+                        f"({type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]})") from error
     record = {
         **base_record(args, argv, inputs, merged, accelerator),
         "sources": {"model_a": inputs.sources[0].to_dict(), "model_b": inputs.sources[1].to_dict(),
@@ -525,7 +534,9 @@ def format_many_table(result: ManyResult, names: list[str], task: str, unit: str
                      + (f", {score(pair['repaired'])} REPAIRed" if "repaired" in pair else ""))
     if result.gap:
         lines.append(f"this model: {gap_text(result.gap, language_model)}")
-    lines += [f"aligned: {aligned_over_pairs_text(result.aligned_groups, result.models)}", *fixed_line(result.fixed)]
+    lines += [f"permutation spec: {SPEC_SOURCES[result.spec_source]} (checked: a random permutation per group leaves "
+              "the outputs unchanged)",
+              f"aligned: {aligned_over_pairs_text(result.aligned_groups, result.models)}", *fixed_line(result.fixed)]
     lines.append(f"REPAIR corrected {corrected} sites" if corrected else f"REPAIR: nothing corrected ({result.method})")
     if not result.settled:
         lines.append(f"note: {result.matcher} matching stopped after {result.rounds} rounds with permutations still "
@@ -735,10 +746,13 @@ def run_spec(args: argparse.Namespace) -> None:
     """``hfrepair spec``: discover, check and print a model's spec; save it if asked."""
     source = resolve_model(args.model, trust_remote_code=args.trust_remote_code)
     model = load_model(source.folder, args.trust_remote_code)
-    if args.output is not None and not args.output.strip():
-        raise SpecError("--output must name a file for the spec")
-    if args.output and not Path(args.output).resolve().parent.is_dir():
+    output = Path(args.output).resolve() if args.output else None
+    if args.output is not None and (not args.output.strip() or output.is_dir() or Path(args.output).name in ("", "..")):
+        raise SpecError("--output must name a file for the spec, not a folder")
+    if output is not None and not output.parent.is_dir():
         raise SpecError(f"cannot write {args.output}: no folder {Path(args.output).parent}")
+    if output is not None and output.is_relative_to(Path(source.folder).resolve()):
+        raise SpecError(f"--output {args.output} is inside the model folder {source.folder}: write the spec elsewhere")
     task = task_of(read_config(source.folder))
     inputs = example_texts(source.folder, task) if task in TEXT_TASKS else example_images(source.folder)
     spec = discover_spec(model, inputs)
@@ -747,7 +761,11 @@ def run_spec(args: argparse.Namespace) -> None:
             spec.save(args.output)
         except OSError as error:
             raise SpecError(f"cannot write {args.output}: {error.strerror or error}") from error
-    check = verify_spec(model, spec, inputs)
+    try:
+        check = verify_spec(model, spec, inputs)
+    except SpecError as error:
+        raise SpecError(f"{error}" + (f" (the discovered spec is written to {args.output}, to edit)"
+                                      if args.output else "")) from error
     print(describe_spec(spec, model, check))
     if args.output:
         print(f"spec written to {args.output} (edit it and pass --spec {args.output} to hfrepair merge)")

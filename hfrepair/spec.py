@@ -186,6 +186,10 @@ class PermutationSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> PermutationSpec:
+        names = [g["name"] for g in data["groups"]]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"two groups are named {repeated[0]!r}")
         groups = {
             g["name"]: PermutationGroup(g["name"], g["size"], [_member(m) for m in g["members"]],
                                         g.get("kind", "units"), g.get("blocks", 1))
@@ -202,17 +206,8 @@ class PermutationSpec:
         return cls(groups, fixed, sites, [StreamFold(**stream) for stream in data.get("streams", [])])
 
     def save(self, path: str | Path) -> None:
-        """Write the spec as JSON, atomically: a failed write (a full disk) leaves no partial
-        file, and processes storing the same spec at once each replace it whole."""
-        path = Path(path)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            temporary.write_text(json.dumps(self.to_dict(), indent=2))
-            os.replace(temporary, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                temporary.unlink(missing_ok=True)
-            raise
+        """Write the spec as JSON, atomically (:func:`write_text_atomically`)."""
+        write_text_atomically(Path(path), json.dumps(self.to_dict(), indent=2))
 
     @classmethod
     def load(cls, path: str | Path) -> PermutationSpec:
@@ -224,6 +219,19 @@ class PermutationSpec:
         for group in self.groups.values():
             lines.append(f"  {group.name}: {group.kind}, {group.size} units, {len(group.members)} tied axes")
         return "\n".join(lines)
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """``text`` into ``path`` through a temporary file: a failed write (a full disk) leaves no
+    partial file, and processes writing the same file at once each replace it whole."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        raise
 
 
 def _member(item) -> tuple:
@@ -342,10 +350,32 @@ def check_spec_fits(model: nn.Module, spec: PermutationSpec) -> None:
             if shape[axis] < size or (len(member) == 2 and shape[axis] != size):
                 raise SpecError(f"group {group.name!r}: {size} units do not fit axis {axis} of {key} "
                                 f"(length {shape[axis]})")
+            if len(member) > 2:
+                try:
+                    where = positions(size, *_block(member))
+                except (TypeError, ValueError, RuntimeError) as error:
+                    raise SpecError(f"group {group.name!r}: the block pattern of {key} axis {axis} is not one "
+                                    f"({error})") from error
+                if where.numel() and not 0 <= int(where.min()) <= int(where.max()) < shape[axis]:
+                    raise SpecError(f"group {group.name!r}: its block pattern reaches past axis {axis} of {key} "
+                                    f"(length {shape[axis]})")
+    for key, axis in spec.fixed:
+        if key not in state:
+            raise SpecError(f"fixed axis {key!r}: the model has no such tensor")
     modules = dict(model.named_modules())
     for site in spec.sites:
+        where = f"activation site {site.module!r}"
         if site.module not in modules:
-            raise SpecError(f"activation site {site.module!r}: the model has no such module")
+            raise SpecError(f"{where}: the model has no such module")
+        named = [site.group] if site.layout is None else [block[0] for block in site.layout]
+        for name in named:
+            if name not in spec.groups:
+                raise SpecError(f"{where}: no group {name!r} in the spec (a site's units must belong to its groups)")
+        if site.batchnorm is not None and site.batchnorm not in modules:
+            raise SpecError(f"{where}: the model has no BatchNorm {site.batchnorm!r}")
+        for key in (site.weight, site.bias):
+            if key is not None and key not in state:
+                raise SpecError(f"{where}: the model has no tensor {key!r}")
 
 
 def function_tolerance(model: nn.Module) -> float:

@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from .discovery import discover_spec, tied_state_keys
-from .spec import PermutationSpec, SpecError, verify_spec
+from .spec import PermutationSpec, verify_spec, write_text_atomically
 
 # Bumped whenever what a stored spec means changes in a way its key cannot see.
-FORMAT = 1
+FORMAT = 2  # 2: entries carry the digest of their content
 # The code that makes a spec: a change to it (a new rule) must not reuse older specs.
 _DISCOVERY_CODE = [str(Path(__file__).with_name(name)) for name in ("discovery.py", "spec.py")]
 # Config entries that name a checkpoint rather than describe its architecture.
@@ -61,6 +61,14 @@ def _config(model: nn.Module) -> dict | None:
     return described
 
 
+def _exists(path: Path) -> bool:
+    """Whether a stored spec is there; a cache folder that cannot be read counts as empty."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
 def architecture_key(model: nn.Module, example_inputs) -> str | None:
     """A digest of everything ``model``'s spec depends on; None when some module's code
     cannot be found (a class defined in an interactive session), which is never cached."""
@@ -84,13 +92,27 @@ def architecture_key(model: nn.Module, example_inputs) -> str | None:
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _digest(data: dict) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
 def _store(spec: PermutationSpec, path: Path) -> None:
-    """Write it (atomically: processes of one merge may store the same spec at once); a
-    cache that cannot be written (read-only home, a file in its place) only costs the next
-    merge a discovery."""
+    """Write it with the digest of its content (atomically: processes of one merge may store
+    the same spec at once); a cache that cannot be written (read-only home, a file in its
+    place) only costs the next merge a discovery."""
+    data = spec.to_dict()
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
-        spec.save(path)
+        write_text_atomically(path, json.dumps({"sha256": _digest(data), "spec": data}))
+
+
+def _stored(path: Path) -> PermutationSpec:
+    """The spec stored at ``path``; ValueError unless its content is what was stored (a file
+    cut short, edited or replaced is discovered anew, never used)."""
+    entry = json.loads(path.read_text())
+    if not isinstance(entry, dict) or entry.get("sha256") != _digest(entry.get("spec")):
+        raise ValueError(f"{path}: not a spec this cache stored")
+    return PermutationSpec.from_dict(entry["spec"])
 
 
 def checked_spec(model: nn.Module, example_inputs, cache: str | Path | None = None) -> tuple[PermutationSpec, str]:
@@ -100,13 +122,16 @@ def checked_spec(model: nn.Module, example_inputs, cache: str | Path | None = No
     once it passes the check). ``cache`` None: always discover, store nothing."""
     key = architecture_key(model, example_inputs) if cache is not None else None
     path = Path(cache) / f"{key}.json" if key else None
-    if path is not None and path.is_file():
+    if path is not None and _exists(path):
         try:
-            spec = PermutationSpec.load(path)
+            spec = _stored(path)
             verify_spec(model, spec, example_inputs)
             return spec, "cached"
-        except (OSError, ValueError, KeyError, TypeError, SpecError):  # unreadable or stale: discover anew
-            path.unlink(missing_ok=True)
+        # Whatever fails in a stored spec (unreadable, altered, stale: code changed under an
+        # unchanged key) means the same: discover anew.
+        except Exception:  # noqa: BLE001
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
     spec = discover_spec(model, example_inputs)
     verify_spec(model, spec, example_inputs)
     if path is not None:

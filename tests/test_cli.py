@@ -268,6 +268,11 @@ def test_broken_inputs_are_one_line_errors_before_any_output(endpoint_folders, m
     processor = copy_folder(b, tmp_path / "processor")
     (processor / "preprocessor_config.json").write_text("{garbage")
     expect_error(capsys, ["spec", a, "--output", ""], "--output must name a file")
+    expect_error(capsys, ["spec", a, "--output", tmp_path], "--output must name a file for the spec, not a folder")
+    config_a = Path(a) / "config.json"
+    kept = config_a.read_text()
+    expect_error(capsys, ["spec", a, "--output", config_a], "is inside the model folder")  # not over its config
+    assert config_a.read_text() == kept
     for argv in (["spec", processor], ["merge", processor, processor, *base]):
         expect_error(capsys, argv, "processor: its image preprocessing cannot be set up from its config")
 
@@ -458,6 +463,8 @@ def test_config_file_repeats_a_merge_and_flags_override_it(endpoint_folders, mni
     assert all(torch.equal(weights["flags"][k], weights["cfg"][k]) for k in weights["flags"])
     card = (tmp_path / "cfg" / "README.md").read_text()
     assert "hfrepair merge --config merge.yaml" in card and "num_samples: 1000" in card
+    assert f"| permutation spec | {len(record['groups'])} groups, " in card  # and where the spec came from:
+    assert ("discovered from the torch.export graph" in card) == (record["spec_source"] == "discovered")
     # The recorded config repeats the merge (into another folder).
     again = {**record["config"], "output": str(tmp_path / "again")}
     (tmp_path / "again.yaml").write_text(yaml.safe_dump(again))
@@ -634,6 +641,7 @@ def test_three_models_merge_into_one_through_the_cli(three_mlp_folders, mnist_fo
     assert "midpoint of mlp-1 and mlp-2" in card and "midpoint mlp-1 + mlp-2" in done.stdout
     # What was aligned (by kind and size) and what stayed fixed, as a two-model merge says it.
     assert record["aligned_groups"]["mlp"]["groups"] == 2 and "aligned: mlp 2 x" in done.stdout
+    assert "permutation spec: " in done.stdout and "permutation groups, the spec " in (out / "README.md").read_text()
     assert sum(record["fixed"].values()) > 0 and "fixed: " in done.stdout and "stayed fixed" in card
     fresh = subprocess.run([sys.executable, "-c", RELOAD, str(out), str(mnist_folder), "1000"],
                            capture_output=True, text=True, env=ENV, check=True)

@@ -62,19 +62,34 @@ def test_without_a_folder_nothing_is_stored(tmp_path):
     assert source == "discovered" and not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("stored", ["not json", "wrong spec"])
-def test_an_unreadable_or_wrong_stored_spec_is_discovered_anew_and_replaced(stored, tmp_path):
+@pytest.mark.parametrize("stored", ["not json", "wrong spec", "a subset that passes the check", "a bare spec"])
+def test_an_unreadable_altered_or_wrong_stored_spec_is_discovered_anew_and_replaced(stored, tmp_path):
+    """Only what the cache stored is used: a file cut short, edited (even into a spec that
+    passes the check, such as one group of several, which would merge unaligned layers and
+    be reported as cached) or replaced is discovered anew."""
     model = mlp(0)
     path = tmp_path / f"{architecture_key(model, IMAGES)}.json"
+    discovered = as_json(discover_spec(model, IMAGES))
     if stored == "not json":
         path.write_text("{")
-    else:  # a spec that fails the random-permutation check: a layer's rows permuted, its reader's columns not
-        wrong = discover_spec(model, IMAGES).to_dict()
-        wrong["groups"][0]["members"] = wrong["groups"][0]["members"][:1]
-        path.write_text(json.dumps(wrong))
+    elif stored == "wrong spec":  # fails the random-permutation check: a layer's rows permuted, its reader's not
+        checked_spec(model, IMAGES, tmp_path)
+        entry = json.loads(path.read_text())
+        entry["spec"]["groups"][0]["members"] = entry["spec"]["groups"][0]["members"][:1]
+        entry["sha256"] = spec_cache._digest(entry["spec"])
+        path.write_text(json.dumps(entry))
+    elif stored == "a subset that passes the check":
+        checked_spec(model, IMAGES, tmp_path)
+        entry = json.loads(path.read_text())
+        entry["spec"]["groups"] = entry["spec"]["groups"][:1]
+        entry["spec"]["sites"] = [site for site in entry["spec"]["sites"]
+                                  if site["group"] == entry["spec"]["groups"][0]["name"]]
+        path.write_text(json.dumps(entry))
+    else:  # a spec file as `hfrepair spec --output` writes it, put in the cache by hand
+        path.write_text(json.dumps(discovered))
     spec, source = checked_spec(model, IMAGES, tmp_path)
     assert source == "discovered"
-    assert json.loads(path.read_text()) == as_json(spec) == as_json(discover_spec(model, IMAGES))
+    assert json.loads(path.read_text())["spec"] == as_json(spec) == discovered
 
 
 def test_a_spec_write_that_fails_midway_leaves_no_file(tmp_path, monkeypatch):
