@@ -77,7 +77,9 @@ def _points(value: float) -> str:
 def _name(source: dict) -> str:
     """A source as the card names it: its Hub id, or a local folder's own name (never the
     absolute path of the machine that merged it)."""
-    return source["repo_id"] or Path(source["reference"]).name
+    # Resolved: a folder given as "." or ".." is named by its own name (the card is written
+    # where the merge ran).
+    return source["repo_id"] or Path(source["reference"]).resolve().name
 
 
 def _link(source: dict) -> str:

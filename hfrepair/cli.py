@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import shlex
+import signal
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -845,6 +846,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"hfrepair: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: a staged output was already removed on the way out
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second one while Python exits: no traceback
         if is_main_process():
             print("hfrepair: error: interrupted", file=sys.stderr)
         return INTERRUPTED

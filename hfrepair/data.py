@@ -18,6 +18,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
+import yaml
 from PIL import Image
 
 IMAGE_NAMES = ("image", "img", "pixel_values", "picture")
@@ -37,6 +38,9 @@ def open_split(dataset: str, split: str, revision: str | None = None) -> dataset
         dataset = str(Path(dataset).resolve())
     try:
         return datasets.load_dataset(dataset, split=split, streaming=True, revision=revision)
+    except yaml.YAMLError as error:  # the card's metadata block of a folder or repo
+        raise DataError(f"cannot read dataset {dataset!r}: its README.md metadata is not valid YAML "
+                        f"({type(error).__name__})") from error
     except ValueError as error:
         if "split" in str(error).lower():
             raise DataError(f"dataset {dataset!r} has no split {split!r}") from error
@@ -57,6 +61,8 @@ def pick_column(features, given: str | None, kind: str, usual: tuple[str, ...], 
             raise DataError(f"dataset has no {kind} column {given!r} (columns: {', '.join(names)})")
         return given
     typed = [n for n in names if isinstance(features[n], types)]
+    if len(typed) > 1:  # picking one would score the model on columns it may not predict
+        raise DataError(f"dataset has several {kind} columns ({', '.join(typed)}); name one with --{kind}-column")
     if typed:
         return typed[0]
     for name in usual:
@@ -351,28 +357,25 @@ def image_batches(dataset: str, split: str, transform, *, limit: int | None = No
                   strict_limit: bool = False, seed: int | None = None, buffer_size: int = SHUFFLE_BUFFER,
                   revision: str | None = None, label2id: dict | None = None) -> ImageStream:
     """Streamed batches of ``split``; with ``strict_limit`` a ``limit`` above the split's size is
-    an error (raised up front when the dataset states its split sizes, else when the stream
-    runs out). ``label2id``: the model's class names, to map a ``ClassLabel`` that orders the
+    an error (raised when the stream runs out). ``label2id``: the model's class names, to map a ``ClassLabel`` that orders the
     same names otherwise (:func:`class_order`)."""
     stream = open_split(dataset, split, revision)
     name = f"split {split!r} of dataset {dataset!r}"
     features = split_features(stream, name)
     image, label = detect_columns(features, image_column, label_column)
     pixels = features[image]
-    if image == label or isinstance(pixels, datasets.ClassLabel) or (
+    if image == label:
+        raise DataError(f"column {image!r} cannot be both the images and the labels")
+    if isinstance(pixels, datasets.ClassLabel) or (
             isinstance(pixels, datasets.Value) and pixels.dtype not in ("binary", "large_binary", "string")):
         raise DataError(f"image column {image!r} holds {getattr(pixels, 'dtype', 'class labels')}, not images")
     feature = features[label]
     if feature is not None and not isinstance(feature, datasets.ClassLabel) and not str(
             getattr(feature, "dtype", "")).startswith(("int", "uint")):
         raise DataError(f"label column {label!r} holds {getattr(feature, 'dtype', feature)}, not class indices")
-    known = stream.info.splits[split].num_examples if stream.info.splits and split in stream.info.splits else None
-    if strict_limit and limit is not None and known and limit > known:
-        raise DataError(f"--num-samples {limit} asks for more examples than {name} has ({known})")
-    if known and (limit is None or limit > known):
-        limit = known  # so that the stream knows its length (progress bars count its real batches)
-    if known:
-        strict_limit = True  # the stated split fills the cap: the cap is the stream's size
+    # Split sizes a dataset's README states are not used: stale ones are common on the Hub, and
+    # trusted they cut the split short or refused a cap it fills. A cap the split does not
+    # fill is found when the stream runs out.
     if isinstance(features[image], datasets.Image):
         stream = stream.cast_column(image, datasets.Image(decode=False))
     return ImageStream(stream, transform, image, label, name, batch_size, limit, seed, buffer_size, strict_limit,

@@ -367,10 +367,11 @@ def check_spec_fits(model: nn.Module, spec: PermutationSpec) -> None:
         where = f"activation site {site.module!r}"
         if site.module not in modules:
             raise SpecError(f"{where}: the model has no such module")
-        named = [site.group] if site.layout is None else [block[0] for block in site.layout]
-        for name in named:
+        # A site of a group left out of the spec is not measured; a block layout must name
+        # every group it lays out.
+        for name in [block[0] for block in site.layout or []]:
             if name not in spec.groups:
-                raise SpecError(f"{where}: no group {name!r} in the spec (a site's units must belong to its groups)")
+                raise SpecError(f"{where}: its layout names group {name!r}, which the spec does not have")
         if site.batchnorm is not None and site.batchnorm not in modules:
             raise SpecError(f"{where}: the model has no BatchNorm {site.batchnorm!r}")
         for key in (site.weight, site.bias):

@@ -117,3 +117,49 @@ def test_image_endpoints_that_prepare_their_inputs_differently_are_refused(tmp_p
     with pytest.raises(DataError, match=r"A and B prepare their images differently \(preprocessor_config.json "
                                         r"field 'image_mean' is \[0.5\] and \[0.1307\]\)"):
         check_same_preprocessing([folders[0], folders[2]])
+
+
+def test_split_sizes_a_readme_states_are_not_trusted_over_the_rows(mnist_folder, tmp_path):
+    """A stale README (fewer rows stated than there are, or more) neither cuts the split short
+    nor refuses a cap the split fills."""
+    import shutil
+
+    names = "\n".join(f"          '{i}': '{i}'" for i in range(10))
+    for stated in (100, 5000):
+        folder = tmp_path / str(stated)
+        folder.mkdir()
+        shutil.copy(mnist_folder / "test.parquet", folder / "test.parquet")
+        (folder / "README.md").write_text(
+            "---\ndataset_info:\n  features:\n  - name: image\n    dtype: image\n  - name: label\n    dtype:\n"
+            f"      class_label:\n        names:\n{names}\n  splits:\n  - name: test\n    num_examples: {stated}\n"
+            "configs:\n- config_name: default\n  data_files:\n  - split: test\n    path: test.parquet\n---\n")
+        rows = len(labels_of(image_batches(str(folder), "test", lambda images: torch.zeros(len(images)),
+                                           batch_size=256)))
+        assert rows == 1000
+        capped = image_batches(str(folder), "test", lambda images: torch.zeros(len(images)), limit=600,
+                               batch_size=256, strict_limit=True)
+        assert len(labels_of(capped)) == 600
+
+
+def test_ambiguous_or_unreadable_datasets_are_refused_in_words(mnist_folder, tmp_path):
+    """Two label columns (picking one would score the model on classes it may not predict),
+    one column named for both images and labels, a README whose metadata is not YAML."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(mnist_folder / "test.parquet").slice(0, 50)
+    two = tmp_path / "two"
+    two.mkdir()
+    datasets.Dataset(table.append_column("parity", table.column("label"))).cast_column(
+        "parity", datasets.ClassLabel(names=[str(i) for i in range(10)])).to_parquet(str(two / "test.parquet"))
+    with pytest.raises(DataError, match=r"several label columns \(label, parity\); name one with --label-column"):
+        image_batches(str(two), "test", torch.tensor)
+    with pytest.raises(DataError, match="column 'image' cannot be both the images and the labels"):
+        image_batches(str(mnist_folder), "test", torch.tensor, label_column="image")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    shutil.copy(mnist_folder / "test.parquet", broken / "test.parquet")
+    (broken / "README.md").write_text("---\nfoo: [\n---\n")
+    with pytest.raises(DataError, match="its README.md metadata is not valid YAML"):
+        image_batches(str(broken), "test", torch.tensor)

@@ -178,3 +178,11 @@ def test_group_sizes_are_listed_by_units():
     summary = alignment_summary(PermutationSpec(groups))
     assert summary["mlp"]["sizes"] == [32, 64, 128]
     assert summary["head_dims"]["sizes"] == [12, "4x16"]
+
+
+def test_a_local_folder_given_as_a_dot_is_named_in_the_card(tmp_path, monkeypatch):
+    from hfrepair.card import dataset_text
+
+    (tmp_path / "digits").mkdir()
+    monkeypatch.chdir(tmp_path / "digits")
+    assert dataset_text({"repo_id": None, "reference": ".", "revision": None}) == "`digits` (a local folder)"
