@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import signal
 import sys
@@ -821,6 +822,19 @@ def check_merge_output(folder: Path) -> None:
         raise MergeError(f"{folder} is not a whole hfrepair output folder (no {' or '.join(missing)})")
 
 
+def end_in_process_group(status: int) -> int:
+    """``status``, as this process's exit when it is one of a launcher's processes: on an error
+    it leaves at once (``os._exit``, its streams flushed; outputs and spill folders were
+    removed on the way here). Left to the interpreter's exit, the process group's threads
+    were sometimes still joinable as C++ tore them down, and the process aborted ("terminate
+    called without an active exception", status 134) after saying its error."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return status
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def main(argv: list[str] | None = None) -> int:
     end_startup_guard()
     argv = sys.argv[1:] if argv is None else argv
@@ -844,7 +858,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as error:
         if is_main_process():  # every process meets the same bad input: say it once
             print(f"hfrepair: error: {error}", file=sys.stderr)
-        return 2
+        return end_in_process_group(2)
     except KeyboardInterrupt:  # Ctrl-C: a staged output was already removed on the way out
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second one while Python exits: no traceback
         if is_main_process():

@@ -255,7 +255,8 @@ def check_batches(batches: Iterable, limit: int | None = None, name: str = "batc
 def _run_pass(models, taps, batches, limit, accelerator, desc, release=True) -> int:
     device = next(models[0].parameters()).device
     count = _batch_count(batches, limit, accelerator)
-    source = progress(local_batches(batches, limit, accelerator), accelerator, desc=desc, unit="batch", total=count)
+    local = local_batches(batches, limit, accelerator)
+    source = progress(local, accelerator, desc=desc, unit="batch", total=count)
     parts = _split_parts(models, taps, device, count)
     failure = None
     try:
@@ -267,6 +268,7 @@ def _run_pass(models, taps, batches, limit, accelerator, desc, release=True) -> 
         # The error's traceback holds the bar's iterator, so the bar would stay on screen
         # and the error line printed next would run into it.
         getattr(source, "close", lambda: None)()
+        local.close()  # and the stream under it: its readers stop before the process ends
         if not isinstance(error, ValueError):
             raise
         failure = error  # bad data this process met: every process raises it (raise_together)
