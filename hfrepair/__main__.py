@@ -1,7 +1,5 @@
 """``python -m hfrepair`` runs the command line, like the ``hfrepair`` script."""
 
-import sys
+from .cli import command
 
-from .cli import main
-
-sys.exit(main())
+command()

@@ -45,7 +45,7 @@ from .report import (SPEC_SOURCES, aligned_over_pairs_text, corrected_count, des
                      gap_text)
 from .spec import PermutationSpec, SpecError, check_spec_fits, verify_spec
 from .spec_cache import default_spec_cache
-from .startup import INTERRUPTED, end_startup_guard
+from .startup import INTERRUPTED, TERMINATED, Terminated, end_startup_guard, sigterm_unwinds
 from .text import (
     DEFAULT_MAX_LENGTH,
     block_length,
@@ -645,7 +645,7 @@ def data_streams(args: argparse.Namespace, task: str, folder_a: Path, config_a: 
     elif task == "text-classification":
         length = block_length(config_a, args.max_length)
         label2id = config_a.get("label2id") or {}
-        classes = len(config_a.get("id2label") or {}) or config_a.get("num_labels", 2)
+        classes = class_count(config_a) or 2  # transformers' default num_labels
 
         def open_split(split: str, **cap):
             return padded_batches(dataset, split, tokenizer, length, classes, label2id, text_column=args.text_column,
@@ -655,13 +655,21 @@ def data_streams(args: argparse.Namespace, task: str, folder_a: Path, config_a: 
 
         def open_split(split: str, **cap):
             return image_batches(dataset, split, transform, image_column=args.image_column,
-                                 label_column=args.label_column, label2id=config_a.get("label2id"), **stream, **cap)
+                                 label_column=args.label_column, label2id=config_a.get("label2id"),
+                                 classes=class_count(config_a), **stream, **cap)
     calibration_size = args.num_samples or DEFAULT_NUM_SAMPLES
     calibration = open_split(args.split, limit=calibration_size, strict_limit=args.num_samples is not None)
     test = open_split(args.eval_split, limit=args.eval_samples)
     if task in TEXT_TASKS:  # a test split of empty texts is refused now, not after the calibration passes
         next(iter(test), None)
     return calibration, {"test": test}
+
+
+def class_count(config: dict) -> int | None:
+    """The classes a classifier's config gives it (transformers: ``id2label`` or
+    ``num_labels``; the built-in models: ``num_classes``); None when it says nothing."""
+    count = len(config.get("id2label") or {}) or config.get("num_labels") or config.get("num_classes")
+    return count if isinstance(count, int) and not isinstance(count, bool) and count > 0 else None
 
 
 def describe_tokenizer(tokenizer, source: str) -> dict:
@@ -822,50 +830,61 @@ def check_merge_output(folder: Path) -> None:
         raise MergeError(f"{folder} is not a whole hfrepair output folder (no {' or '.join(missing)})")
 
 
-def end_in_process_group(status: int) -> int:
-    """``status``, as this process's exit when it is one of a launcher's processes: on an error
-    it leaves at once (``os._exit``, its streams flushed; outputs and spill folders were
-    removed on the way here). Left to the interpreter's exit, the process group's threads
-    were sometimes still joinable as C++ tore them down, and the process aborted ("terminate
-    called without an active exception", status 134) after saying its error."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return status
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
-
-
 def main(argv: list[str] | None = None) -> int:
     end_startup_guard()
     argv = sys.argv[1:] if argv is None else argv
     keep_freed_memory()
     parser = build_parser()
     try:
-        args = parse(parser, argv)
-        if args.command == "merge":
-            args.effective_config = effective_config(args, parser.merge_parser)
-            args.given_options = given_options(argv, args.config, parser.merge_parser)
-            run_merge(args, argv)
-        elif args.command == "spec":
-            run_spec(args)
-        elif args.command == "push":
-            check_merge_output(Path(args.output))
-            print(f"pushed to {push_folder(args.output, args.repo, private=args.private, revision=args.revision)}")
-        else:
-            from .demo import run_demo
-
-            run_demo(args, argv)
+        with sigterm_unwinds():
+            return run_command(parser, argv)
     except USER_ERRORS as error:
         if is_main_process():  # every process meets the same bad input: say it once
             print(f"hfrepair: error: {error}", file=sys.stderr)
-        return end_in_process_group(2)
-    except KeyboardInterrupt:  # Ctrl-C: a staged output was already removed on the way out
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second one while Python exits: no traceback
+        return 2
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: a staged output was removed on the way out
+        for ending in (signal.SIGINT, signal.SIGTERM):  # a second one while Python exits: no traceback
+            signal.signal(ending, signal.SIG_IGN)
         if is_main_process():
-            print("hfrepair: error: interrupted", file=sys.stderr)
-        return INTERRUPTED
+            print(f"hfrepair: error: {'terminated' if isinstance(stop, Terminated) else 'interrupted'}",
+                  file=sys.stderr)
+        return TERMINATED if isinstance(stop, Terminated) else INTERRUPTED
+
+
+def run_command(parser: argparse.ArgumentParser, argv: list[str]) -> int:
+    """The command ``argv`` names, run; its errors are :func:`main`'s to report."""
+    args = parse(parser, argv)
+    if args.command == "merge":
+        args.effective_config = effective_config(args, parser.merge_parser)
+        args.given_options = given_options(argv, args.config, parser.merge_parser)
+        run_merge(args, argv)
+    elif args.command == "spec":
+        run_spec(args)
+    elif args.command == "push":
+        check_merge_output(Path(args.output))
+        print(f"pushed to {push_folder(args.output, args.repo, private=args.private, revision=args.revision)}")
+    else:
+        from .demo import run_demo
+
+        run_demo(args, argv)
     return 0
 
 
+def command() -> None:
+    """The ``hfrepair`` command (script, ``python -m hfrepair``, a launcher's processes):
+    :func:`main`, and on failure the process ends at once (``os._exit``, its streams
+    flushed; the output, staging and spill folders were removed as the error unwound).
+    Left to the interpreter's exit, a data reader cut short by the error (pyarrow's threads
+    under a datasets stream, or a process group's) was sometimes torn down still running,
+    and the process aborted ("terminate called without an active exception", status 134)
+    after its one-line error."""
+    status = main()
+    if status:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    command()

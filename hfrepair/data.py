@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,13 +44,23 @@ def open_split(dataset: str, split: str, revision: str | None = None) -> dataset
                         f"({type(error).__name__})") from error
     except ValueError as error:
         if "split" in str(error).lower():
-            raise DataError(f"dataset {dataset!r} has no split {split!r}") from error
+            raise DataError(f"dataset {dataset!r} has no split {split!r}{_split_hint(split, str(error))}") from error
         raise DataError(f"cannot read dataset {dataset!r}: {str(error).splitlines()[0]}") from error
     except OSError as error:
         if isinstance(error, FileNotFoundError) and not Path(dataset).exists() and error.filename is None:
             raise DataError(f"dataset {dataset!r} not found") from error
         # A file it needs, or the datasets cache (under HF_HOME), that cannot be used.
         raise DataError(f"cannot read dataset {dataset!r}: {_described(error)}") from error
+
+
+def _split_hint(split: str, message: str) -> str:
+    """What to give instead of a split the dataset lacks: its splits, as datasets' error
+    lists them, and for a slice the option that caps a split (streams cannot be sliced)."""
+    listed = re.search(r"Available splits: \[(.*?)\]", message)
+    names = f" (splits: {listed.group(1).replace(chr(39), '')})" if listed else ""
+    if "[" in split:
+        return f"{names}; a stream cannot be sliced: cap it with --num-samples or --eval-samples"
+    return names
 
 
 def pick_column(features, given: str | None, kind: str, usual: tuple[str, ...], types: tuple) -> str:
@@ -103,6 +114,17 @@ def checked_image_size(size) -> int:
     return size
 
 
+def eight_bit(image) -> Image.Image:
+    """A decoded image (or array) as an 8-bit PIL image. 16-bit grayscale (PNG, TIFF; PIL
+    modes ``I;16*``, or ``I`` holding values past 255) is scaled to 0-255: PIL's own
+    ``convert("L")`` clips every value above 255 to white."""
+    if not isinstance(image, Image.Image):
+        return Image.fromarray(np.asarray(image, dtype=np.uint8))
+    if image.mode.startswith("I;16") or (image.mode == "I" and image.getextrema()[1] > 255):
+        return Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+    return image
+
+
 def builtin_transform(config: dict):
     """Grayscale/RGB, resize, scale to [0, 1], normalise, for the built-in architectures."""
     size = checked_image_size(config.get("image_size", 28))
@@ -121,8 +143,7 @@ def builtin_transform(config: dict):
 
     def transform(images: list) -> torch.Tensor:
         arrays = []
-        for image in images:
-            image = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
+        for image in map(eight_bit, images):
             image = image.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
             array = np.asarray(image, dtype=np.float32) / 255.0
             arrays.append(array[None] if channels == 1 else array.transpose(2, 0, 1))
@@ -190,7 +211,7 @@ def _model_transform(folder: Path):
         mode = image_mode(folder, processor)
 
         def transform(images: list) -> torch.Tensor:
-            images = [i if isinstance(i, Image.Image) else Image.fromarray(np.asarray(i, dtype=np.uint8)) for i in images]
+            images = [eight_bit(i) for i in images]
             if mode == "L":  # channels first, so that processors need not guess the layout
                 arrays = [np.asarray(i.convert("L"))[None] for i in images]
                 return processor(images=arrays, input_data_format="channels_first", return_tensors="pt")["pixel_values"]
@@ -355,10 +376,13 @@ def split_features(stream: datasets.IterableDataset, name: str):
 def image_batches(dataset: str, split: str, transform, *, limit: int | None = None, batch_size: int = 256,
                   image_column: str | None = None, label_column: str | None = None,
                   strict_limit: bool = False, seed: int | None = None, buffer_size: int = SHUFFLE_BUFFER,
-                  revision: str | None = None, label2id: dict | None = None) -> ImageStream:
+                  revision: str | None = None, label2id: dict | None = None,
+                  classes: int | None = None) -> ImageStream:
     """Streamed batches of ``split``; with ``strict_limit`` a ``limit`` above the split's size is
     an error (raised when the stream runs out). ``label2id``: the model's class names, to map a ``ClassLabel`` that orders the
-    same names otherwise (:func:`class_order`)."""
+    same names otherwise (:func:`class_order`). ``classes``: the model's class count, which a
+    ``ClassLabel`` may not exceed (found now, not when the first out-of-range label is scored
+    after the calibration passes)."""
     stream = open_split(dataset, split, revision)
     name = f"split {split!r} of dataset {dataset!r}"
     features = split_features(stream, name)
@@ -373,6 +397,8 @@ def image_batches(dataset: str, split: str, transform, *, limit: int | None = No
     if feature is not None and not isinstance(feature, datasets.ClassLabel) and not str(
             getattr(feature, "dtype", "")).startswith(("int", "uint")):
         raise DataError(f"label column {label!r} holds {getattr(feature, 'dtype', feature)}, not class indices")
+    if isinstance(feature, datasets.ClassLabel) and classes and feature.num_classes > classes:
+        raise DataError(f"label column {label!r} has {feature.num_classes} classes, more than the model's {classes}")
     # Split sizes a dataset's README states are not used: stale ones are common on the Hub, and
     # trusted they cut the split short or refused a cap it fills. A cap the split does not
     # fill is found when the stream runs out.

@@ -10,6 +10,7 @@ during a merge unwinds through its clean-up as before.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -17,6 +18,7 @@ import threading
 from pathlib import Path
 
 INTERRUPTED = 128 + signal.SIGINT  # the shell's status for a command ended by SIGINT
+TERMINATED = 128 + signal.SIGTERM  # ... and by SIGTERM
 COMMAND_MODULES = ("hfrepair", "hfrepair.cli")
 
 
@@ -50,3 +52,28 @@ def end_startup_guard() -> None:
     """Give SIGINT back to Python's handler (a KeyboardInterrupt) once the command runs."""
     if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during a command (a batch scheduler's time limit, ``kill``, a launcher ending
+    its other processes): unwound like a Ctrl-C, so the staged output and the spill folder
+    are removed on the way out (SIGTERM's default ends the process where it stands)."""
+
+
+def _terminated(_signum, _frame) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def sigterm_unwinds():
+    """Within: SIGTERM raises :class:`Terminated`, unless a handler of the caller's own is set
+    or this is not the main thread. The handler before is restored after."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        yield
+        return
+    signal.signal(signal.SIGTERM, _terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)

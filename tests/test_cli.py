@@ -302,6 +302,12 @@ def test_broken_inputs_are_one_line_errors_before_any_output(endpoint_folders, m
                                 datasets.Features({"image": datasets.Image(), "label": labels}))
     expect_error(capsys, ["merge", a, b, "--dataset", garbage, "--output", out, *FAST], "first row cannot be read")
     first = datasets.load_dataset(str(mnist_folder), split="test[:8]")
+    twelve = write_split_files(tmp_path / "twelve", {"image": first["image"], "label": [11] * 8},
+                               datasets.Features({"image": datasets.Image(),
+                                                  "label": datasets.ClassLabel(names=[str(d) for d in range(12)])}))
+    # Found before any pass, not when the first label 11 is scored after the calibration passes.
+    expect_error(capsys, ["merge", a, b, "--dataset", twelve, "--output", out, *FAST],
+                 "label column 'label' has 12 classes, more than the model's 10")
     nulls = write_split_files(tmp_path / "nulls", {"image": first["image"], "label": [1] * 7 + [None]},
                               datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}))
     expect_error(capsys, ["merge", a, b, "--dataset", nulls, "--output", out, "--num-samples", "8", "--grid", "3"],
@@ -329,23 +335,31 @@ def test_broken_inputs_are_one_line_errors_before_any_output(endpoint_folders, m
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith((".out", ".file", ".sub"))]
 
 
-def test_ctrl_c_during_a_merge_is_one_line_and_leaves_no_folder(endpoint_folders, mnist_folder, tmp_path):
-    """SIGINT once the passes have begun: one line, the shell's status for it, no traceback,
-    no output or staging folder."""
+@pytest.mark.parametrize("ending, status, message", [(signal.SIGINT, 130, "interrupted"),
+                                                     (signal.SIGTERM, 143, "terminated")])
+def test_ctrl_c_or_sigterm_during_a_merge_is_one_line_and_leaves_no_folder(endpoint_folders, mnist_folder, tmp_path,
+                                                                           ending, status, message):
+    """Ctrl-C (SIGINT), or SIGTERM (``kill``, a scheduler's time limit), once the passes have
+    begun and prepared batches are spilled to the temporary folder: one line, the shell's
+    status for it, no traceback, no output, staging or spill folder (before, SIGTERM ended
+    the process where it stood and left the staging and spill folders)."""
     a, b = endpoint_folders
+    spill = tmp_path / "tmp"
+    spill.mkdir()
+    output = tmp_path / "out"
+    output.mkdir()
     merge = subprocess.Popen([sys.executable, "-m", "hfrepair.cli", "merge", a, b, "--dataset", mnist_folder,
-                              "--output", tmp_path / "merged"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, env=ENV)
-    seen = []
-    for line in merge.stderr:  # the plan is printed right before the first pass
-        seen.append(line)
-        if line.startswith("plan:"):
-            merge.send_signal(signal.SIGINT)
-            break
-    rest = merge.communicate(timeout=300)[1]
-    assert merge.returncode == 130, "".join(seen) + rest
-    assert_one_line_error("".join(seen) + rest, "interrupted")
-    assert list(tmp_path.iterdir()) == []
+                              "--output", output / "merged", "--cache-memory", "1"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env={**ENV, "TMPDIR": str(spill)})
+    deadline = time.monotonic() + 300
+    while not any(spill.glob("hfrepair-batches-*/*.pt")) and merge.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert any(spill.glob("hfrepair-batches-*/*.pt")), merge.communicate()[1][-3000:]
+    merge.send_signal(ending)
+    out, err = merge.communicate(timeout=300)
+    assert merge.returncode == status, out + err
+    assert_one_line_error(err, message)
+    assert list(output.iterdir()) == [] and list(spill.iterdir()) == []
 
 
 def test_ctrl_c_while_the_command_starts_is_one_line(tmp_path):

@@ -4,7 +4,7 @@ import datasets
 import pytest
 import torch
 
-from hfrepair.data import DataError, ImageStream, image_batches
+from hfrepair.data import DataError, ImageStream, builtin_transform, image_batches
 
 
 def labels_of(stream) -> list[int]:
@@ -163,3 +163,21 @@ def test_ambiguous_or_unreadable_datasets_are_refused_in_words(mnist_folder, tmp
     (broken / "README.md").write_text("---\nfoo: [\n---\n")
     with pytest.raises(DataError, match="its README.md metadata is not valid YAML"):
         image_batches(str(broken), "test", torch.tensor)
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(mnist_folder, tmp_path):
+    """A 16-bit grayscale PNG of a digit reads as the 8-bit digit it was made from (before,
+    PIL's convert("L") turned every pixel above 255 of 65,535 white)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    digit = datasets.load_dataset(str(mnist_folder), split="test[:1]")["image"][0]
+    wide = np.asarray(digit, dtype=np.uint16) * 257
+    stored = io.BytesIO()
+    Image.fromarray(wide).save(stored, format="PNG")
+    decoded = Image.open(io.BytesIO(stored.getvalue()))
+    assert decoded.mode.startswith("I")  # what PIL decodes a 16-bit PNG to
+    transform = builtin_transform({"image_size": 28, "in_channels": 1, "mean": [0.0], "std": [1.0]})
+    torch.testing.assert_close(transform([decoded]), transform([digit]), rtol=0, atol=1 / 255)
