@@ -20,7 +20,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .pipeline import REPAIRED_CURVES, saved_curve
-from .report import CORRECTION_KINDS, SPEC_SOURCES, aligned_over_pairs_text, corrected_count, gap_text
+from .report import CORRECTION_KINDS, SPEC_SOURCES, aligned_over_pairs_text, corrected_count, gap_text, rounded
 
 # model_cards/ at the repository's top level, installed as the package hfrepair.model_cards.
 TEMPLATE = importlib.resources.files("hfrepair.model_cards") / "merged_model.md"
@@ -71,7 +71,7 @@ def _percent(value: float) -> str:
 
 def _points(value: float) -> str:
     """An accuracy gap, in percentage points (not a percentage of anything)."""
-    return f"{100 * value:.1f} points"
+    return f"{rounded(100 * value, 1):.1f} points"
 
 
 def _name(source: dict) -> str:
@@ -123,11 +123,11 @@ def barrier_table(record: dict) -> str:
     for label, curves in record["curves"].items():
         barriers = record["barriers"][label]
         point = curves["test"][mid]
-        train = f"{barriers['train']['loss']['max']:.3f}" if "train" in barriers else "-"
+        train = f"{rounded(barriers['train']['loss']['max'], 3):.3f}" if "train" in barriers else "-"
         first = (f"{point['loss']:.3f} | {math.exp(point['loss']):.1f}" if language_model
                  else _percent(point["accuracy"]))
         rows.append(f"| {label} | {first} | {_points(barriers['test']['accuracy']['max'])} | "
-                    f"{barriers['test']['loss']['max']:.3f} | {train} |")
+                    f"{rounded(barriers['test']['loss']['max'], 3):.3f} | {train} |")
     return "\n".join(rows)
 
 

@@ -42,7 +42,7 @@ from .pipeline import (ALPHA_RANGE, CURVE_REPAIR_EXAMPLES, DEFAULT_GRID, MATCHER
 from .prepared import SpillError
 from .repair import METHODS
 from .report import (SPEC_SOURCES, aligned_over_pairs_text, corrected_count, describe, describe_spec, fixed_line,
-                     gap_text)
+                     gap_text, rounded)
 from .spec import PermutationSpec, SpecError, check_spec_fits, verify_spec
 from .spec_cache import default_spec_cache
 from .startup import INTERRUPTED, TERMINATED, Terminated, end_startup_guard, sigterm_unwinds
@@ -728,11 +728,11 @@ def format_table(result: MergeResult, task: str = "image-classification", unit: 
     for label, curves in result.curves.items():
         barriers = result.barriers[label]
         point = curves["test"][mid]
-        train = f"{barriers['train']['loss']['max']:>20.3f}" if "train" in barriers else f"{'-':>20}"
+        train = f"{rounded(barriers['train']['loss']['max'], 3):>20.3f}" if "train" in barriers else f"{'-':>20}"
         first = (f"{point['loss']:>{width}.3f}{math.exp(point['loss']):>{width}.1f}" if language_model
                  else f"{100 * point['accuracy']:>{width - 2}.1f}%")
-        rows.append(f"{label:<16}{first}{100 * barriers['test']['accuracy']['max']:>9.1f} pts"
-                    f"{barriers['test']['loss']['max']:>19.3f}{train}")
+        rows.append(f"{label:<16}{first}{rounded(100 * barriers['test']['accuracy']['max'], 1):>9.1f} pts"
+                    f"{rounded(barriers['test']['loss']['max'], 3):>19.3f}{train}")
     rows += endpoint_lines(result, language_model)
     rows.append("barriers: max over alpha of the gap to the endpoints' line (paper Eq. 1); accuracy in points"
                 + ("; accuracy is next-token accuracy" if language_model else ""))

@@ -752,7 +752,12 @@ def export_model(model: nn.Module, example_inputs) -> torch.export.ExportedProgr
 
 
 def discover_spec(model: nn.Module, example_inputs) -> PermutationSpec:
-    """The permutation spec of ``model``, from its export graph on ``example_inputs``."""
+    """The permutation spec of ``model``, from its export graph on ``example_inputs`` (a
+    tensor, or a mapping of keyword inputs such as a tokenizer's output)."""
+    if not (isinstance(example_inputs, torch.Tensor) or (isinstance(example_inputs, Mapping) and all(
+            isinstance(value, torch.Tensor) for value in example_inputs.values()))):
+        raise ValueError("example_inputs must be a batch of inputs: a tensor, or a mapping of names to tensors, "
+                         f"not {type(example_inputs).__name__}")
     program = export_model(model, example_inputs)
     graph = program.graph
     signature = program.graph_signature

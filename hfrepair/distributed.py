@@ -174,6 +174,8 @@ def require_data_everywhere(local_examples: int, accelerator: Accelerator | None
     total, empty = (int(v) for v in sum_across([counts], accelerator)[0].tolist())
     if empty:
         _, count = part_of(accelerator)
+        if count == 1:
+            raise ProcessDataError(f"{what}: the data holds no batch")
         raise ProcessDataError(f"{what}: {empty} of {count} processes got no batch; use fewer processes, "
                                "smaller batches or more examples")
     return total

@@ -3,6 +3,9 @@ averages of several."""
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Mapping
+
 import torch
 
 
@@ -13,12 +16,28 @@ def interpolate(
 
     Half-precision tensors are interpolated in float32 and rounded once, back to A's dtype.
     """
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+    check_same_tensors(state_a, state_b)
     return {
         key: _lerp(value, state_b[key], alpha) if value.is_floating_point() else value.clone()
         for key, value in state_a.items()
     }
+
+
+def check_same_tensors(state_a, state_b) -> None:
+    """Two state dicts with the same keys and shapes (a mismatch named, not a KeyError or a
+    size error from inside the arithmetic)."""
+    for name, state in (("state_a", state_a), ("state_b", state_b)):
+        if not isinstance(state, Mapping):
+            raise ValueError(f"{name} must be a state dict (a mapping of names to tensors), not {type(state).__name__}")
+    if state_a.keys() != state_b.keys():
+        only = sorted(set(state_a) ^ set(state_b))
+        raise ValueError(f"the state dicts hold different tensors (e.g. {only[0]!r} is in one only)")
+    for key, value in state_a.items():
+        if value.shape != state_b[key].shape:
+            raise ValueError(f"the state dicts differ in shape at {key}: {tuple(value.shape)} vs "
+                             f"{tuple(state_b[key].shape)}")
 
 
 def _lerp(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -136,12 +136,18 @@ def class_names(config: dict) -> dict[str, str] | None:
     return {str(index): name for index, name in labels.items()}
 
 
+def training_only(field: str) -> bool:
+    """Config fields that act only in training (dropout rates, layer drop): endpoints trained
+    with other rates compute the same function at inference."""
+    return "dropout" in field or field.endswith("_pdrop") or field == "layerdrop"
+
+
 def config_differences(config_a: dict, config_b: dict) -> list[str]:
     """Config fields that differ between two endpoints, those that name the architecture
     first; names and how a model runs (``use_cache``, ``problem_type``, ...) are ignored, but
     not class names that both endpoints give and that differ (their output rows would mean
     different classes)."""
-    keys = (set(config_a) | set(config_b)) - NAME_FIELDS - RUNTIME_FIELDS
+    keys = {k for k in (set(config_a) | set(config_b)) - NAME_FIELDS - RUNTIME_FIELDS if not training_only(k)}
     differ = sorted((k for k in keys if config_a.get(k) != config_b.get(k)),
                     key=lambda k: (k not in ("model_type", "architectures"), k))
     names_a, names_b = class_names(config_a), class_names(config_b)

@@ -32,8 +32,9 @@ from .distributed import make_accelerator, require_data_everywhere
 from .evaluate import evaluate
 from .interpolate import average
 from .matching import match_permutations, matching_sites, mean_matched_correlation
-from .pipeline import (MergeError, check_choices, check_count, check_endpoints, check_merge_does_something, check_number,
-                       check_runs, check_samples, statistics_plan)
+from .pipeline import (MergeError, check_choices, check_count, check_endpoints, check_labelled,
+                       check_merge_does_something, check_number, check_run_options, check_runs, check_samples,
+                       statistics_plan)
 from .prepared import DEFAULT_MEMORY, preparer
 from .repair import METHODS, repair
 from .report import alignment_summary, fixed_summary, repair_summary
@@ -215,6 +216,9 @@ def merge_many(
     midpoint in the common unit order, aligned and REPAIRed (one more REPAIR pass a pair).
     ``spec_cache``: a folder of specs discovered earlier, per architecture (None: discover).
     """
+    if isinstance(models, nn.Module) or not isinstance(models, Iterable):
+        raise MergeError(f"models must be a list of models, not {type(models).__name__}")
+    models = list(models)
     if len(models) < 2:
         raise MergeError(f"merging needs at least 2 models, got {len(models)}")
     weights = checked_weights(weights, len(models))
@@ -223,6 +227,7 @@ def merge_many(
         raise MergeError(f"an N-model merge corrects with repair, reset or none, not {method!r}")
     check_count("num_samples", num_samples, minimum=1, none="all")
     check_count("max_rounds", max_rounds, minimum=0)
+    check_run_options(accelerator, cache_memory, spec_cache)
     if isinstance(evaluation, Mapping):
         raise MergeError("evaluation of an N-model merge is one iterable of labelled batches (the test set), "
                          "not a mapping")
@@ -246,7 +251,8 @@ def merge_many(
             raise MergeError("the calibration data is empty" if example is None else
                              "the calibration data's first batch holds no example")
         example = to_device(first_rows(inputs_of(example), 8), accelerator.device)
-        check_runs(models[0], example)
+        classes = check_runs(models[0], example).shape[-1]
+        check_labelled({"evaluation": evaluation} if evaluation is not None else {}, classes, accelerator)
         spec, spec_source = checked_spec(models[0], example, spec_cache)
         if not spec.groups:
             raise MergeError(f"no permutation groups found in {type(models[0]).__name__}: nothing to align")

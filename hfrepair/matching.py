@@ -37,7 +37,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from .spec import PermutationSpec, block_diagonal, positions
-from .statistics import Statistics
+from .statistics import Statistics, check_statistics
 
 MATCH_LOCATIONS = {
     "activation": ("activation",),
@@ -52,16 +52,39 @@ class MatchingError(RuntimeError):
     """A group has no activation site to measure, or nothing measured there to match on."""
 
 
-def matching_sites(spec: PermutationSpec, group: str, match_at: str) -> list[str]:
-    """Module names whose correlations decide ``group``'s permutation."""
+def matching_location(spec: PermutationSpec, group: str, match_at: str) -> tuple[str, list[str]]:
+    """Where ``group``'s correlations are measured (``match_at``, or the location it falls
+    back to) and the module names of its sites there."""
     read_by_convs = any(site.kind == "sum" for site in spec.sites_of(group))
     for location in (match_at, *(("all",) if read_by_convs else ()), *_FALLBACK):
         sites = spec.sites_of(group, MATCH_LOCATIONS[location])
         if sites:
-            return [site.module for site in sites]
+            return location, [site.module for site in sites]
     raise MatchingError(
         f"group {group!r} has no activation site to measure; add one to the spec's sites"
     )
+
+
+def matching_sites(spec: PermutationSpec, group: str, match_at: str) -> list[str]:
+    """Module names whose correlations decide ``group``'s permutation."""
+    return matching_location(spec, group, match_at)[1]
+
+
+def fallback_note(spec: PermutationSpec, match_at: str) -> str | None:
+    """Where an asked-for ``match_at`` other than the default was not where groups were
+    matched (no site of that kind in them), in words; None when it was."""
+    if match_at == "activation":
+        return None  # the default: a stream's fallback to its norms is the documented rule
+    moved = {}
+    for group in spec.groups:
+        location = matching_location(spec, group, match_at)[0]
+        if location != match_at:
+            moved[location] = moved.get(location, 0) + 1
+    if not moved:
+        return None
+    where = ", ".join(f"{count} at {location} sites" for location, count in moved.items())
+    return (f"match_at {match_at!r}: {sum(moved.values())} of {len(spec.groups)} groups have no {match_at} site "
+            f"and were matched elsewhere ({where})")
 
 
 def _sites(spec: PermutationSpec, modules: list[str]):
@@ -133,6 +156,7 @@ def match_permutations(
     """One permutation per group maximising the summed correlation of matched units."""
     if match_at not in MATCH_LOCATIONS:
         raise ValueError(f"match_at must be one of {sorted(MATCH_LOCATIONS)}, not {match_at!r}")
+    check_statistics(stats, [module for name in spec.groups for module in matching_sites(spec, name, match_at)])
     perms = {}
     for name in _coarse_to_fine(spec):
         sites = _sites(spec, matching_sites(spec, name, match_at))

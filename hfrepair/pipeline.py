@@ -20,10 +20,10 @@ from accelerate import Accelerator
 from torch import nn
 
 from .batches import first_rows, inputs_of, model_outputs, rows, to_device
-from .distributed import is_main_process, make_accelerator, progress, require_data_everywhere
-from .evaluate import Scores, barriers_of, variance_ratios
+from .distributed import is_main_process, make_accelerator, progress, raise_together, require_data_everywhere
+from .evaluate import IGNORED_LABEL, Scores, barriers_of, variance_ratios
 from .interpolate import interpolate
-from .matching import MATCH_LOCATIONS, match_permutations, matching_sites, mean_matched_correlation
+from .matching import MATCH_LOCATIONS, fallback_note, match_permutations, matching_sites, mean_matched_correlation
 from .weight_matching import match_weights, weight_distance
 from .repair import METHODS, block_output_sites, correction_sites, exact_correctors, repair, repair_block_outputs
 from .allocator import release_freed_memory
@@ -117,6 +117,17 @@ def check_count(name: str, value, minimum: int, none: str | None = None) -> None
         raise MergeError(f"{name} must be {allowed}, not {value!r}")
 
 
+def check_run_options(accelerator, cache_memory, spec_cache, announce=None) -> None:
+    """The arguments that say how a merge runs, of the types they must be, before any work."""
+    if accelerator is not None and not isinstance(accelerator, Accelerator):
+        raise MergeError(f"accelerator must be an accelerate.Accelerator (or None), not {accelerator!r}")
+    check_count("cache_memory", cache_memory, minimum=1)  # bytes
+    if spec_cache is not None and not isinstance(spec_cache, (str, Path)):
+        raise MergeError(f"spec_cache must be a folder path (or None), not {type(spec_cache).__name__}")
+    if announce is not None and not callable(announce):
+        raise MergeError(f"announce must be a function of one string (or None), not {announce!r}")
+
+
 def check_choices(**chosen: str) -> None:
     """``method``, ``matcher`` and ``match_at`` among their choices, before any work."""
     choices = {"method": METHODS, "matcher": MATCHERS, "match_at": tuple(MATCH_LOCATIONS)}
@@ -171,17 +182,44 @@ def statistics_plan(
 
 
 @torch.no_grad()
-def check_runs(model: nn.Module, example) -> None:
-    """Run ``model`` once on the first calibration rows, so that a model that cannot run on
-    the data (a classifier without a padding token id, inputs it does not take) is said to
-    be that, not a spec that torch.export could not capture or that changed the outputs."""
+def check_runs(model: nn.Module, example) -> torch.Tensor:
+    """Run ``model`` once on the first calibration rows (its logits returned), so that a
+    model that cannot run on the data (a classifier without a padding token id, inputs it
+    does not take) is said to be that, not a spec that torch.export could not capture or
+    that changed the outputs."""
     try:
         with kept_modes(model):
-            model_outputs(model, example)
+            return model_outputs(model, example)
     except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as error:
         message = (str(error).splitlines() or [""])[0]
         raise MergeError(f"{type(model).__name__} cannot run on the calibration data ({type(error).__name__}: "
                          f"{message})") from error
+
+
+def check_labelled(evaluation: Mapping, classes: int, accelerator: Accelerator) -> None:
+    """The first batch of each evaluation set (by the name errors give it; "train": the
+    calibration prefix of ``train_examples``) holds labels a model with ``classes`` outputs
+    can be scored on: found before the passes, not after the statistics and REPAIR passes
+    (later batches are checked as they are scored). Every process checks its own part."""
+    failure = None
+    for name, batches in evaluation.items():
+        batch = next(iter(batches), None)
+        if batch is None:  # no data: said by the pass, for every process together
+            continue
+        labels = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
+        if labels is None:
+            failure = MergeError("the train evaluation (train_examples) needs labelled calibration batches: "
+                                 "(inputs, labels) pairs, or train_examples=0" if name == "train" else
+                                 f"{name} needs labelled batches: (inputs, labels) pairs")
+            break
+        scored = torch.as_tensor(labels)
+        scored = scored[scored != IGNORED_LABEL]
+        outside = scored[(scored < 0) | (scored >= classes)]
+        if outside.numel():
+            failure = MergeError(f"{name} holds label {int(outside[0])}, outside the model's {classes} "
+                                 f"classes (0-{classes - 1})")
+            break
+    raise_together(failure, accelerator)
 
 
 def check_samples(stats: Statistics) -> None:
@@ -238,6 +276,22 @@ def saved_curve(groups) -> str:
     """The curve the saved model is a point of: REPAIR after alignment, or without it when
     there is no permutation group (``groups``: the spec's, or a record's)."""
     return "repaired" if groups else "naive-repaired"
+
+
+def repair_hurt_notes(result: MergeResult, alpha: float) -> list[str]:
+    """Where the saved, REPAIRed model has a higher loss than the aligned network it was
+    made from (its own curve's point at ``alpha``, uncorrected), said: REPAIR matched the
+    statistics it aims at, but did not help this pair there."""
+    at = next(i for i, point in enumerate(result.alphas) if _same(point, alpha))
+    notes = []
+    for name, metrics in result.merged.items():
+        aligned = result.curves["aligned"][name][at]
+        if metrics["loss"] > aligned["loss"]:
+            notes.append(f"REPAIR made the merge worse on {name}: loss {metrics['loss']:.4g} against "
+                         f"{aligned['loss']:.4g} for the aligned network at alpha={alpha:g} without it (accuracy "
+                         f"{100 * metrics['accuracy']:.1f}% against {100 * aligned['accuracy']:.1f}%); "
+                         "method 'none' saves that network")
+    return notes
 
 
 @contextmanager
@@ -445,6 +499,10 @@ def merge(
     check_batches(calibration, name="calibration")
     for name, batches in (evaluation or {}).items():
         check_batches(batches, name=f"evaluation[{name!r}]")
+    check_run_options(accelerator, cache_memory, spec_cache, announce)
+    if spec is not None and not isinstance(spec, (str, Path, PermutationSpec)):
+        raise MergeError(f"spec must be a PermutationSpec or the path of one saved with spec.save, not "
+                         f"{type(spec).__name__}")
     spec = PermutationSpec.load(spec) if isinstance(spec, (str, Path)) else spec
     check_endpoints(model_a, model_b)
     accelerator = accelerator or make_accelerator()
@@ -476,7 +534,8 @@ def _merge(model_a, model_b, calibration, curve_calibration, evaluation, alpha, 
         raise MergeError("the calibration data is empty" if example is None else
                          "the calibration data's first batch holds no example")
     example = to_device(first_rows(inputs_of(example), 8), accelerator.device)
-    check_runs(model_a, example)
+    named = {name if name == "train" else f"evaluation[{name!r}]": batches for name, batches in evaluation.items()}
+    check_labelled(named, check_runs(model_a, example).shape[-1], accelerator)
 
     given_spec = spec is not None
     with _timed(seconds, "discover"):
@@ -584,13 +643,25 @@ def _merge(model_a, model_b, calibration, curve_calibration, evaluation, alpha, 
     )
     result.aligned = alignment_summary(spec, result.matched_correlation, result.unaligned_correlation)
     if rotation is not None:
-        result.rotated = {**rotation.describe(spec), "rotated_max_abs_diff": rotated_diff}
+        # The aligned figures above are of the permutations alone; these, of the pair interpolated.
+        by_kind = alignment_summary(spec, mean_matched_correlation(spec, aligned_stats, identity, match_at),
+                                    result.unaligned_correlation)
+        result.rotated = {**rotation.describe(spec), "rotated_max_abs_diff": rotated_diff,
+                          "matched_correlation": {kind: v["matched_correlation"] for kind, v in by_kind.items()},
+                          "weight_distance": weight_distance(spec, state_a_aligned, state_b_aligned, identity)}
         result.notes.append(rotation.note(spec))
+        result.notes.append(
+            "measured on the rotated, norm-folded pair that was interpolated: matched correlation "
+            + ", ".join(f"{kind} {value:.2f}" for kind, value in result.rotated["matched_correlation"].items())
+            + f", weight distance {result.rotated['weight_distance']:.3f} (the aligned figures are after the "
+            "permutations alone)")
         if rotation_steps:
             result.rotated["refined"] = refined
             result.notes.append(refinement_note(refined))
     if not spec.groups:
         result.notes.append("the given spec has no permutation groups: B's units were not aligned to A's")
+    elif matcher == "activation" and fallback_note(spec, match_at):
+        result.notes.append(fallback_note(spec, match_at))
     result.notes += curve_notes
 
     # Plain interpolation saves the aligned network itself: one series, not two of the same.
@@ -670,6 +741,8 @@ def _merge(model_a, model_b, calibration, curve_calibration, evaluation, alpha, 
     } if variance_sites else {}
     if "repaired+blocks" in curves:
         result.notes.append(BLOCK_OUTPUT_NOTE)
+    if saved == "repaired" and "aligned" in result.curves and method != "none":
+        result.notes += repair_hurt_notes(result, alpha)
     plan.sizes["calibration"] = stats.examples  # measured: the plan's figures now hold whatever was known
     plan.sizes["first calibration"] = min(stats.examples, getattr(curve_calibration, "limit", stats.examples))
     for name in evaluation:

@@ -34,8 +34,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .batches import counted_rows, counting_padding
 from .fuse import fold_batchnorm, fold_stream
 from .passes import Tap, run_pass
-from .spec import ActivationSite, PermutationSpec, load_into, with_state_dict
-from .statistics import Statistics, centre_rows
+from .spec import (ActivationSite, PermutationSpec, check_permutations, check_state_dict, load_into,
+                   with_state_dict)
+from .statistics import Statistics, centre_rows, check_statistics
 
 METHODS = ("repair", "closed-form", "reset", "none")
 BN_EPS = 1e-5
@@ -252,12 +253,17 @@ def repair(
         raise ValueError(f"method must be one of {METHODS}, not {method!r}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1] (0 = A, 1 = B), not {alpha}")
+    check_state_dict(state_dict, spec)
+    check_permutations(spec, perms, every_group=True)
     if method == "none":
         return dict(state_dict)
     if method == "reset":
         sites = []
     elif sites is None:
         sites = correction_sites(spec)
+    needed = [site.module for site in sites if not (site.batchnorm and method == "repair")]  # BNs re-estimate
+    if needed:
+        check_statistics(stats, needed)
     net, added = _corrected_network(model, state_dict, sites, stats, perms, alpha, method, batches, max_examples,
                                     accelerator, workspace)
     return _fold(_own_state(net, workspace), spec, sites, added)

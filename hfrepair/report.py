@@ -149,6 +149,12 @@ SPEC_SOURCES = {"discovered": "discovered from the torch.export graph",
                 "given": "given by hand"}
 
 
+def rounded(value: float, digits: int) -> float:
+    """``value`` rounded for display, a negative zero as zero: a barrier of -0.0004 reads
+    0.0, not -0.0 (a sign no measurement supports)."""
+    return round(value, digits) + 0.0
+
+
 def describe(result) -> list[str]:
     """The report in a few lines, for the printed table."""
     check = ("checked: a random permutation per group leaves the outputs unchanged" if result.groups

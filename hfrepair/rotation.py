@@ -326,6 +326,7 @@ class _Midpoint(nn.Module):
         self.correctors = {name: c.requires_grad_(False) for name, c in (correctors or {}).items()}
         self.folded_a, self.folded_b, self.spec, self.plan, self.alpha = folded_a, folded_b, spec, plan, alpha
         self.modules_a = dict(model_a.named_modules())
+        self.aliases = tied_aliases(model_a)
         self.fitted = dict(maps)
         # The stream's turn of a centred stream acts on the complement of the ones direction only.
         self.ones = {name: tuple(t.to(matrix.device) for t in _ones_complement(len(matrix)))
@@ -375,10 +376,24 @@ class _Midpoint(nn.Module):
         handles = [self.modules_a[name].register_forward_hook(lambda _m, _i, out, c=corrector: c(out))
                    for name, corrector in self.correctors.items()]
         try:
-            return functional_call(self.model_a, interpolate(self.folded_a, rotated, self.alpha), args, kwargs)
+            state = {k: v for k, v in interpolate(self.folded_a, rotated, self.alpha).items() if k not in self.aliases}
+            return functional_call(self.model_a, state, args, kwargs)
         finally:
             for handle in handles:
                 handle.remove()
+
+
+def tied_aliases(model: nn.Module) -> set[str]:
+    """Every name of a shared tensor but its first (tied input and output embeddings):
+    ``functional_call`` takes one value per tied tensor and refuses a second. Rotation is
+    admitted for a tied model only where folding leaves the tied copies equal."""
+    seen, aliases = set(), set()
+    for name, tensor in [*model.named_parameters(remove_duplicate=False),
+                         *model.named_buffers(remove_duplicate=False)]:
+        if id(tensor) in seen:
+            aliases.add(name)
+        seen.add(id(tensor))
+    return aliases
 
 
 class _Distillation(Tap):

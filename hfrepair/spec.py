@@ -34,6 +34,7 @@ import contextlib
 import copy
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -133,7 +134,7 @@ class ActivationSite:
         if self.group is not None:
             return perms[self.group].cpu() if self.group in perms else torch.arange(length)
         order = torch.arange(length)
-        for group, *block in self.layout:  # discovery lists per-head groups after the heads
+        for group, *block in self.layout or ():  # discovery lists per-head groups after the heads
             if group in perms:
                 order = order[block_order(length, len(perms[group]), perms[group], *block)]
         return order
@@ -200,8 +201,10 @@ class PermutationSpec:
         for site in data.get("sites", []):
             site = dict(site)
             if site.get("layout") is not None:
+                # A group left out of a hand-written spec keeps its units in place wherever it is
+                # laid out (its blocks dropped): a spec without groups is an unaligned merge.
                 site["layout"] = [(b[0], b[1], _nested(b[2]), *b[3:4], *(_nested(u) for u in b[4:]))
-                                  for b in site["layout"]]
+                                  for b in site["layout"] if b[0] in groups]
             sites.append(ActivationSite(**site))
         return cls(groups, fixed, sites, [StreamFold(**stream) for stream in data.get("streams", [])])
 
@@ -265,6 +268,7 @@ def permute_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Apply one permutation per group to every tied axis (BatchNorm buffers included);
     with ``keys``, to those tensors only (the others are returned as they are)."""
+    check_state_dict(state_dict, spec, keys)
     check_permutations(spec, perms)
     permuted = dict(state_dict)
     # Block-diagonal groups (each head's dims) after the groups that move the blocks (heads).
@@ -279,17 +283,39 @@ def permute_state_dict(
     return permuted
 
 
-def check_permutations(spec: PermutationSpec, perms: dict[str, torch.Tensor]) -> None:
-    """Each of ``perms`` a permutation of its group's units (a wrong length or a repeated unit
-    would silently resize or duplicate weights); groups left out keep their order."""
+def check_permutations(spec: PermutationSpec, perms: dict[str, torch.Tensor], every_group: bool = False) -> None:
+    """Each of ``perms`` an integer tensor permuting its group's units (a wrong length or a
+    repeated unit would silently resize or duplicate weights); groups left out keep their
+    order, unless ``every_group`` (statistics of B's units must be read in one order each)."""
+    if not isinstance(perms, Mapping):
+        raise ValueError(f"perms must map group names to permutations, not {type(perms).__name__}")
+    missing = [name for name in spec.groups if name not in perms]
+    if every_group and missing:
+        raise ValueError(f"perms has no permutation for group {missing[0]!r} (give every group one; "
+                         "identity_permutations(spec) leaves B's units where they are)")
     for name, perm in perms.items():
         if name not in spec.groups:
             raise ValueError(f"no permutation group {name!r} in the spec (its groups: {', '.join(spec.groups)})")
+        if not isinstance(perm, torch.Tensor) or perm.is_floating_point() or perm.is_complex() or \
+                perm.dtype == torch.bool:
+            raise ValueError(f"the permutation of group {name!r} must be an integer tensor, not "
+                             f"{getattr(perm, 'dtype', type(perm).__name__)}")
         size = spec.groups[name].size
-        perm = torch.as_tensor(perm)
         if perm.shape != (size,) or not torch.equal(perm.sort().values.cpu(), torch.arange(size)):
             raise ValueError(f"the permutation of group {name!r} must hold each of its {size} units once (0 to "
                              f"{size - 1}), got {perm.numel()} values")
+
+
+def check_state_dict(state_dict, spec: PermutationSpec, keys: set[str] | None = None,
+                     name: str = "state_dict") -> None:
+    """A mapping of tensors holding every tensor the spec's groups permute (of ``keys``, if given)."""
+    if not isinstance(state_dict, Mapping):
+        raise ValueError(f"{name} must be a state dict (a mapping of names to tensors), not "
+                         f"{type(state_dict).__name__}; pass model.state_dict()")
+    for group in spec.groups.values():
+        for key, *_ in group.members:
+            if key not in state_dict and (keys is None or key in keys):
+                raise ValueError(f"{name} has no tensor {key!r}, which group {group.name!r} permutes")
 
 
 def identity_permutations(spec: PermutationSpec) -> dict[str, torch.Tensor]:

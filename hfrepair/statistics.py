@@ -387,10 +387,28 @@ def collect_statistics(
     ``accelerator``, each process reads its part of the batches and the sums are reduced
     over processes at the end.
     """
+    check_same_architecture(model_a, model_b)
+    modules = dict(model_a.named_modules())
+    missing = [site.module for site in sites if site.module not in modules]
+    if missing:
+        raise ValueError(f"{type(model_a).__name__} has no module {missing[0]!r} (a site of another model's spec?)")
     tap = SiteStatistics(sites, cross_sites)
     examples = run_pass([model_a, model_b], [tap], batches, limit=max_examples, accelerator=accelerator,
                         desc="statistics")
     return Statistics(tap.pairs, examples)
+
+
+def check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> None:
+    """Two models of one class with the same tensors, so that each site means the same
+    units in both."""
+    if type(model_a) is not type(model_b):
+        raise ValueError(f"the models have different architectures: {type(model_a).__name__} vs "
+                         f"{type(model_b).__name__}")
+    shapes_a = {k: v.shape for k, v in model_a.state_dict().items()}
+    shapes_b = {k: v.shape for k, v in model_b.state_dict().items()}
+    if shapes_a != shapes_b:
+        different = sorted(k for k in shapes_a.keys() | shapes_b.keys() if shapes_a.get(k) != shapes_b.get(k))
+        raise ValueError(f"the models differ at {different[0]!r}: same class, other sizes")
 
 
 def collect_moments(
@@ -401,3 +419,14 @@ def collect_moments(
     tap = SiteMoments(sites)
     run_pass([model], [tap], batches, limit=max_examples, accelerator=accelerator, desc="moments")
     return tap.moments
+
+
+def check_statistics(stats, modules: Iterable[str], name: str = "stats") -> None:
+    """``stats`` measured at every one of ``modules``: a stage that reads a site they lack is
+    refused in words, not with a KeyError from inside it."""
+    if not isinstance(stats, Statistics):
+        raise ValueError(f"{name} must be the Statistics that collect_statistics returns, not {type(stats).__name__}")
+    missing = [module for module in modules if module not in stats.pairs]
+    if missing:
+        raise ValueError(f"{name} has no statistics at {missing[0]!r} ({len(missing)} of the sites needed are "
+                         "missing): collect them at the spec's sites")

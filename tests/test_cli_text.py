@@ -378,4 +378,28 @@ def test_llama_pair_merges_through_the_cli(llama_folders, text_folder, tmp_path)
     assert {"stream", "heads", "head_dims", "mlp"} <= set(record["aligned"])
     assert record["corrected"]["scale"] and not record["corrected"]["affine"]
     assert losses["naive"] > losses["aligned"] and losses["naive"] > losses["repaired"]
+    # Where REPAIR leaves the saved model worse than the aligned network it was made from,
+    # the record (and so the printed notes and the card) says so.
+    hurt = [note for note in record["notes"] if note.startswith("REPAIR made the merge worse on test: loss ")]
+    assert bool(hurt) == (losses["repaired"] > losses["aligned"])
+    assert all(note in (out / "README.md").read_text() for note in hurt)
     assert TOKENIZER_FILES <= {p.name for p in out.iterdir()}
+
+
+def test_a_spec_without_groups_is_an_unaligned_gpt2_merge(gpt2_folders, text_folder, merged_gpt2, tmp_path):
+    """The discovered spec of a GPT-2 with its groups deleted (its fused QKV sites still lay
+    out the head groups): B's units stay in place, REPAIR corrects every site unaligned, and
+    the record says nothing was aligned (before: refused, the layouts naming deleted groups)."""
+    a, b = gpt2_folders
+    spec_file = tmp_path / "spec.json"
+    assert run_cli("spec", a, "--output", spec_file).returncode == 0
+    spec = json.loads(spec_file.read_text())
+    assert any(site.get("layout") for site in spec["sites"])
+    spec["groups"] = []
+    spec_file.write_text(json.dumps(spec))
+    out = tmp_path / "unaligned"
+    done = run_cli("merge", a, b, "--dataset", text_folder, "--output", out, "--spec", spec_file, *FAST)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((out / "merge_results.json").read_text())
+    assert record["aligned"] == {} and list(record["curves"]) == ["naive", "naive-repaired"]
+    assert record["corrected"] == merged_gpt2[2]["corrected"]  # the sites of an aligned merge, the QKV ones too

@@ -147,8 +147,15 @@ def test_vit_rotated_merge_says_what_was_rotated_and_refined(vit_folders, mnist_
                                                if kind not in ("batchnorm", "uncorrected")) > 0
     assert refined["distillation_loss"]["refined"] < refined["distillation_loss"]["fitted"]
     assert results["rotated"]["rotated_max_abs_diff"] <= 1e-4
+    # The aligned figures are the permutations'; those of the rotated pair that was
+    # interpolated are measured on it and said apart (rotations bring B's weights closer).
+    rotated = results["rotated"]
+    assert rotated["matched_correlation"].keys() == results["aligned"].keys()
+    assert rotated["weight_distance"] < results["weight_distance"]["aligned"]
+    assert rotated["matched_correlation"]["stream"] > results["aligned"]["stream"]["matched_correlation"]
     card = (out / "README.md").read_text()
     assert "orthogonal maps" in card and "refined by 3 steps of Adam" in card
+    assert f"weight distance {rotated['weight_distance']:.3f} (the aligned figures are after the permutations" in card
     model = ViTForImageClassification.from_pretrained(str(out))
     assert reloaded_test_metrics(model, out, mnist_folder).accuracy == pytest.approx(
         results["merged"]["test"]["accuracy"], abs=1e-6)

@@ -161,12 +161,16 @@ def test_weights_that_do_not_fill_the_architecture_exactly_are_refused(tmp_path)
 
 
 def test_configs_differ_in_what_they_compute_and_in_the_classes_their_rows_name():
-    """How a model runs (use_cache, problem_type) is no difference; the class names both give
+    """How a model runs (use_cache, problem_type, dropout) is no difference; the class names both give
     are; the architecture is named first."""
     config = {"model_type": "bert", "architectures": ["BertForSequenceClassification"], "hidden_size": 32,
               "use_cache": True, "problem_type": None, **LABELS}
     assert config_differences(config, {**config, "use_cache": False, "problem_type": "single_label_classification",
                                        "id2label": {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}}) == []
+    # Dropout acts in training only: endpoints trained with other rates are the same function.
+    assert config_differences({**config, "attn_pdrop": 0.0, "hidden_dropout_prob": 0.1},
+                              {**config, "attn_pdrop": 0.1, "hidden_dropout_prob": 0.0, "hidden_size": 64}) == \
+        ["hidden_size"]
     reordered = {**config, "id2label": {0: "two", 1: "one", 2: "zero"}}
     assert config_differences(config, reordered) == ["id2label"]
     other = {**config, "architectures": ["GPT2LMHeadModel"], "activation_function": "gelu_new"}

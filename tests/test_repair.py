@@ -22,7 +22,7 @@ from hfrepair.repair import (
     site_goal,
 )
 from hfrepair.spec import permute_state_dict, with_state_dict
-from hfrepair.passes import run_pass
+from hfrepair.passes import forward_count, run_pass
 from hfrepair.statistics import SiteMoments, collect_moments, collect_statistics
 
 
@@ -113,6 +113,27 @@ def test_unknown_method_and_missing_batches_are_refused():
     a, b = endpoints(lambda: VGG(widths=(4,), layers_per_stage=1, image_size=8))
     inputs = torch.randn(8, 1, 8, 8)
     spec, stats, perms, mixed = prepare(a, b, inputs)
+    group = next(iter(spec.groups))
+    # Permutations and statistics that would give wrong goals or an internal error: refused.
+    for wrong_perms, message in (({}, f"no permutation for group {group!r}"),
+                                 ({**perms, group: torch.zeros_like(perms[group])}, "must hold each of its"),
+                                 ({**perms, group: perms[group].float()}, "must be an integer tensor"),
+                                 ({**perms, group: perms[group].tolist()}, "must be an integer tensor")):
+        with pytest.raises(ValueError, match=message):
+            repair(a, mixed, spec, stats, wrong_perms, 0.5, "repair", [inputs])
+    partial = collect_statistics(a, b, [], [inputs])
+    with pytest.raises(ValueError, match="stats has no statistics at"):
+        repair(a, mixed, spec, partial, perms, 0.5, "repair", [inputs])
+    with pytest.raises(ValueError, match="stats has no statistics at"):
+        match_permutations(spec, partial)
+    with pytest.raises(ValueError, match="must be the Statistics that collect_statistics returns"):
+        match_permutations(spec, None)
+    with pytest.raises(ValueError, match="state_dict must be a state dict"):
+        permute_state_dict(a, spec, perms)
+    with pytest.raises(ValueError, match="state_dict has no tensor"):
+        repair(a, {}, spec, stats, perms, 0.5, "repair", [inputs])
+    with pytest.raises(ValueError, match="the models differ at"):
+        collect_statistics(a, VGG(widths=(8,), layers_per_stage=1, image_size=8), spec.sites, [inputs])
     with pytest.raises(ValueError, match="method must be one of"):
         repair(a, mixed, spec, stats, perms, 0.5, "magic", [inputs])
     with pytest.raises(ValueError, match="needs calibration batches"):
@@ -137,9 +158,25 @@ def test_merge_arguments_are_checked_before_any_work():
             ({"grid": 4.5}, "grid must be an integer of at least 3"),
             ({"alpha": "0.5"}, "alpha must be a number"),
             ({"curves": "naive"}, "curves must be a tuple of curve names"),
-            ({"evaluation": batches}, "evaluation must map names to labelled batches")):
+            ({"evaluation": batches}, "evaluation must map names to labelled batches"),
+            ({"spec": {"groups": {}}}, "spec must be a PermutationSpec or the path of one"),
+            ({"accelerator": "cpu"}, "accelerator must be an accelerate.Accelerator"),
+            ({"cache_memory": "1GB"}, "cache_memory must be an integer of at least 1"),
+            ({"cache_memory": -1}, "cache_memory must be an integer of at least 1"),
+            ({"announce": 5}, "announce must be a function of one string")):
         with pytest.raises(MergeError, match=message):
             merge(a, b, batches, **arguments)
+    labelled = [(torch.randn(16, 1, 4, 4), torch.randint(0, 3, (16,)))]
+    # Evaluation data the model cannot be scored on: found on its first batch, before any pass.
+    for evaluation, train_examples, message in (
+            ({"test": batches}, None, r"evaluation\['test'\] needs labelled batches"),
+            ({"test": [(labelled[0][0], labelled[0][1] + 3)]}, None,
+             r"evaluation\['test'\] holds label \d, outside the model's 3 classes \(0-2\)"),
+            ({}, 8, "the train evaluation \\(train_examples\\) needs labelled calibration batches")):
+        before = forward_count()
+        with pytest.raises(MergeError, match=message):
+            merge(a, b, batches, evaluation, train_examples=train_examples)
+        assert forward_count() == before  # no pass ran
     with pytest.raises(TypeError, match="wrap one tensor as"):
         merge(a, b, batches[0])
     with pytest.raises(MergeError, match=r"MLP cannot run on the calibration data \(RuntimeError"):
@@ -321,3 +358,17 @@ def test_corrector_normalises_either_layout_alike_and_keeps_channels_last():
     torch.testing.assert_close(last_sums, plain_sums, rtol=1e-6, atol=1e-6)
     wide = x.double().permute(0, 2, 3, 1).reshape(-1, 6)
     torch.testing.assert_close(last_sums[1] / last_sums[0], wide.mean(0), rtol=1e-6, atol=1e-6)
+
+
+def test_a_match_location_the_groups_lack_is_said_not_recorded_as_used():
+    """``match_at="normalization"`` on an MLP without norms matches at the activations (the
+    documented fallback), and the result says so rather than only naming the location asked."""
+    a, b = endpoints(lambda: MLP(depth=2, width=8, num_classes=3, image_size=4))
+    batches = [torch.randn(64, 1, 4, 4)]
+    _, asked = merge(a, b, batches, match_at="normalization")
+    _, default = merge(a, b, batches)
+    groups = len(asked.groups)
+    assert f"match_at 'normalization': {groups} of {groups} groups have no normalization site and were matched " \
+           f"elsewhere ({groups} at activation sites)" in asked.notes
+    assert asked.matched_correlation == default.matched_correlation
+    assert not any(note.startswith("match_at") for note in default.notes)

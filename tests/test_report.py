@@ -186,3 +186,10 @@ def test_a_local_folder_given_as_a_dot_is_named_in_the_card(tmp_path, monkeypatc
     (tmp_path / "digits").mkdir()
     monkeypatch.chdir(tmp_path / "digits")
     assert dataset_text({"repo_id": None, "reference": ".", "revision": None}) == "`digits` (a local folder)"
+
+
+def test_a_barrier_that_rounds_to_zero_reads_zero_not_minus_zero():
+    from hfrepair.report import rounded
+
+    assert f"{rounded(-0.0004, 1):.1f}" == "0.0" and f"{rounded(-0.0004, 3):.3f}" == "0.000"
+    assert f"{rounded(-0.06, 1):.1f}" == "-0.1" and f"{rounded(0.25, 1):.1f}" == "0.2"

@@ -195,3 +195,26 @@ def test_a_language_model_s_maps_refine_for_its_scale_only_repair():
     with torch.no_grad():
         got = model_outputs(with_state_dict(model_b, rotate_state_dict(folded_b, spec, plan, maps)), tokens[:4])
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def test_a_tied_model_whose_norms_fold_to_nothing_is_refined():
+    """Tied input and output embeddings with every norm weight 1 (a fresh Llama): folding
+    leaves both names of the embedding equal, so rotation is admitted, and refinement runs
+    (before, functional_call refused the interpolated state's two values for the tied tensor)."""
+    def fresh(seed):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2,
+                                            tie_word_embeddings=True)).eval()
+
+    model_a, model_b = fresh(0), fresh(1)
+    tokens = torch.randint(0, 128, (32, 16), generator=torch.Generator().manual_seed(1))
+    batches = [tokens[i:i + 16] for i in range(0, 32, 16)]
+    spec = discover_spec(model_a, tokens[:2])
+    plan = rotation_plan(model_a, spec, tokens[:2])
+    fitted = fit_rotations(model_a, model_b, spec, plan, batches)
+    folded_a, folded_b = (fold_norms(m.state_dict(), plan, spec) for m in (model_a, model_b))
+    assert torch.equal(folded_a["lm_head.weight"], folded_a["model.embed_tokens.weight"])
+    maps, record = refine_rotations(model_a, model_b, folded_a, folded_b, spec, plan, fitted, batches, steps=2,
+                                    alpha=0.5)
+    assert record["steps"] == 2 and record["examples"] == 32
