@@ -286,7 +286,7 @@ def fixed_text(record: dict) -> str:
     if not fixed:
         return "No weight axis stayed fixed."
     reasons = "; ".join(f"{reason} ({count})" for reason, count in list(fixed.items())[:6])
-    return f"{sum(fixed.values())} weight axes stayed fixed (they cannot be permuted): {reasons}."
+    return f"{sum(fixed.values())} weight axes stayed fixed, by reason: {reasons}."
 
 
 def _versions() -> str:

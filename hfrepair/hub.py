@@ -63,8 +63,21 @@ class HubAccessError(ValueError):
     """A Hub request that failed (missing repo or revision, token refused, server down)."""
 
 
-def hub_error(error: Exception, what: str) -> HubAccessError:
-    """One-line explanation of a Hub failure for ``what`` (e.g. "model repo 'a/b'")."""
+def local_path_hint(reference: str) -> str:
+    """For a reference that reads like a mistyped local path (its parent folder exists here:
+    ``data/mnsit`` beside ``data/``), the words that say no such folder exists; else ""."""
+    parent = Path(reference.partition("@")[0]).parent
+    return f" (and there is no folder {reference!r} here)" if parent != Path(".") and parent.is_dir() else ""
+
+
+def hub_error(error: Exception, what: str, reference: str = "") -> HubAccessError:
+    """One-line explanation of a Hub failure for ``what`` (e.g. "model repo 'a/b'"), naming a
+    local folder ``reference`` that does not exist where it reads like a path."""
+    error = _hub_error(error, what)
+    return HubAccessError(f"{error}{local_path_hint(reference)}") if reference else error
+
+
+def _hub_error(error: Exception, what: str) -> HubAccessError:
     endpoint = constants.ENDPOINT
     if isinstance(error, RevisionNotFoundError):
         return HubAccessError(f"{what}: revision not found on {endpoint}")
@@ -100,7 +113,7 @@ def resolve_model(reference: str, token: str | None = None, trust_remote_code: b
         patterns = MODEL_FILES + (["*.py"] if trust_remote_code else [])
         folder = snapshot_download(repo_id, revision=info.sha, allow_patterns=patterns, token=token)
     except (HTTPError, OSError) as error:
-        raise hub_error(error, what) from error
+        raise hub_error(error, what, reference) from error
     return Source(reference, Path(folder), repo_id, info.sha)
 
 
@@ -119,7 +132,7 @@ def resolve_dataset(reference: str, token: str | None = None) -> Source:
     try:
         info = HfApi(token=token).dataset_info(repo_id, revision=revision)
     except (HTTPError, OSError) as error:
-        raise hub_error(error, what) from error
+        raise hub_error(error, what, reference) from error
     return Source(reference, None, repo_id, info.sha)
 
 

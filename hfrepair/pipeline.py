@@ -204,7 +204,10 @@ def check_labelled(evaluation: Mapping, classes: int, accelerator: Accelerator) 
     failure = None
     for name, batches in evaluation.items():
         batch = next(iter(batches), None)
-        if batch is None:  # no data: said by the pass, for every process together
+        if batch is None and accelerator.num_processes == 1:
+            failure = MergeError(f"{name} holds no batch to score")
+            break
+        if batch is None:  # this process's part is empty: said by the pass, for every process together
             continue
         labels = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
         if labels is None:

@@ -86,6 +86,7 @@ def fixed_line(fixed: dict[str, int]) -> list[str]:
 
 
 LEFT_OUT = "in no group of the given spec"
+IN_HEAD_ORDER = "dims within each permuted head kept in order (e.g. q and k: rotary position embeddings pair them)"
 
 
 def fixed_summary(spec: PermutationSpec, state: dict | None = None) -> dict[str, int]:
@@ -93,6 +94,12 @@ def fixed_summary(spec: PermutationSpec, state: dict | None = None) -> dict[str,
     ``state`` dict of a spec written by hand, the axes it neither groups nor lists as fixed
     count too (a discovered spec lists every axis in one or the other)."""
     reasons = list(spec.fixed.values())
+    # A projection laid out by a heads group with no group for the dims inside each head (a
+    # Llama's q and k): its output rows move with their heads, never within them.
+    heads = {name for name, group in spec.groups.items() if group.kind == "heads"}
+    dims = {name for name, group in spec.groups.items() if group.kind == "head_dims"}
+    reasons += [IN_HEAD_ORDER for site in spec.sites if site.layout
+                and {b[0] for b in site.layout} & heads and not {b[0] for b in site.layout} & dims]
     if state is not None:
         grouped = {(member[0], member[1]) for group in spec.groups.values() for member in group.members}
         reasons += [LEFT_OUT for key, value in state.items() for axis in range(value.dim())

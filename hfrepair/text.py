@@ -332,8 +332,11 @@ def padded_batches(dataset: str, split: str, tokenizer, max_length: int, classes
     if label_column is not None and label_column == column:
         raise DataError(f"column {column!r} is the texts; name the labels' column with --label-column (or the texts' "
                         "with --text-column)")
-    label = pick_column({k: v for k, v in features.items() if k != column}, label_column, "label", LABEL_NAMES,
-                        (datasets.ClassLabel,))
+    others = {k: v for k, v in features.items() if k != column}
+    if not others:  # a language-modelling corpus given to a classifier
+        raise DataError(f"{name} has no label column: its one column {column!r} holds the texts, and a classifier "
+                        "is scored on labels")
+    label = pick_column(others, label_column, "label", LABEL_NAMES, (datasets.ClassLabel,))
     labels = label_index(features[label], label2id or {}, classes, label)
     return PaddedTextStream(stream, tokenizer, column, name, max_length, labels, label, batch_size, limit, seed,
                             buffer_size, strict_limit)

@@ -232,6 +232,14 @@ def test_text_batches_are_a_causal_lm_choice(bert_folders, docstring_folder, tmp
     assert not out.exists()
 
 
+def test_a_classifier_given_a_corpus_without_labels_says_so(bert_folders, text_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["merge", *map(str, bert_folders), "--dataset", str(text_folder), "--output", str(out)]) == 2
+    assert_one_line_error(capsys.readouterr().err, "has no label column: its one column 'text' holds the texts, "
+                                                   "and a classifier is scored on labels")
+    assert not out.exists()
+
+
 def test_bert_classifier_merges_with_padded_batches(bert_folders, docstring_folder, tmp_path):
     from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
 

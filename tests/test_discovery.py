@@ -22,6 +22,7 @@ from transformers import (
 from hfrepair.discovery import ExportError, discover_spec
 from hfrepair.models import MLP, VGG, ResNet
 from hfrepair.repair import correction_mode, correction_sites
+from hfrepair.report import IN_HEAD_ORDER, fixed_summary
 from hfrepair.spec import (
     PermutationGroup,
     PermutationSpec,
@@ -445,6 +446,9 @@ def test_llama_gqa_sites_are_block_layouts_and_scale_only():
     corrected = correction_sites(spec)
     assert corrected and {correction_mode(s) for s in corrected} == {"scale"}
     assert f"{attn}.q_proj" in {s.module for s in corrected}
+    # q and k rows move with their heads, never within them (RoPE): the report says so, per projection.
+    layers = len(model.model.layers)
+    assert fixed_summary(spec)[IN_HEAD_ORDER] == 2 * layers
 
 
 @pytest.mark.parametrize("factory", [lambda: gpt2(use_cache=True), lambda: llama(False, use_cache=True)],

@@ -291,3 +291,18 @@ def test_unreachable_hub_names_the_endpoint(tmp_path):
                            "--output", str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 2
     assert "cannot reach the Hub at http://127.0.0.1:9" in done.stderr
+
+
+def test_a_mistyped_local_folder_is_named_beside_the_hub_error(tmp_path, monkeypatch):
+    """``--dataset data/mnsit`` next to a ``data/`` folder reads as a Hub id; offline, the
+    error used to be only "cannot reach the Hub", hiding the typo."""
+    from huggingface_hub import constants
+
+    from hfrepair.hub import hub_error
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    offline = hub_error(ConnectionError("no route"), "dataset repo 'data/mnsit'", "data/mnsit")
+    assert str(offline) == (f"dataset repo 'data/mnsit': cannot reach the Hub at {constants.ENDPOINT} "
+                            "(ConnectionError) (and there is no folder 'data/mnsit' here)")
+    assert "no folder" not in str(hub_error(ConnectionError(), "dataset repo 'user/mnist'", "user/mnist"))

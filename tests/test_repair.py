@@ -172,7 +172,8 @@ def test_merge_arguments_are_checked_before_any_work():
             ({"test": batches}, None, r"evaluation\['test'\] needs labelled batches"),
             ({"test": [(labelled[0][0], labelled[0][1] + 3)]}, None,
              r"evaluation\['test'\] holds label \d, outside the model's 3 classes \(0-2\)"),
-            ({}, 8, "the train evaluation \\(train_examples\\) needs labelled calibration batches")):
+            ({}, 8, "the train evaluation \\(train_examples\\) needs labelled calibration batches"),
+            ({"test": []}, None, r"evaluation\['test'\] holds no batch to score")):
         before = forward_count()
         with pytest.raises(MergeError, match=message):
             merge(a, b, batches, evaluation, train_examples=train_examples)
