@@ -429,7 +429,7 @@ weights below, and {repair_line}. {fixed_text(record)}
 This model: {gap_text(record.get("gap") or {}, language_model)}. Every number was
 measured on the weights it describes{evaluated}; calibration: {record['calibration_examples']}
 {calibration_unit(record)} of split `{record['split']}`. {corrected_details}
-
+{"".join(f"{chr(10)}Note: {note}.{chr(10)}" for note in record.get("notes", []))}
 Command: `{record['command']}`
 
 Versions: {_versions()}

@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shlex
 import signal
 import sys
@@ -197,12 +198,17 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 class _Parser(argparse.ArgumentParser):
-    """Usage errors in one line, like every other hfrepair error."""
+    """Usage errors in one line, like every other hfrepair error. Options are taken by their
+    full names only: argparse's prefixes (``--alph``) escaped the checks that name an option
+    the user gave (a two-model option with three models was run without it)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         # Every process of a launcher meets the same command line: said once.
-        self.exit(2, f"hfrepair: error: {message} (see hfrepair {self.prog.split()[-1]} --help)\n"
-                  if is_main_process() else None)
+        self.exit(2, f"hfrepair: error: {message} (see {self.prog} --help)\n" if is_main_process() else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -267,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--output writes the editable JSON that `hfrepair merge --spec` takes."))
     s.add_argument("model", help="local folder, or Hub repo id with optional @revision")
     s.add_argument("--output", default=None, help="write the spec as JSON to this file")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --output file (a spec edited by hand)")
     s.add_argument("--trust-remote-code", action="store_true",
                    help="allow transformers to run modelling code shipped in the model repo")
 
@@ -282,9 +289,26 @@ def build_parser() -> argparse.ArgumentParser:
 REQUIRED_FOR_MERGE = ("model_a", "model_b", "dataset", "output")
 
 
+def joined_negative_values(argv: list[str]) -> list[str]:
+    """``--weights -0.2,0.6,0.6`` as ``--weights=-0.2,0.6,0.6``: argparse reads a value that
+    starts with "-" and is not one number as an option, and said "expected one argument"
+    where the weights' own check names the negative weight."""
+    joined, index = [], 0
+    while index < len(argv):
+        token = argv[index]
+        if token == "--weights" and index + 1 < len(argv) and re.match(r"-[\d.]", argv[index + 1]):
+            joined.append(f"{token}={argv[index + 1]}")
+            index += 2
+            continue
+        joined.append(token)
+        index += 1
+    return joined
+
+
 def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     """The command line; for ``merge`` with ``--config``, the file's options first and the
     command line's flags over them."""
+    argv = joined_negative_values(argv)
     args = parser.parse_args(argv)
     if args.command != "merge":
         return args
@@ -462,7 +486,9 @@ def given_options(argv: list[str], config: str | None, merge_parser: argparse.Ar
     """The merge options the user set (their destination names): a flag on the command line,
     whatever its value (an explicit default counts), or a value other than the default in
     ``--config`` (a saved config lists every option)."""
-    defaults = {a.dest: a.default for a in merge_parser._actions if a.dest not in ("help", "config")}
+    # The parser's own defaults: ``merge_parser``'s hold the config's values by now.
+    pristine = build_parser().merge_parser
+    defaults = {a.dest: a.default for a in pristine._actions if a.dest not in ("help", "config")}
     given = {token[2:].split("=")[0].replace("-", "_") for token in argv if token.startswith("--")}
     if config:
         given |= {name for name, value in read_merge_config(config, merge_parser).items() if value != defaults[name]}
@@ -543,6 +569,7 @@ def format_many_table(result: ManyResult, names: list[str], task: str, unit: str
     if not result.settled:
         lines.append(f"note: {result.matcher} matching stopped after {result.rounds} rounds with permutations still "
                      "changing")
+    lines += [f"note: {note}" for note in result.notes]
     return "\n".join(lines)
 
 
@@ -763,6 +790,8 @@ def run_spec(args: argparse.Namespace) -> None:
         raise SpecError(f"cannot write {args.output}: no folder {Path(args.output).parent}")
     if output is not None and output.is_relative_to(Path(source.folder).resolve()):
         raise SpecError(f"--output {args.output} is inside the model folder {source.folder}: write the spec elsewhere")
+    if output is not None and output.exists() and not args.overwrite:  # it may hold hand edits
+        raise SpecError(f"{args.output} exists; pass --overwrite to replace it")
     task = task_of(read_config(source.folder))
     inputs = example_texts(source.folder, task) if task in TEXT_TASKS else example_images(source.folder)
     spec = discover_spec(model, inputs)

@@ -31,7 +31,7 @@ from .batches import first_rows, inputs_of, rows, to_device
 from .distributed import make_accelerator, require_data_everywhere
 from .evaluate import evaluate
 from .interpolate import average
-from .matching import match_permutations, matching_sites, mean_matched_correlation
+from .matching import fallback_note, match_permutations, matching_sites, mean_matched_correlation
 from .pipeline import (MergeError, check_choices, check_count, check_endpoints, check_labelled,
                        check_merge_does_something, check_number, check_run_options, check_runs, check_samples,
                        statistics_plan)
@@ -69,6 +69,7 @@ class ManyResult:
     gap: dict = field(default_factory=dict)
     pairwise: list[dict] = field(default_factory=list)  # each pair's midpoint, aligned in the common order
     spec_source: str = "discovered"  # "discovered" now, or "cached" from an earlier discovery
+    notes: list[str] = field(default_factory=list)  # what the numbers alone do not say
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -182,12 +183,21 @@ def goal_statistics(spec: PermutationSpec, moments: list[dict[str, Moments]], pe
 
 
 def checked_weights(weights: list[float] | None, count: int) -> list[float]:
-    """``count`` non-negative weights that add up to 1 (uniform when None)."""
+    """``count`` positive weights that add up to 1 (uniform when None). A model of weight 0
+    would be aligned, measured and reported as merged while contributing nothing."""
     weights = [1 / count] * count if weights is None else [check_number("a weight", w) for w in weights]
     if len(weights) != count or not all(math.isfinite(w) and w >= 0 for w in weights) or \
             abs(sum(weights) - 1) > 1e-6:
-        raise MergeError(f"weights must be {count} non-negative numbers that add up to 1, got {weights}")
+        raise MergeError(f"weights must be {count} positive numbers that add up to 1, got {weights}")
+    if 0 in weights:
+        raise MergeError(f"model {weights.index(0) + 1} has weight 0: leave it out of the merge")
     return weights
+
+
+def same_weights(states: list[dict]) -> list[tuple[int, int]]:
+    """The pairs of state dicts (by index) that hold identical tensors."""
+    return [(i, j) for i in range(len(states)) for j in range(i + 1, len(states))
+            if all(torch.equal(value, states[j][key]) for key, value in states[i].items())]
 
 
 def merge_many(
@@ -299,6 +309,10 @@ def merge_many(
             if matcher == "activation" else alignment_summary(spec),
             rounds=rounds, settled=settled,
             spec_source=spec_source)
+        if matcher == "activation" and fallback_note(spec, match_at):
+            result.notes.append(fallback_note(spec, match_at))
+        for i, j in same_weights(states):
+            result.notes.append(f"models {i + 1} and {j + 1} hold the same weights: one model counted twice")
         if evaluation is not None:
             def score(state):
                 return evaluate(load_into(work, state), evaluation, accelerator=accelerator).to_dict()
@@ -307,6 +321,11 @@ def merge_many(
             result.naive = score(average(states, weights))
             result.aligned = score(averaged)
             result.merged = score(merged_state)
+            if method != "none" and result.merged["loss"] > result.aligned["loss"]:
+                result.notes.append(
+                    f"REPAIR made the merge worse: loss {result.merged['loss']:.4g} against {result.aligned['loss']:.4g} "
+                    f"for the aligned average without it (accuracy {100 * result.merged['accuracy']:.1f}% against "
+                    f"{100 * result.aligned['accuracy']:.1f}%); method 'none' saves that network")
             for metric in ("loss", "accuracy"):
                 if result.merged.get(metric) is not None:
                     mean = sum(w * e[metric] for w, e in zip(weights, result.endpoints))

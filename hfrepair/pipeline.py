@@ -661,6 +661,8 @@ def _merge(model_a, model_b, calibration, curve_calibration, evaluation, alpha, 
         if rotation_steps:
             result.rotated["refined"] = refined
             result.notes.append(refinement_note(refined))
+    if all(torch.equal(value, state_b[key]) for key, value in state_a.items()):
+        result.notes.append("A and B hold the same weights: this merge is A, with REPAIR's corrections")
     if not spec.groups:
         result.notes.append("the given spec has no permutation groups: B's units were not aligned to A's")
     elif matcher == "activation" and fallback_note(spec, match_at):

@@ -152,7 +152,7 @@ def corrected_count(summary: dict[str, list]) -> int:
 
 # Where a merge's spec came from (``MergeResult.spec_source``), as the printed report says it.
 SPEC_SOURCES = {"discovered": "discovered from the torch.export graph",
-                "cached": "an earlier discovery of this architecture, reused from the spec cache",
+                "cached": "reused from an earlier discovery of this architecture (the spec cache)",
                 "given": "given by hand"}
 
 

@@ -45,6 +45,10 @@ from .batches import floating_dtype, model_outputs
 from .passes import kept_modes
 
 
+# What a group's units are, as reports and cards name them.
+GROUP_KINDS = ("stream", "heads", "head_dims", "mlp", "channels", "units")
+
+
 @dataclass
 class PermutationGroup:
     """Axes that share one permutation of ``size`` units.
@@ -361,6 +365,8 @@ def check_spec_fits(model: nn.Module, spec: PermutationSpec) -> None:
         size, blocks = group.size, group.blocks
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
             raise SpecError(f"group {group.name!r}: size must be a positive integer, not {size!r}")
+        if group.kind not in GROUP_KINDS:  # reports name groups by kind
+            raise SpecError(f"group {group.name!r}: kind must be one of {', '.join(GROUP_KINDS)}, not {group.kind!r}")
         if not isinstance(blocks, int) or blocks < 1 or size % blocks:
             raise SpecError(f"group {group.name!r}: blocks must be a positive integer dividing its size {size}, "
                             f"not {blocks!r}")
@@ -393,16 +399,23 @@ def check_spec_fits(model: nn.Module, spec: PermutationSpec) -> None:
         where = f"activation site {site.module!r}"
         if site.module not in modules:
             raise SpecError(f"{where}: the model has no such module")
-        # A site of a group left out of the spec is not measured; a block layout must name
-        # every group it lays out.
+        # A site of a group left out of the spec keeps its units in place (still corrected); a
+        # layout must name groups the spec has (a loaded spec drops the blocks of left-out ones).
         for name in [block[0] for block in site.layout or []]:
             if name not in spec.groups:
                 raise SpecError(f"{where}: its layout names group {name!r}, which the spec does not have")
-        if site.batchnorm is not None and site.batchnorm not in modules:
+        if site.batchnorm is not None and not isinstance(modules.get(site.batchnorm), nn.modules.batchnorm._BatchNorm):
             raise SpecError(f"{where}: the model has no BatchNorm {site.batchnorm!r}")
         for key in (site.weight, site.bias):
             if key is not None and key not in state:
                 raise SpecError(f"{where}: the model has no tensor {key!r}")
+            # Its own layer's tensors: a correction folded into another layer's would change that one.
+            if key is not None and not key.startswith(f"{site.module}."):
+                raise SpecError(f"{where}: {key!r} is not a tensor of {site.module!r}")
+        group = spec.groups.get(site.group) if site.group is not None else None
+        if group is not None and site.weight is not None and not any(m[0] == site.weight for m in group.members):
+            raise SpecError(f"{where}: its group {site.group!r} does not permute its weight {site.weight!r} "
+                            "(the site of another group?)")
 
 
 def function_tolerance(model: nn.Module) -> float:

@@ -282,7 +282,8 @@ def test_broken_inputs_are_one_line_errors_before_any_output(endpoint_folders, m
                             (lambda g: setattr(g, "size", g.size * 2), "do not fit axis"),
                             (lambda g: g.members.__setitem__(0, (g.members[0][0], 7)), "has no axis 7"),
                             (lambda g: setattr(g, "blocks", 0), "blocks must be a positive integer"),
-                            (lambda g: setattr(g, "size", "abc"), "size must be a positive integer")):
+                            (lambda g: setattr(g, "size", "abc"), "size must be a positive integer"),
+                            (lambda g: setattr(g, "kind", "foo"), "kind must be one of stream, heads")):
         broken = PermutationSpec.from_dict(spec.to_dict())
         change(broken.groups[group.name])
         broken.save(tmp_path / "broken.json")
@@ -291,6 +292,17 @@ def test_broken_inputs_are_one_line_errors_before_any_output(endpoint_folders, m
     no_module["sites"][0]["module"] = "nowhere"
     (tmp_path / "site.json").write_text(json.dumps(no_module))
     expect_error(capsys, ["merge", a, b, *base, "--spec", tmp_path / "site.json"], "'nowhere': the model has no such")
+    # Sites that name another layer's BatchNorm, tensors or group: they passed the permutation
+    # check, and their corrections went into the wrong layer (or no BatchNorm was re-estimated).
+    first, inner = spec.sites[0], next(site for site in spec.sites if site.group != spec.sites[0].group)
+    for index, field, value, message in (
+            (0, "batchnorm", "relu", "the model has no BatchNorm 'relu'"),
+            (spec.sites.index(inner), "weight", first.weight, f"{first.weight!r} is not a tensor of {inner.module!r}"),
+            (0, "group", inner.group, f"its group {inner.group!r} does not permute its weight")):
+        wrong = spec.to_dict()
+        wrong["sites"][index][field] = value
+        (tmp_path / "wrong-site.json").write_text(json.dumps(wrong))
+        expect_error(capsys, ["merge", a, b, *base, "--spec", tmp_path / "wrong-site.json"], message)
 
     parquet = Path(mnist_folder) / "train.parquet"
     expect_error(capsys, ["merge", a, b, "--dataset", parquet, "--output", out, *FAST], "takes a dataset folder")
@@ -447,6 +459,11 @@ def test_spec_command_shows_and_saves_the_spec_that_merge_takes(endpoint_folders
     assert "[stream]" in done.stdout and "REPAIR would correct" in done.stdout
     spec = PermutationSpec.load(tmp_path / "spec.json")
     assert any(g.kind == "stream" for g in spec.groups.values())
+    # A spec file may hold hand edits: replaced only when asked.
+    again = run_cli("spec", a, "--output", tmp_path / "spec.json")
+    assert again.returncode == 2 and PermutationSpec.load(tmp_path / "spec.json") == spec
+    assert_one_line_error(again.stderr, "spec.json exists; pass --overwrite to replace it")
+    assert run_cli("spec", a, "--output", tmp_path / "spec.json", "--overwrite").returncode == 0
     merged = {}
     for name, extra in (("discovered", []), ("given", ["--spec", tmp_path / "spec.json"])):
         done = run_cli("merge", a, b, "--dataset", mnist_folder, "--output", tmp_path / name, *FAST, *extra)
@@ -658,6 +675,10 @@ def test_three_models_merge_into_one_through_the_cli(three_mlp_folders, mnist_fo
     assert record["aligned_groups"]["mlp"]["groups"] == 2 and "aligned: mlp 2 x" in done.stdout
     assert "permutation spec: " in done.stdout and "permutation groups, the spec " in (out / "README.md").read_text()
     assert sum(record["fixed"].values()) > 0 and "fixed: " in done.stdout and "stayed fixed" in card
+    # A REPAIR that left the saved model worse than the aligned average is said, as for two models.
+    hurt = [note for note in record["notes"] if note.startswith("REPAIR made the merge worse: loss ")]
+    assert bool(hurt) == (record["merged"]["loss"] > record["aligned"]["loss"])
+    assert all(note in card and note in done.stdout for note in hurt)
     fresh = subprocess.run([sys.executable, "-c", RELOAD, str(out), str(mnist_folder), "1000"],
                            capture_output=True, text=True, env=ENV, check=True)
     assert json.loads(fresh.stdout.strip().splitlines()[-1])["accuracy"] == record["merged"]["accuracy"]
@@ -676,8 +697,13 @@ def test_max_rounds_zero_aligns_each_model_to_the_first(three_mlp_folders, mnist
 
 def test_flags_that_do_not_fit_the_models_are_one_line_errors(three_mlp_folders, endpoint_folders, mnist_folder, tmp_path):
     out = tmp_path / "never"
+    (tmp_path / "two.yaml").write_text("alpha: 0.2\nno_curves: true\n")  # from a config too, not only flags
     for models, flags, message in (
-            (three_mlp_folders, ["--weights", "0.5,0.5"], "weights must be 3 non-negative numbers"),
+            (three_mlp_folders, ["--weights", "0.5,0.5"], "weights must be 3 positive numbers"),
+            (three_mlp_folders, ["--weights", "-0.2,0.6,0.6"], "weights must be 3 positive numbers"),
+            (three_mlp_folders, ["--weights", "1,0,0"], "model 2 has weight 0: leave it out of the merge"),
+            (three_mlp_folders, ["--alph", "0.3"], "unrecognized arguments: --alph"),  # no prefixes: not checked
+            (three_mlp_folders, ["--config", tmp_path / "two.yaml"], "--alpha is for two models"),
             (endpoint_folders, ["--weights", "0.5,0.5"], "--weights is for 3 or more models"),
             (three_mlp_folders, ["--alpha", "0.3"], "--alpha is for two models"),
             (three_mlp_folders, ["--curve-repair-samples", "300"], "--curve-repair-samples is for two models"),
@@ -690,12 +716,12 @@ def test_flags_that_do_not_fit_the_models_are_one_line_errors(three_mlp_folders,
             (three_mlp_folders, ["--grid", "11"], "--grid is for two models"),  # N-model merges measure no curves
             (three_mlp_folders, ["--train-eval-samples", "50"], "--train-eval-samples is for two models"),
             (three_mlp_folders, ["--weights", "0.5,0.5", "--dataset", tmp_path / "nowhere"],  # before any loading
-             "weights must be 3 non-negative numbers"),
+             "weights must be 3 positive numbers"),
             (three_mlp_folders, ["--max-rounds", "-1"], "--max-rounds must be 0 or more"),
             (endpoint_folders, ["--max-rounds", "3"], "--max-rounds is for 3 or more models"),
             (three_mlp_folders, ["--method", "reset"], "REPAIR (reset) has nothing to correct in MLP"),
             (endpoint_folders, ["--mixed-precision", "fp16"], "fp16 mixed precision needs a GPU")):
         done = run_cli("merge", *models, "--dataset", mnist_folder, "--output", out, *flags)
-        assert done.returncode == 2
+        assert done.returncode == 2, flags
         assert_one_line_error(done.stderr, message)
         assert not out.exists()

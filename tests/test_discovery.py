@@ -28,6 +28,7 @@ from hfrepair.spec import (
     PermutationSpec,
     SpecError,
     check_function_preserved,
+    check_spec_fits,
     model_outputs,
     permute_state_dict,
     verify_spec,
@@ -92,6 +93,7 @@ def test_discovered_spec_preserves_function(name):
     assert report["inconsistent_diff"] > 1e-3
     # Every group has at least one place where its activations can be measured.
     assert {site.group for site in spec.sites} == set(spec.groups)
+    check_spec_fits(model, spec)  # what a hand-written spec must meet, a discovered one meets
 
 
 def test_batchnorm_buffers_are_in_the_group():
@@ -367,6 +369,7 @@ def test_transformer_spec_preserves_function(name):
     assert not spec.streams
     # Every group has somewhere to measure its activations (matching needs them).
     assert {g for site in spec.sites for g in site.groups()} == set(spec.groups)
+    check_spec_fits(model, spec)
 
 
 @pytest.mark.parametrize("factory", [gpt2, lambda: llama(True)], ids=["gpt2", "llama"])

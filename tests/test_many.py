@@ -104,6 +104,10 @@ def test_unmergeable_requests_are_refused(four):
         merge_many(models[:2], calibration, weights=[float("nan"), 0.5])
     with pytest.raises(MergeError, match="match_at must be one of"):
         merge_many(models, calibration, match_at="middle")
+    with pytest.raises(MergeError, match="model 3 has weight 0: leave it out of the merge"):
+        merge_many(models, calibration, weights=[0.5, 0.5, 0.0])
+    with pytest.raises(MergeError, match="models must be a list of models"):
+        merge_many(models[0], calibration)
     with pytest.raises(MergeError, match="one iterable of labelled batches"):
         merge_many(models, calibration, {"test": calibration})
     broken = copy.deepcopy(models[2])
@@ -122,3 +126,18 @@ def test_plain_averaging_is_never_called_repaired(four):
     assert result.merged == result.aligned  # the saved model is the aligned average itself
     table = format_many_table(result, ["a", "b", "c"], "image-classification")
     assert "aligned average (saved)" in table and "REPAIR" not in table.replace("REPAIR: nothing corrected", "")
+
+
+def test_a_match_location_the_groups_lack_is_said(four):
+    """As for two models: ``match_at="normalization"`` on MLPs without norms matches at the
+    activations, and a note says so."""
+    models, calibration, _test = four
+    _, result = merge_many(models[:3], calibration, match_at="normalization", pairwise=False)
+    groups = len(result.groups)
+    assert f"{groups} of {groups} groups have no normalization site" in " ".join(result.notes)
+
+
+def test_a_model_given_twice_is_said(four):
+    models, calibration, _test = four
+    _, result = merge_many([models[0], copy.deepcopy(models[0]), models[1]], calibration, pairwise=False)
+    assert result.notes == ["models 1 and 2 hold the same weights: one model counted twice"]

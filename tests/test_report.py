@@ -193,3 +193,14 @@ def test_a_barrier_that_rounds_to_zero_reads_zero_not_minus_zero():
 
     assert f"{rounded(-0.0004, 1):.1f}" == "0.0" and f"{rounded(-0.0004, 3):.3f}" == "0.000"
     assert f"{rounded(-0.06, 1):.1f}" == "-0.1" and f"{rounded(0.25, 1):.1f}" == "0.2"
+
+
+def test_a_model_merged_with_itself_is_said_to_be_one():
+    import copy
+
+    a, b = mlp_pair()
+    batches = data((1, 4, 4), 10)
+    _, itself = merge(a, copy.deepcopy(a), batches, {"test": batches}, grid=3)
+    _, pair = merge(a, b, batches, {"test": batches}, grid=3)
+    same = "A and B hold the same weights: this merge is A, with REPAIR's corrections"
+    assert same in itself.notes and same not in pair.notes
