@@ -167,6 +167,18 @@ def test_the_check_leaves_the_workspace_reusable():
         assert torch.equal(model_outputs(workspace, example), model_outputs(model, example))
 
 
+def fitted_llama_pair(model_a, model_b, examples: int):
+    """Token batches of 16 (and the tokens), the spec, rotation plan, Procrustes maps and
+    norm-folded state dicts of a Llama pair."""
+    tokens = torch.randint(0, 128, (examples, 16), generator=torch.Generator().manual_seed(1))
+    batches = [tokens[i:i + 16] for i in range(0, examples, 16)]
+    spec = discover_spec(model_a, tokens[:2])
+    plan = rotation_plan(model_a, spec, tokens[:2])
+    fitted = fit_rotations(model_a, model_b, spec, plan, batches)
+    folded_a, folded_b = (fold_norms(m.state_dict(), plan, spec) for m in (model_a, model_b))
+    return tokens, batches, spec, plan, fitted, folded_a, folded_b
+
+
 def test_a_language_model_s_maps_refine_for_its_scale_only_repair():
     """An untied Llama (RMSNorm, grouped-query attention, no biases): refined with REPAIR's
     scale-only correctors in the loop, its token predictions move towards the endpoints'
@@ -177,12 +189,7 @@ def test_a_language_model_s_maps_refine_for_its_scale_only_repair():
             p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
         for model in (model_a, model_b):
             model.lm_head.weight.mul_(30)
-    tokens = torch.randint(0, 128, (64, 16), generator=torch.Generator().manual_seed(1))
-    batches = [tokens[i:i + 16] for i in range(0, 64, 16)]
-    spec = discover_spec(model_a, tokens[:2])
-    plan = rotation_plan(model_a, spec, tokens[:2])
-    fitted = fit_rotations(model_a, model_b, spec, plan, batches)
-    folded_a, folded_b = (fold_norms(m.state_dict(), plan, spec) for m in (model_a, model_b))
+    tokens, batches, spec, plan, fitted, folded_a, folded_b = fitted_llama_pair(model_a, model_b, 64)
     stats = collect_statistics(with_state_dict(model_a, folded_a),
                                with_state_dict(model_a, rotate_state_dict(folded_b, spec, plan, fitted)), spec.sites,
                                batches)
@@ -208,12 +215,7 @@ def test_a_tied_model_whose_norms_fold_to_nothing_is_refined():
                                             tie_word_embeddings=True)).eval()
 
     model_a, model_b = fresh(0), fresh(1)
-    tokens = torch.randint(0, 128, (32, 16), generator=torch.Generator().manual_seed(1))
-    batches = [tokens[i:i + 16] for i in range(0, 32, 16)]
-    spec = discover_spec(model_a, tokens[:2])
-    plan = rotation_plan(model_a, spec, tokens[:2])
-    fitted = fit_rotations(model_a, model_b, spec, plan, batches)
-    folded_a, folded_b = (fold_norms(m.state_dict(), plan, spec) for m in (model_a, model_b))
+    _, batches, spec, plan, fitted, folded_a, folded_b = fitted_llama_pair(model_a, model_b, 32)
     assert torch.equal(folded_a["lm_head.weight"], folded_a["model.embed_tokens.weight"])
     maps, record = refine_rotations(model_a, model_b, folded_a, folded_b, spec, plan, fitted, batches, steps=2,
                                     alpha=0.5)
