@@ -872,8 +872,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"hfrepair: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: a staged output was removed on the way out
-        for ending in (signal.SIGINT, signal.SIGTERM):  # a second one while Python exits: no traceback
-            signal.signal(ending, signal.SIG_IGN)
         if is_main_process():
             print(f"hfrepair: error: {'terminated' if isinstance(stop, Terminated) else 'interrupted'}",
                   file=sys.stderr)
@@ -909,6 +907,8 @@ def command() -> None:
     after its one-line error."""
     status = main()
     if status:
+        for ending in (signal.SIGINT, signal.SIGTERM):  # a second one while leaving: no traceback
+            signal.signal(ending, signal.SIG_IGN)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)

@@ -116,11 +116,12 @@ def checked_image_size(size) -> int:
 
 def eight_bit(image) -> Image.Image:
     """A decoded image (or array) as an 8-bit PIL image. 16-bit grayscale (PNG, TIFF; PIL
-    modes ``I;16*``, or ``I`` holding values past 255) is scaled to 0-255: PIL's own
-    ``convert("L")`` clips every value above 255 to white."""
+    modes ``I;16*``, and ``I``, as which older Pillows open them) is scaled from 0-65535 to
+    0-255, every image of a dataset alike: PIL's own ``convert("L")`` clips every value above
+    255 to white."""
     if not isinstance(image, Image.Image):
         return Image.fromarray(np.asarray(image, dtype=np.uint8))
-    if image.mode.startswith("I;16") or (image.mode == "I" and image.getextrema()[1] > 255):
+    if image.mode.startswith("I;16") or image.mode == "I":
         return Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
     return image
 

@@ -137,9 +137,9 @@ def class_names(config: dict) -> dict[str, str] | None:
 
 
 def training_only(field: str) -> bool:
-    """Config fields that act only in training (dropout rates, layer drop): endpoints trained
-    with other rates compute the same function at inference."""
-    return "dropout" in field or field.endswith("_pdrop") or field == "layerdrop"
+    """Config fields that act only in training (dropout rates, layer drop, drop path): endpoints
+    trained with other rates compute the same function at inference."""
+    return "dropout" in field or field.endswith(("_pdrop", "layerdrop")) or field.startswith("drop_path")
 
 
 def config_differences(config_a: dict, config_b: dict) -> list[str]:

@@ -32,8 +32,8 @@ from .distributed import make_accelerator, require_data_everywhere
 from .evaluate import evaluate
 from .interpolate import average
 from .matching import fallback_note, match_permutations, matching_sites, mean_matched_correlation
-from .pipeline import (MergeError, check_choices, check_count, check_endpoints, check_labelled,
-                       check_merge_does_something, check_number, check_run_options, check_runs, check_samples,
+from .pipeline import (MergeError, check_choices, check_count, check_endpoints, check_first_batches,
+                       check_merge_does_something, check_number, check_run_options, check_samples,
                        statistics_plan)
 from .prepared import DEFAULT_MEMORY, preparer
 from .repair import METHODS, repair
@@ -261,8 +261,8 @@ def merge_many(
             raise MergeError("the calibration data is empty" if example is None else
                              "the calibration data's first batch holds no example")
         example = to_device(first_rows(inputs_of(example), 8), accelerator.device)
-        classes = check_runs(models[0], example).shape[-1]
-        check_labelled({"evaluation": evaluation} if evaluation is not None else {}, classes, accelerator)
+        check_first_batches(models[0], example, {"evaluation": evaluation} if evaluation is not None else {},
+                            accelerator)
         spec, spec_source = checked_spec(models[0], example, spec_cache)
         if not spec.groups:
             raise MergeError(f"no permutation groups found in {type(models[0]).__name__}: nothing to align")

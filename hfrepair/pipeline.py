@@ -196,33 +196,45 @@ def check_runs(model: nn.Module, example) -> torch.Tensor:
                          f"{message})") from error
 
 
-def check_labelled(evaluation: Mapping, classes: int, accelerator: Accelerator) -> None:
-    """The first batch of each evaluation set (by the name errors give it; "train": the
-    calibration prefix of ``train_examples``) holds labels a model with ``classes`` outputs
-    can be scored on: found before the passes, not after the statistics and REPAIR passes
-    (later batches are checked as they are scored). Every process checks its own part."""
-    failure = None
+def check_first_batches(model: nn.Module, example, evaluation: Mapping, accelerator: Accelerator) -> None:
+    """:func:`check_runs` on this process's first calibration rows, then :func:`label_failure`
+    on its first batch of each evaluation set (by the name errors give it), before any pass;
+    a failure any process meets is raised on all of them together (:func:`raise_together`),
+    so that none is left waiting for the others in a collective."""
+    try:
+        failure = label_failure(evaluation, check_runs(model, example).shape[-1], accelerator.num_processes)
+    except ValueError as error:  # a model that cannot run, a first batch that cannot be read
+        failure = error
+    raise_together(failure, accelerator)
+
+
+def label_failure(evaluation: Mapping, classes: int, processes: int) -> MergeError | None:
+    """Why the first batch of an evaluation set ("train": the calibration prefix of
+    ``train_examples``) cannot be scored by a model with ``classes`` outputs: no batch, no
+    labels, or labels outside the classes; None when each can. Found before the passes, not
+    after the statistics and REPAIR passes (later batches are checked as they are scored)."""
     for name, batches in evaluation.items():
         batch = next(iter(batches), None)
-        if batch is None and accelerator.num_processes == 1:
-            failure = MergeError(f"{name} holds no batch to score")
-            break
-        if batch is None:  # this process's part is empty: said by the pass, for every process together
+        if batch is None:
+            if processes == 1:  # else this process's part is empty: said by the pass, for all together
+                return MergeError(f"{name} holds no batch to score")
             continue
         labels = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
         if labels is None:
-            failure = MergeError("the train evaluation (train_examples) needs labelled calibration batches: "
-                                 "(inputs, labels) pairs, or train_examples=0" if name == "train" else
-                                 f"{name} needs labelled batches: (inputs, labels) pairs")
-            break
-        scored = torch.as_tensor(labels)
+            return MergeError("the train evaluation (train_examples) needs labelled calibration batches: "
+                              "(inputs, labels) pairs, or train_examples=0" if name == "train" else
+                              f"{name} needs labelled batches: (inputs, labels) pairs (labels inside a dict of "
+                              "inputs are not read)")
+        try:
+            scored = torch.as_tensor(labels)
+        except (ValueError, TypeError, RuntimeError) as error:
+            return MergeError(f"{name}: its labels are not class indices ({type(error).__name__})")
         scored = scored[scored != IGNORED_LABEL]
         outside = scored[(scored < 0) | (scored >= classes)]
         if outside.numel():
-            failure = MergeError(f"{name} holds label {int(outside[0])}, outside the model's {classes} "
-                                 f"classes (0-{classes - 1})")
-            break
-    raise_together(failure, accelerator)
+            return MergeError(f"{name} holds label {int(outside[0])}, outside the model's {classes} classes "
+                              f"(0-{classes - 1})")
+    return None
 
 
 def check_samples(stats: Statistics) -> None:
@@ -538,7 +550,7 @@ def _merge(model_a, model_b, calibration, curve_calibration, evaluation, alpha, 
                          "the calibration data's first batch holds no example")
     example = to_device(first_rows(inputs_of(example), 8), accelerator.device)
     named = {name if name == "train" else f"evaluation[{name!r}]": batches for name, batches in evaluation.items()}
-    check_labelled(named, check_runs(model_a, example).shape[-1], accelerator)
+    check_first_batches(model_a, example, named, accelerator)
 
     given_spec = spec is not None
     with _timed(seconds, "discover"):

@@ -205,10 +205,11 @@ class PermutationSpec:
         for site in data.get("sites", []):
             site = dict(site)
             if site.get("layout") is not None:
-                # A group left out of a hand-written spec keeps its units in place wherever it is
-                # laid out (its blocks dropped): a spec without groups is an unaligned merge.
-                site["layout"] = [(b[0], b[1], _nested(b[2]), *b[3:4], *(_nested(u) for u in b[4:]))
-                                  for b in site["layout"] if b[0] in groups]
+                blocks = [(b[0], b[1], _nested(b[2]), *b[3:4], *(_nested(u) for u in b[4:])) for b in site["layout"]]
+                # A site whose groups were all left out of a hand-written spec keeps its units in
+                # place (a spec without groups is an unaligned merge). One that lost some of them
+                # is kept as written and refused by check_spec_fits: a renamed group, most likely.
+                site["layout"] = blocks if any(b[0] in groups for b in blocks) else []
             sites.append(ActivationSite(**site))
         return cls(groups, fixed, sites, [StreamFold(**stream) for stream in data.get("streams", [])])
 
@@ -303,7 +304,7 @@ def check_permutations(spec: PermutationSpec, perms: dict[str, torch.Tensor], ev
         if not isinstance(perm, torch.Tensor) or perm.is_floating_point() or perm.is_complex() or \
                 perm.dtype == torch.bool:
             raise ValueError(f"the permutation of group {name!r} must be an integer tensor, not "
-                             f"{getattr(perm, 'dtype', type(perm).__name__)}")
+                             f"{perm.dtype if isinstance(perm, torch.Tensor) else type(perm).__name__}")
         size = spec.groups[name].size
         if perm.shape != (size,) or not torch.equal(perm.sort().values.cpu(), torch.arange(size)):
             raise ValueError(f"the permutation of group {name!r} must hold each of its {size} units once (0 to "
@@ -400,7 +401,7 @@ def check_spec_fits(model: nn.Module, spec: PermutationSpec) -> None:
         if site.module not in modules:
             raise SpecError(f"{where}: the model has no such module")
         # A site of a group left out of the spec keeps its units in place (still corrected); a
-        # layout must name groups the spec has (a loaded spec drops the blocks of left-out ones).
+        # layout must name groups the spec has (a loaded spec drops a layout of left-out groups only).
         for name in [block[0] for block in site.layout or []]:
             if name not in spec.groups:
                 raise SpecError(f"{where}: its layout names group {name!r}, which the spec does not have")

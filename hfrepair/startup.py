@@ -66,9 +66,13 @@ def _terminated(_signum, _frame) -> None:
 
 @contextlib.contextmanager
 def sigterm_unwinds():
-    """Within: SIGTERM raises :class:`Terminated`, unless a handler of the caller's own is set
-    or this is not the main thread. The handler before is restored after."""
+    """Within: SIGTERM raises :class:`Terminated`, unless a handler of the caller's own is set,
+    this is not the main thread, or this is one of a launcher's processes: Python acts on a
+    signal only between bytecodes, so a process waiting in a collective for one that failed
+    would outlive the SIGTERM the launcher sends it (and be killed after its grace period).
+    The handler before is restored after."""
     if (threading.current_thread() is not threading.main_thread()
+            or int(os.environ.get("WORLD_SIZE", "1")) > 1
             or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
         yield
         return

@@ -403,6 +403,16 @@ def test_a_spec_without_groups_is_an_unaligned_gpt2_merge(gpt2_folders, text_fol
     assert run_cli("spec", a, "--output", spec_file).returncode == 0
     spec = json.loads(spec_file.read_text())
     assert any(site.get("layout") for site in spec["sites"])
+    # A group renamed in the groups alone (a typo) leaves the QKV layouts half-named: refused,
+    # not read with the renamed group's units in their original order.
+    renamed = json.loads(json.dumps(spec))
+    heads = next(group for group in renamed["groups"] if group["kind"] == "heads")
+    heads["name"] += "-typo"
+    (tmp_path / "renamed.json").write_text(json.dumps(renamed))
+    refused = run_cli("merge", a, b, "--dataset", text_folder, "--output", tmp_path / "never", "--spec",
+                      tmp_path / "renamed.json", *FAST)
+    assert refused.returncode == 2 and not (tmp_path / "never").exists()
+    assert_one_line_error(refused.stderr, f"its layout names group {heads['name'][:-5]!r}, which the spec does not have")
     spec["groups"] = []
     spec_file.write_text(json.dumps(spec))
     out = tmp_path / "unaligned"

@@ -256,3 +256,46 @@ def test_bad_input_that_one_process_meets_is_said_once_and_ends_both(endpoint_fo
         assert "hfrepair: error:" not in err_1 and "Traceback" not in err_1, err_1[-2000:]
         assert_one_line_error(err_0, message)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
+
+
+class _FirstBatchFailsOnRankOne:
+    """Evaluation batches whose first read fails on rank 1 only (a corrupt image there)."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def __iter__(self):
+        from hfrepair.data import DataError
+
+        if self.rank == 1:
+            raise DataError("corrupt image in rank 1's first batch")
+        yield torch.zeros(2, 3), torch.tensor([0, 1])
+
+
+def first_batch_worker(out):
+    from accelerate import Accelerator
+
+    from hfrepair.pipeline import check_first_batches
+
+    accelerator = Accelerator(cpu=True)
+    torch.set_num_threads(1)
+    try:
+        check_first_batches(torch.nn.Linear(3, 3), torch.zeros(2, 3),
+                            {"evaluation['test']": _FirstBatchFailsOnRankOne(accelerator.process_index)}, accelerator)
+        message = "no error"
+    except ValueError as error:
+        message = str(error)
+    with open(f"{out}.{accelerator.process_index}", "w") as f:
+        f.write(message)
+
+
+def test_a_first_evaluation_batch_one_process_cannot_read_fails_both(tmp_path):
+    """Before any pass, each process reads its first evaluation batch; one that cannot (rank
+    1 here) raises on both, with its message (before: rank 0 waited in the collective of
+    the label check, then died of a gloo connection reset, a traceback, with the message lost)."""
+    from accelerate import debug_launcher
+
+    out = tmp_path / "message"
+    debug_launcher(first_batch_worker, args=(str(out),), num_processes=2)
+    for rank in (0, 1):
+        assert (tmp_path / f"message.{rank}").read_text() == "corrupt image in rank 1's first batch"

@@ -168,9 +168,9 @@ def test_configs_differ_in_what_they_compute_and_in_the_classes_their_rows_name(
     assert config_differences(config, {**config, "use_cache": False, "problem_type": "single_label_classification",
                                        "id2label": {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}}) == []
     # Dropout acts in training only: endpoints trained with other rates are the same function.
-    assert config_differences({**config, "attn_pdrop": 0.0, "hidden_dropout_prob": 0.1},
-                              {**config, "attn_pdrop": 0.1, "hidden_dropout_prob": 0.0, "hidden_size": 64}) == \
-        ["hidden_size"]
+    assert config_differences({**config, "attn_pdrop": 0.0, "hidden_dropout_prob": 0.1, "encoder_layerdrop": 0.0},
+                              {**config, "attn_pdrop": 0.1, "hidden_dropout_prob": 0.0, "hidden_size": 64,
+                               "encoder_layerdrop": 0.1, "drop_path_rate": 0.1}) == ["hidden_size"]
     reordered = {**config, "id2label": {0: "two", 1: "one", 2: "zero"}}
     assert config_differences(config, reordered) == ["id2label"]
     other = {**config, "architectures": ["GPT2LMHeadModel"], "activation_function": "gelu_new"}
