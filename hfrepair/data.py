@@ -403,7 +403,8 @@ def image_batches(dataset: str, split: str, transform, *, limit: int | None = No
     # Split sizes a dataset's README states are not used: stale ones are common on the Hub, and
     # trusted they cut the split short or refused a cap it fills. A cap the split does not
     # fill is found when the stream runs out.
-    if isinstance(features[image], datasets.Image):
+    # Encoded images (bytes) and image file paths (strings) are read as datasets' Image cells.
+    if isinstance(pixels, (datasets.Image, datasets.Value)):
         stream = stream.cast_column(image, datasets.Image(decode=False))
     return ImageStream(stream, transform, image, label, name, batch_size, limit, seed, buffer_size, strict_limit,
                        label_order=class_order(feature, label2id))

@@ -181,3 +181,33 @@ def test_sixteen_bit_images_are_scaled_not_clipped(mnist_folder, tmp_path):
     assert decoded.mode.startswith("I")  # what PIL decodes a 16-bit PNG to
     transform = builtin_transform({"image_size": 28, "in_channels": 1, "mean": [0.0], "std": [1.0]})
     torch.testing.assert_close(transform([decoded]), transform([digit]), rtol=0, atol=1 / 255)
+
+
+def test_images_stored_as_bytes_or_file_paths_read_as_the_image_column(mnist_folder, tmp_path):
+    """A column of encoded images (binary) or of image file paths (strings) is decoded like a
+    datasets Image column (before: every batch was refused as "not images with class labels")."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(mnist_folder / "test.parquet").slice(0, 40)
+    encoded = [cell["bytes"] for cell in table.column("image").to_pylist()]
+    (tmp_path / "files").mkdir()
+    paths = []
+    for index, data in enumerate(encoded):
+        path = tmp_path / "files" / f"{index}.png"
+        path.write_bytes(data)
+        paths.append(str(path))
+    column = table.schema.get_field_index("image")
+
+    def read(name, cells, kind):
+        folder = tmp_path / name
+        folder.mkdir()
+        pq.write_table(table.set_column(column, "image", pa.array(cells, kind)), str(folder / "test.parquet"))
+        return list(image_batches(str(folder), "test", builtin_transform({"image_size": 28}), batch_size=16))
+
+    reference = list(image_batches(str(mnist_folder), "test", builtin_transform({"image_size": 28}), limit=40,
+                                   batch_size=16))
+    for batches in (read("bytes", encoded, pa.binary()), read("paths", paths, pa.string())):
+        assert len(batches) == len(reference)
+        for (inputs, labels), (want_inputs, want_labels) in zip(batches, reference):
+            assert torch.equal(inputs, want_inputs) and torch.equal(labels, want_labels)
