@@ -73,23 +73,22 @@ def local_path_hint(reference: str) -> str:
 def hub_error(error: Exception, what: str, reference: str = "") -> HubAccessError:
     """One-line explanation of a Hub failure for ``what`` (e.g. "model repo 'a/b'"), naming a
     local folder ``reference`` that does not exist where it reads like a path."""
-    error = _hub_error(error, what)
-    return HubAccessError(f"{error}{local_path_hint(reference)}") if reference else error
+    return HubAccessError(f"{_hub_failure(error, what)}{local_path_hint(reference)}")
 
 
-def _hub_error(error: Exception, what: str) -> HubAccessError:
+def _hub_failure(error: Exception, what: str) -> str:
     endpoint = constants.ENDPOINT
     if isinstance(error, RevisionNotFoundError):
-        return HubAccessError(f"{what}: revision not found on {endpoint}")
+        return f"{what}: revision not found on {endpoint}"
     if isinstance(error, (RepositoryNotFoundError, GatedRepoError)):
-        return HubAccessError(f"{what} not found on {endpoint}, or private and your token cannot read it "
-                              "(set HF_TOKEN or run `hf auth login`)")
+        return (f"{what} not found on {endpoint}, or private and your token cannot read it "
+                "(set HF_TOKEN or run `hf auth login`)")
     if isinstance(error, HfHubHTTPError):
         status = getattr(error.response, "status_code", None)
         if status in (401, 403):
-            return HubAccessError(f"{what}: access denied by {endpoint} (HTTP {status}); check your token")
-        return HubAccessError(f"{what}: {endpoint} answered HTTP {status}")
-    return HubAccessError(f"{what}: cannot reach the Hub at {endpoint} ({type(error).__name__})")
+            return f"{what}: access denied by {endpoint} (HTTP {status}); check your token"
+        return f"{what}: {endpoint} answered HTTP {status}"
+    return f"{what}: cannot reach the Hub at {endpoint} ({type(error).__name__})"
 
 
 def resolve_model(reference: str, token: str | None = None, trust_remote_code: bool = False) -> Source:

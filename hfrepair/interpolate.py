@@ -31,13 +31,26 @@ def check_same_tensors(state_a, state_b) -> None:
     for name, state in (("state_a", state_a), ("state_b", state_b)):
         if not isinstance(state, Mapping):
             raise ValueError(f"{name} must be a state dict (a mapping of names to tensors), not {type(state).__name__}")
-    if state_a.keys() != state_b.keys():
-        only = sorted(set(state_a) ^ set(state_b))
-        raise ValueError(f"the state dicts hold different tensors (e.g. {only[0]!r} is in one only)")
-    for key, value in state_a.items():
-        if value.shape != state_b[key].shape:
-            raise ValueError(f"the state dicts differ in shape at {key}: {tuple(value.shape)} vs "
-                             f"{tuple(state_b[key].shape)}")
+    key = mismatched_key(state_a, state_b)
+    if key is not None and (key not in state_a or key not in state_b):
+        raise ValueError(f"the state dicts hold different tensors (e.g. {key!r} is in one only)")
+    if key is not None:
+        raise ValueError(f"the state dicts differ in shape at {key}: {tuple(state_a[key].shape)} vs "
+                         f"{tuple(state_b[key].shape)}")
+
+
+def mismatched_key(state_a, state_b) -> str | None:
+    """The first name that one state dict lacks (in sorted order), else the first whose
+    tensors differ in shape; None when both hold the same names and shapes."""
+    only = sorted(set(state_a) ^ set(state_b))
+    if only:
+        return only[0]
+    return next((key for key, value in state_a.items() if value.shape != state_b[key].shape), None)
+
+
+def identical(state_a, state_b) -> bool:
+    """Whether two state dicts of the same names hold equal tensors (a model merged with itself)."""
+    return all(torch.equal(value, state_b[key]) for key, value in state_a.items())
 
 
 def _lerp(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -30,11 +30,11 @@ from torch import nn
 from .batches import first_rows, inputs_of, rows, to_device
 from .distributed import make_accelerator, require_data_everywhere
 from .evaluate import evaluate
-from .interpolate import average
+from .interpolate import average, identical
 from .matching import fallback_note, match_permutations, matching_sites, mean_matched_correlation
 from .pipeline import (MergeError, check_choices, check_count, check_endpoints, check_first_batches,
                        check_merge_does_something, check_number, check_run_options, check_samples,
-                       statistics_plan)
+                       repair_hurt_note, statistics_plan)
 from .prepared import DEFAULT_MEMORY, preparer
 from .repair import METHODS, repair
 from .report import alignment_summary, fixed_summary, repair_summary
@@ -194,12 +194,6 @@ def checked_weights(weights: list[float] | None, count: int) -> list[float]:
     return weights
 
 
-def same_weights(states: list[dict]) -> list[tuple[int, int]]:
-    """The pairs of state dicts (by index) that hold identical tensors."""
-    return [(i, j) for i in range(len(states)) for j in range(i + 1, len(states))
-            if all(torch.equal(value, states[j][key]) for key, value in states[i].items())]
-
-
 def merge_many(
     models: list[nn.Module],
     calibration: Iterable,
@@ -309,10 +303,10 @@ def merge_many(
             if matcher == "activation" else alignment_summary(spec),
             rounds=rounds, settled=settled,
             spec_source=spec_source)
-        if matcher == "activation" and fallback_note(spec, match_at):
-            result.notes.append(fallback_note(spec, match_at))
-        for i, j in same_weights(states):
-            result.notes.append(f"models {i + 1} and {j + 1} hold the same weights: one model counted twice")
+        if matcher == "activation" and (note := fallback_note(spec, match_at)):
+            result.notes.append(note)
+        result.notes += [f"models {i + 1} and {j + 1} hold the same weights: one model counted twice"
+                         for i in range(count) for j in range(i + 1, count) if identical(states[i], states[j])]
         if evaluation is not None:
             def score(state):
                 return evaluate(load_into(work, state), evaluation, accelerator=accelerator).to_dict()
@@ -321,11 +315,8 @@ def merge_many(
             result.naive = score(average(states, weights))
             result.aligned = score(averaged)
             result.merged = score(merged_state)
-            if method != "none" and result.merged["loss"] > result.aligned["loss"]:
-                result.notes.append(
-                    f"REPAIR made the merge worse: loss {result.merged['loss']:.4g} against {result.aligned['loss']:.4g} "
-                    f"for the aligned average without it (accuracy {100 * result.merged['accuracy']:.1f}% against "
-                    f"{100 * result.aligned['accuracy']:.1f}%); method 'none' saves that network")
+            if method != "none" and (note := repair_hurt_note(result.merged, result.aligned, "the aligned average")):
+                result.notes.append(note)
             for metric in ("loss", "accuracy"):
                 if result.merged.get(metric) is not None:
                     mean = sum(w * e[metric] for w, e in zip(weights, result.endpoints))

@@ -22,7 +22,7 @@ from torch import nn
 from .batches import first_rows, inputs_of, model_outputs, rows, to_device
 from .distributed import is_main_process, make_accelerator, progress, raise_together, require_data_everywhere
 from .evaluate import IGNORED_LABEL, Scores, barriers_of, variance_ratios
-from .interpolate import interpolate
+from .interpolate import identical, interpolate
 from .matching import MATCH_LOCATIONS, fallback_note, match_permutations, matching_sites, mean_matched_correlation
 from .weight_matching import match_weights, weight_distance
 from .repair import METHODS, block_output_sites, correction_sites, exact_correctors, repair, repair_block_outputs
@@ -298,15 +298,20 @@ def repair_hurt_notes(result: MergeResult, alpha: float) -> list[str]:
     made from (its own curve's point at ``alpha``, uncorrected), said: REPAIR matched the
     statistics it aims at, but did not help this pair there."""
     at = next(i for i, point in enumerate(result.alphas) if _same(point, alpha))
-    notes = []
-    for name, metrics in result.merged.items():
-        aligned = result.curves["aligned"][name][at]
-        if metrics["loss"] > aligned["loss"]:
-            notes.append(f"REPAIR made the merge worse on {name}: loss {metrics['loss']:.4g} against "
-                         f"{aligned['loss']:.4g} for the aligned network at alpha={alpha:g} without it (accuracy "
-                         f"{100 * metrics['accuracy']:.1f}% against {100 * aligned['accuracy']:.1f}%); "
-                         "method 'none' saves that network")
-    return notes
+    notes = (repair_hurt_note(metrics, result.curves["aligned"][name][at],
+                              f"the aligned network at alpha={alpha:g}", f" on {name}")
+             for name, metrics in result.merged.items())
+    return [note for note in notes if note]
+
+
+def repair_hurt_note(saved: dict, aligned: dict, aligned_text: str, where: str = "") -> str | None:
+    """The note for a saved model whose loss is higher than that of the aligned network it
+    was REPAIRed from (``aligned_text`` names it), or None."""
+    if saved["loss"] <= aligned["loss"]:
+        return None
+    return (f"REPAIR made the merge worse{where}: loss {saved['loss']:.4g} against {aligned['loss']:.4g} for "
+            f"{aligned_text} without it (accuracy {100 * saved['accuracy']:.1f}% against "
+            f"{100 * aligned['accuracy']:.1f}%); method 'none' saves that network")
 
 
 @contextmanager
@@ -673,12 +678,12 @@ def _merge(model_a, model_b, calibration, curve_calibration, evaluation, alpha, 
         if rotation_steps:
             result.rotated["refined"] = refined
             result.notes.append(refinement_note(refined))
-    if all(torch.equal(value, state_b[key]) for key, value in state_a.items()):
+    if identical(state_a, state_b):
         result.notes.append("A and B hold the same weights: this merge is A, with REPAIR's corrections")
     if not spec.groups:
         result.notes.append("the given spec has no permutation groups: B's units were not aligned to A's")
-    elif matcher == "activation" and fallback_note(spec, match_at):
-        result.notes.append(fallback_note(spec, match_at))
+    elif matcher == "activation" and (note := fallback_note(spec, match_at)):
+        result.notes.append(note)
     result.notes += curve_notes
 
     # Plain interpolation saves the aligned network itself: one series, not two of the same.

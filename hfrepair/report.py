@@ -98,8 +98,8 @@ def fixed_summary(spec: PermutationSpec, state: dict | None = None) -> dict[str,
     # Llama's q and k): its output rows move with their heads, never within them.
     heads = {name for name, group in spec.groups.items() if group.kind == "heads"}
     dims = {name for name, group in spec.groups.items() if group.kind == "head_dims"}
-    reasons += [IN_HEAD_ORDER for site in spec.sites if site.layout
-                and {b[0] for b in site.layout} & heads and not {b[0] for b in site.layout} & dims]
+    reasons += [IN_HEAD_ORDER for site in spec.sites
+                if site.layout and set(site.groups()) & heads and not set(site.groups()) & dims]
     if state is not None:
         grouped = {(member[0], member[1]) for group in spec.groups.values() for member in group.members}
         reasons += [LEFT_OUT for key, value in state.items() for axis in range(value.dim())

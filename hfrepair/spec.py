@@ -413,7 +413,7 @@ def check_spec_fits(model: nn.Module, spec: PermutationSpec) -> None:
             # Its own layer's tensors: a correction folded into another layer's would change that one.
             if key is not None and not key.startswith(f"{site.module}."):
                 raise SpecError(f"{where}: {key!r} is not a tensor of {site.module!r}")
-        group = spec.groups.get(site.group) if site.group is not None else None
+        group = spec.groups.get(site.group)
         if group is not None and site.weight is not None and not any(m[0] == site.weight for m in group.members):
             raise SpecError(f"{where}: its group {site.group!r} does not permute its weight {site.weight!r} "
                             "(the site of another group?)")

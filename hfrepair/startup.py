@@ -55,9 +55,9 @@ def end_startup_guard() -> None:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM during a command (a batch scheduler's time limit, ``kill``, a launcher ending
-    its other processes): unwound like a Ctrl-C, so the staged output and the spill folder
-    are removed on the way out (SIGTERM's default ends the process where it stands)."""
+    """SIGTERM during a command run alone (a batch scheduler's time limit, ``kill``): unwound
+    like a Ctrl-C, so the staged output and the spill folder are removed on the way out
+    (SIGTERM's default ends the process where it stands)."""
 
 
 def _terminated(_signum, _frame) -> None:

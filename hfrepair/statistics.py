@@ -27,6 +27,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from .batches import counted_rows, counting_padding
+from .interpolate import mismatched_key
 from .passes import Tap, all_sums, give_sums, run_pass
 from .spec import ActivationSite
 
@@ -404,11 +405,9 @@ def check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> None:
     if type(model_a) is not type(model_b):
         raise ValueError(f"the models have different architectures: {type(model_a).__name__} vs "
                          f"{type(model_b).__name__}")
-    shapes_a = {k: v.shape for k, v in model_a.state_dict().items()}
-    shapes_b = {k: v.shape for k, v in model_b.state_dict().items()}
-    if shapes_a != shapes_b:
-        different = sorted(k for k in shapes_a.keys() | shapes_b.keys() if shapes_a.get(k) != shapes_b.get(k))
-        raise ValueError(f"the models differ at {different[0]!r}: same class, other sizes")
+    different = mismatched_key(model_a.state_dict(), model_b.state_dict())
+    if different is not None:
+        raise ValueError(f"the models differ at {different!r}: same class, other sizes")
 
 
 def collect_moments(
